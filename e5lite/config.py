@@ -1,0 +1,90 @@
+"""BERT encoder configuration, read from a Hugging Face ``config.json`` (HF field names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from .errors import E5LiteError
+
+# hidden_act -> whether GELU uses the tanh approximation (None means ReLU).
+ACTIVATIONS = {
+    "gelu": "gelu",  # exact erf GELU, as torch.nn.functional.gelu
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+class ConfigError(E5LiteError, ValueError):
+    """A config.json that e5lite cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    model_type: str = "bert"
+
+    def __post_init__(self):
+        if self.model_type != "bert":
+            raise ConfigError(
+                f"unsupported model_type {self.model_type!r}: e5lite runs BERT encoders (model_type 'bert')")
+        if self.position_embedding_type != "absolute":
+            raise ConfigError(
+                f"unsupported position_embedding_type {self.position_embedding_type!r}: only 'absolute'")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def activation(self) -> str:
+        return ACTIVATIONS[self.hidden_act]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+        """Keeps the fields e5lite uses; other HF fields (dropout, architectures, ...) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        if "model_type" not in d:
+            raise ConfigError("config has no 'model_type' (expected 'bert')")
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "BertConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"missing config.json: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{path}: bad field value: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,154 @@
+"""The BERT encoder as pure functions over a params pytree.
+
+Shape names: B batch, S query positions, T key positions, D hidden, N heads, K head dim, F intermediate,
+V vocab, P max positions, Y token types, L layers.
+
+Everything here is differentiable and jit-friendly; ``config`` is a hashable frozen dataclass, so it can be
+a static argument. Softmax and LayerNorm run in float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .config import BertConfig
+
+
+class EmbeddingParams(NamedTuple):
+    word_VD: jax.Array
+    position_PD: jax.Array
+    token_type_YD: jax.Array
+    ln_scale_D: jax.Array
+    ln_bias_D: jax.Array
+
+
+class LayerParams(NamedTuple):
+    """One encoder layer; in ``Params.layers`` every leaf has an extra leading L axis."""
+    q_DNK: jax.Array
+    q_bias_NK: jax.Array
+    k_DNK: jax.Array
+    k_bias_NK: jax.Array
+    v_DNK: jax.Array
+    v_bias_NK: jax.Array
+    o_NKD: jax.Array
+    o_bias_D: jax.Array
+    attn_ln_scale_D: jax.Array
+    attn_ln_bias_D: jax.Array
+    ffn_in_DF: jax.Array
+    ffn_in_bias_F: jax.Array
+    ffn_out_FD: jax.Array
+    ffn_out_bias_D: jax.Array
+    ffn_ln_scale_D: jax.Array
+    ffn_ln_bias_D: jax.Array
+
+
+class Params(NamedTuple):
+    embeddings: EmbeddingParams
+    layers: LayerParams  # stacked: leaves are [L, ...]
+
+
+def _precision(dtype):
+    # fp32 weights promise fp32 results: stop TPUs (bf16 passes) and GPUs (TF32) from cutting precision.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * lax.rsqrt(var + eps)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def activation(x, kind: str):
+    if kind == "relu":
+        return jax.nn.relu(x)
+    # "gelu" is the exact erf form (torch's default); jax.nn.gelu defaults to the tanh approximation.
+    y = jax.nn.gelu(x.astype(jnp.float32), approximate=(kind == "gelu_tanh"))
+    return y.astype(x.dtype)
+
+
+def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_BS=None, position_ids_BS=None):
+    """Token ids [B, S] -> embeddings [B, S, D] (word + position + token type, then LayerNorm)."""
+    S = input_ids_BS.shape[1]
+    if S > config.max_position_embeddings:
+        raise ValueError(f"sequence length {S} exceeds max_position_embeddings {config.max_position_embeddings}")
+    if position_ids_BS is None:
+        position_ids_BS = jnp.arange(S)[None, :]
+    if token_type_ids_BS is None:
+        token_type_ids_BS = jnp.zeros_like(input_ids_BS)
+    x_BSD = (jnp.take(p.word_VD, input_ids_BS, axis=0)
+             + jnp.take(p.position_PD, position_ids_BS, axis=0)
+             + jnp.take(p.token_type_YD, token_type_ids_BS, axis=0))
+    return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
+
+
+def attention_bias(attention_mask_BT, dtype=jnp.float32):
+    """Key padding mask [B, T] (1 = token, 0 = padding) -> additive bias [B, 1, 1, T]."""
+    # finfo.min rather than -inf, as transformers does: a fully masked row stays finite.
+    neg = jnp.finfo(dtype).min
+    return jnp.where(attention_mask_BT[:, None, None, :] > 0, 0.0, neg).astype(dtype)
+
+
+def self_attention(p: LayerParams, config: BertConfig, x_BSD, bias_BNST):
+    """Multi-head self-attention with an additive bias; returns [B, S, D] before the residual."""
+    prec = _precision(x_BSD.dtype)
+    q_BSNK = jnp.einsum("BSD,DNK->BSNK", x_BSD, p.q_DNK, precision=prec) + p.q_bias_NK
+    k_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BSD, p.k_DNK, precision=prec) + p.k_bias_NK
+    v_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BSD, p.v_DNK, precision=prec) + p.v_bias_NK
+    logits_BNST = jnp.einsum("BSNK,BTNK->BNST", q_BSNK, k_BTNK, precision=prec,
+                             preferred_element_type=jnp.float32)
+    logits_BNST = logits_BNST * (1.0 / config.head_dim ** 0.5) + bias_BNST
+    probs_BNST = jax.nn.softmax(logits_BNST, axis=-1).astype(v_BTNK.dtype)
+    ctx_BSNK = jnp.einsum("BNST,BTNK->BSNK", probs_BNST, v_BTNK, precision=prec)
+    return jnp.einsum("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, precision=prec) + p.o_bias_D
+
+
+def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
+    prec = _precision(x_BSD.dtype)
+    h_BSF = jnp.einsum("BSD,DF->BSF", x_BSD, p.ffn_in_DF, precision=prec) + p.ffn_in_bias_F
+    h_BSF = activation(h_BSF, config.activation)
+    return jnp.einsum("BSF,FD->BSD", h_BSF, p.ffn_out_FD, precision=prec) + p.ffn_out_bias_D
+
+
+def layer(p: LayerParams, config: BertConfig, x_BSD, bias_BNST):
+    """One post-LayerNorm BERT layer: attention -> add & norm -> FFN -> add & norm."""
+    eps = config.layer_norm_eps
+    x_BSD = layer_norm(x_BSD + self_attention(p, config, x_BSD, bias_BNST),
+                       p.attn_ln_scale_D, p.attn_ln_bias_D, eps)
+    return layer_norm(x_BSD + feed_forward(p, config, x_BSD), p.ffn_ln_scale_D, p.ffn_ln_bias_D, eps)
+
+
+def encoder(layers: LayerParams, config: BertConfig, x_BSD, bias_BNST, *, output_hidden_states=False):
+    """Runs the stacked layers with lax.scan (one layer is compiled, not L).
+
+    Returns the last hidden state [B, S, D] and, when asked, every layer's output [L, B, S, D].
+    """
+    def step(x, p):
+        y = layer(p, config, x, bias_BNST)
+        return y, (y if output_hidden_states else None)
+
+    x_BSD, hidden_LBSD = lax.scan(step, x_BSD, layers)
+    return x_BSD, hidden_LBSD
+
+
+def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
+            output_hidden_states=False):
+    """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
+
+    With ``output_hidden_states=True`` returns ``(last [B, S, D], hidden [L + 1, B, S, D])`` where
+    ``hidden[0]`` is the embedding output and ``hidden[i]`` layer i's output, as transformers' tuple.
+    """
+    x_BSD = embed(params.embeddings, config, input_ids, token_type_ids)
+    bias = attention_bias(attention_mask)
+    last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, bias,
+                                    output_hidden_states=output_hidden_states)
+    if output_hidden_states:
+        return last_BSD, jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0)
+    return last_BSD

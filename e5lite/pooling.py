@@ -1,0 +1,97 @@
+"""Sentence pooling over token states, and the sentence-transformers pooling config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from .errors import E5LiteError
+
+MODES = ("mean", "cls", "max", "mean_sqrt_len")
+
+
+def mean_pool(hidden_BSD, mask_BS):
+    """Mean over non-padding tokens: [B, S, D], [B, S] -> [B, D] float32."""
+    m_BS1 = mask_BS.astype(jnp.float32)[..., None]
+    total_BD = jnp.sum(hidden_BSD.astype(jnp.float32) * m_BS1, axis=1)
+    # Clamped as sentence-transformers does, so an all-padding row gives 0 rather than NaN.
+    return total_BD / jnp.maximum(jnp.sum(m_BS1, axis=1), 1e-9)
+
+
+def cls_pool(hidden_BSD, mask_BS=None):
+    """First token ([CLS]) state: [B, S, D] -> [B, D] float32."""
+    return hidden_BSD[:, 0].astype(jnp.float32)
+
+
+def max_pool(hidden_BSD, mask_BS):
+    """Max over non-padding tokens: [B, S, D], [B, S] -> [B, D] float32."""
+    h = hidden_BSD.astype(jnp.float32)
+    h = jnp.where(mask_BS[..., None] > 0, h, -1e9)  # the value sentence-transformers fills with
+    return jnp.max(h, axis=1)
+
+
+def mean_sqrt_len_pool(hidden_BSD, mask_BS):
+    """Sum over non-padding tokens divided by sqrt(token count): [B, S, D] -> [B, D] float32."""
+    m_BS1 = mask_BS.astype(jnp.float32)[..., None]
+    total_BD = jnp.sum(hidden_BSD.astype(jnp.float32) * m_BS1, axis=1)
+    return total_BD / jnp.sqrt(jnp.maximum(jnp.sum(m_BS1, axis=1), 1e-9))
+
+
+POOLERS = {"mean": mean_pool, "cls": cls_pool, "max": max_pool, "mean_sqrt_len": mean_sqrt_len_pool}
+
+
+def pool(hidden_BSD, mask_BS, mode: str = "mean"):
+    """Pools [B, S, D] token states into [B, D] float32 sentence vectors with the given mode."""
+    if mode not in POOLERS:
+        raise ValueError(f"unknown pooling mode {mode!r}; choose one of {', '.join(MODES)}")
+    return POOLERS[mode](hidden_BSD, mask_BS)
+
+
+def l2_normalize(x_BD, eps: float = 1e-12):
+    """Rows scaled to unit L2 norm (as torch.nn.functional.normalize)."""
+    x = x_BD.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def read_pooling_mode(model_dir) -> str:
+    """The pooling mode of a sentence-transformers folder (modules.json / 1_Pooling/config.json); mean if none."""
+    d = Path(model_dir)
+    pooling_dir = d / "1_Pooling"
+    modules = d / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text())
+        except json.JSONDecodeError as e:
+            raise E5LiteError(f"{modules} is not valid JSON: {e}") from None
+        known = {"Transformer", "Pooling", "Normalize"}
+        for m in entries:
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            if kind not in known:
+                raise E5LiteError(f"{modules}: module {m.get('name')!r} of type {m.get('type')!r} is not "
+                                  f"supported (e5lite runs Transformer -> Pooling -> Normalize)")
+            if kind == "Pooling":
+                pooling_dir = d / m.get("path", "1_Pooling")
+    cfg_path = pooling_dir / "config.json"
+    if not cfg_path.is_file():
+        return "mean"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise E5LiteError(f"{cfg_path} is not valid JSON: {e}") from None
+    if "pooling_mode" in cfg:  # newer sentence-transformers write the mode by name
+        modes = [{"mean_tokens": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(cfg["pooling_mode"],
+                                                                                     cfg["pooling_mode"])]
+    else:
+        modes = [m for m in ("cls", "mean", "max", "mean_sqrt_len")
+                 if cfg.get(f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens")]
+        for other in ("weightedmean", "lasttoken"):
+            if cfg.get(f"pooling_mode_{other}_tokens") or cfg.get(f"pooling_mode_{other}_token"):
+                modes.append(other)
+    if cfg.get("include_prompt") is False:
+        raise E5LiteError(f"{cfg_path}: include_prompt=false is not supported")
+    if len(modes) != 1 or modes[0] not in MODES:
+        raise E5LiteError(f"{cfg_path}: pooling {modes or 'none'} is not supported; "
+                          f"e5lite supports exactly one of {', '.join(MODES)}")
+    return modes[0]

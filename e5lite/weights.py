@@ -1,0 +1,200 @@
+"""Hugging Face BERT safetensors -> e5lite ``Params``, through one strict name table.
+
+Strict both ways: every checkpoint key is used or explicitly ignored, every param is filled, every shape
+is checked; each error names the key and the file. Reads with safetensors' numpy API (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from .config import BertConfig
+from .errors import WeightsError
+from .model import EmbeddingParams, LayerParams, Params
+
+
+class Entry(NamedTuple):
+    field: str     # name in EmbeddingParams / LayerParams
+    key: str       # HF key, after the `bert.` prefix is dropped; `{i}` is the layer index
+    stored: tuple  # stored shape, in config dims (see _dims)
+    linear: bool   # torch Linear weight stored [out, in]: transposed before the reshape
+
+
+# The one weight-mapping table. Our shape is the stored one (transposed for Linear weights) reshaped to the
+# field's own shape; e.g. query.weight [N*K, D] -> [D, N*K] -> q_DNK [D, N, K].
+EMBEDDINGS = (
+    Entry("word_VD", "embeddings.word_embeddings.weight", ("V", "D"), False),
+    Entry("position_PD", "embeddings.position_embeddings.weight", ("P", "D"), False),
+    Entry("token_type_YD", "embeddings.token_type_embeddings.weight", ("Y", "D"), False),
+    Entry("ln_scale_D", "embeddings.LayerNorm.weight", ("D",), False),
+    Entry("ln_bias_D", "embeddings.LayerNorm.bias", ("D",), False),
+)
+LAYER = (
+    Entry("q_DNK", "encoder.layer.{i}.attention.self.query.weight", ("NK", "D"), True),
+    Entry("q_bias_NK", "encoder.layer.{i}.attention.self.query.bias", ("NK",), False),
+    Entry("k_DNK", "encoder.layer.{i}.attention.self.key.weight", ("NK", "D"), True),
+    Entry("k_bias_NK", "encoder.layer.{i}.attention.self.key.bias", ("NK",), False),
+    Entry("v_DNK", "encoder.layer.{i}.attention.self.value.weight", ("NK", "D"), True),
+    Entry("v_bias_NK", "encoder.layer.{i}.attention.self.value.bias", ("NK",), False),
+    Entry("o_NKD", "encoder.layer.{i}.attention.output.dense.weight", ("D", "NK"), True),
+    Entry("o_bias_D", "encoder.layer.{i}.attention.output.dense.bias", ("D",), False),
+    Entry("attn_ln_scale_D", "encoder.layer.{i}.attention.output.LayerNorm.weight", ("D",), False),
+    Entry("attn_ln_bias_D", "encoder.layer.{i}.attention.output.LayerNorm.bias", ("D",), False),
+    Entry("ffn_in_DF", "encoder.layer.{i}.intermediate.dense.weight", ("F", "D"), True),
+    Entry("ffn_in_bias_F", "encoder.layer.{i}.intermediate.dense.bias", ("F",), False),
+    Entry("ffn_out_FD", "encoder.layer.{i}.output.dense.weight", ("D", "F"), True),
+    Entry("ffn_out_bias_D", "encoder.layer.{i}.output.dense.bias", ("D",), False),
+    Entry("ffn_ln_scale_D", "encoder.layer.{i}.output.LayerNorm.weight", ("D",), False),
+    Entry("ffn_ln_bias_D", "encoder.layer.{i}.output.LayerNorm.bias", ("D",), False),
+)
+assert [e.field for e in EMBEDDINGS] == list(EmbeddingParams._fields)
+assert [e.field for e in LAYER] == list(LayerParams._fields)
+
+# Keys that checkpoints carry but the encoder does not use (matched after the `bert.` prefix is dropped,
+# except `cls.`, the pre-training heads, which sit beside `bert.`).
+IGNORED = re.compile(r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|cls\.)")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+SAFETENSORS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _dims(config: BertConfig) -> dict:
+    c = config
+    return {"V": c.vocab_size, "P": c.max_position_embeddings, "Y": c.type_vocab_size, "D": c.hidden_size,
+            "N": c.num_attention_heads, "K": c.head_dim, "NK": c.hidden_size, "F": c.intermediate_size}
+
+
+def _field_shape(field: str, dims: dict) -> tuple:
+    return tuple(dims[d] for d in field.rsplit("_", 1)[1])
+
+
+def normalize_key(key: str) -> str:
+    """Drops a leading `bert.` and maps legacy LayerNorm `gamma`/`beta` to `weight`/`bias`."""
+    if key.startswith("bert."):
+        key = key[len("bert."):]
+    if "LayerNorm." in key:
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+        key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+    return key
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    d = jnp.dtype(dtype)
+    if d not in [jnp.dtype(v) for v in DTYPES.values()]:
+        raise ValueError(f"unsupported dtype {d}; choose one of {', '.join(DTYPES)}")
+    return d
+
+
+def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model folder: the shards named by the index, or model.safetensors."""
+    d = Path(model_dir)
+    index = d / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+        files = [d / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise WeightsError(f"{index} names shard {f.name}, which is missing from {d}")
+        return files
+    if (d / SAFETENSORS).is_file():
+        return [d / SAFETENSORS]
+    shards = sorted(d.glob("*.safetensors"))
+    if len(shards) == 1:
+        return shards
+    torch_files = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin") if (d / n).exists()]
+    if torch_files:
+        raise WeightsError(
+            f"{d} has only PyTorch weights ({', '.join(torch_files)}); e5lite reads safetensors, without torch. "
+            "Convert once with: python -c \"from transformers import AutoModel; "
+            f"AutoModel.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\"")
+    raise WeightsError(f"no {SAFETENSORS} or {INDEX} in {d}")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise WeightsError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
+
+
+def read_checkpoint(model_dir) -> dict[str, tuple[Path, object, str]]:
+    """Maps each normalised key to (file, open handle, stored key); raises on duplicated keys."""
+    found: dict[str, tuple[Path, object, str]] = {}
+    for path in checkpoint_files(model_dir):
+        handle = _open(path)
+        for raw in handle.keys():
+            if IGNORED.match(raw) or IGNORED.match(normalize_key(raw)):
+                continue
+            key = normalize_key(raw)
+            if key in found:
+                raise WeightsError(f"key {raw!r} in {path.name} duplicates one in {found[key][0].name}")
+            found[key] = (path, handle, raw)
+    return found
+
+
+def expected_keys(config: BertConfig) -> list[str]:
+    return [e.key for e in EMBEDDINGS] + [e.key.format(i=i) for i in range(config.num_hidden_layers)
+                                          for e in LAYER]
+
+
+def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
+    """Reads a model folder's safetensors into ``Params`` of ``dtype`` (fp16/bf16 storage is cast)."""
+    dtype = resolve_dtype(dtype)
+    dims = _dims(config)
+    found = read_checkpoint(model_dir)
+    expected = expected_keys(config)
+
+    # Check names both ways before reading any tensor, so a wrong checkpoint fails fast.
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        path, _, raw = found[unexpected[0]]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(f"unexpected key {raw!r} in {path.name}{more}: not part of a "
+                           f"{config.num_hidden_layers}-layer BERT encoder as config.json describes")
+    missing = [k for k in expected if k not in found]
+    if missing:
+        files = ", ".join(sorted({p.name for p, _, _ in found.values()})) or "no tensors"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"missing key {missing[0]!r}{more} in {model_dir} (read {files})")
+
+    def get(entry: Entry, i=None):
+        path, handle, raw = found[entry.key.format(i=i)]
+        try:
+            arr = handle.get_tensor(raw)
+        except Exception as e:
+            raise WeightsError(f"cannot read key {raw!r} from {path}: {e}") from None
+        want = tuple(dims[d] for d in entry.stored)
+        if arr.shape != want:
+            raise WeightsError(f"key {raw!r} in {path.name} has shape {list(arr.shape)}, "
+                               f"expected {list(want)} from config.json")
+        if arr.dtype.kind != "f" and arr.dtype != jnp.bfloat16:
+            raise WeightsError(f"key {raw!r} in {path.name} has dtype {arr.dtype}, expected a float type")
+        if entry.linear:
+            arr = arr.T
+        return arr.reshape(_field_shape(entry.field, dims)).astype(dtype)
+
+    emb = EmbeddingParams(*(get(e) for e in EMBEDDINGS))
+    layers = LayerParams(*(np.stack([get(e, i) for i in range(config.num_hidden_layers)]) for e in LAYER))
+    return jax.tree.map(jnp.asarray, Params(emb, layers))
+
+
+def num_params(params: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
