@@ -1,0 +1,191 @@
+"""The ``e5lite`` command: embed, score, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+PROGRESS_MIN_TEXTS = 256  # show a progress bar on stderr from this many texts
+
+
+class InputError(ValueError):
+    pass
+
+
+def _read_texts(args) -> list[str]:
+    if args.input is None:
+        if not args.texts:
+            raise InputError("no texts: pass TEXT arguments or --input FILE (or - for stdin)")
+        return list(args.texts)
+    if args.texts:
+        raise InputError("pass texts either as arguments or with --input, not both")
+    if args.input == "-":
+        name, raw = "<stdin>", sys.stdin.read()
+    else:
+        path = Path(args.input)
+        if not path.is_file():
+            raise InputError(f"input file {args.input!r} does not exist")
+        name = str(path)
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{name} is not UTF-8 text: {e}") from None
+    if name.endswith(".jsonl") or args.field_given:
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{name} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or args.field not in rec:
+                raise InputError(f"{name} line {n}: no field {args.field!r} (set --field)")
+            if not isinstance(rec[args.field], str):
+                raise InputError(f"{name} line {n}: field {args.field!r} is {type(rec[args.field]).__name__}, "
+                                 "expected a string")
+            texts.append(rec[args.field])
+        return texts
+    return raw.splitlines()
+
+
+def _write_atomic(path: Path, write) -> None:
+    # Write beside the target and rename, so an interrupted run never leaves a half-written output.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_output(emb, output: str | None) -> None:
+    import numpy as np
+    if output is None:
+        for row in emb:
+            sys.stdout.write(json.dumps([float(x) for x in row]) + "\n")
+        return
+    path = Path(output)
+    if not path.parent.is_dir():
+        raise InputError(f"output folder {str(path.parent)!r} does not exist")
+    if path.suffix == ".npy":
+        _write_atomic(path, lambda f: np.save(f, emb))
+    elif path.suffix == ".jsonl":
+        _write_atomic(path, lambda f: f.writelines(
+            (json.dumps({"index": i, "embedding": [float(x) for x in row]}) + "\n").encode() for i, row in
+            enumerate(emb)))
+    else:
+        raise InputError(f"output {output!r}: use a .npy or .jsonl suffix")
+
+
+def _load(args):
+    from .encoder import load
+    return load(args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length)
+
+
+def cmd_embed(args) -> None:
+    texts = _read_texts(args)
+    if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
+        raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix")
+    enc = _load(args)
+    emb = enc.encode(texts, prompt_name=args.prompt_name, normalize=not args.no_normalize,
+                     batch_size=args.batch_size, show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
+    _write_output(emb, args.output)
+    if args.output:
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}", file=sys.stderr)
+
+
+def cmd_score(args) -> None:
+    enc = _load(args)
+    q = enc.encode(args.query, prompt_name="query", batch_size=args.batch_size)
+    p = enc.encode(args.passage, prompt_name="passage", batch_size=args.batch_size)
+    scores = 100.0 * q @ p.T
+    width = 8
+    print(" " * 6 + "".join(f"{'P' + str(j):>{width}}" for j in range(len(args.passage))))
+    for i, row in enumerate(scores):
+        print(f"{'Q' + str(i):<6}" + "".join(f"{s:>{width}.2f}" for s in row))
+    print()
+    for i, t in enumerate(args.query):
+        print(f"Q{i}: {enc.prompts['query']}{t}")
+    for j, t in enumerate(args.passage):
+        print(f"P{j}: {enc.prompts['passage']}{t[:100]}{'...' if len(t) > 100 else ''}")
+
+
+def cmd_info(args) -> None:
+    import jax
+    from .weights import num_params
+    enc = _load(args)
+    info = {
+        "model_dir": str(enc.model_dir),
+        "config": enc.config.to_dict(),
+        "parameters": num_params(enc.params),
+        "dim": enc.dim,
+        "pooling": enc.pooling,
+        "max_length": enc.max_length,
+        "dtype": enc.dtype.name,
+        "prompts": enc.prompts,
+        "default_prompt_name": enc.default_prompt_name,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    print(json.dumps(info, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+        p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+        p.add_argument("--batch-size", type=int, default=32)
+
+    e = sub.add_parser("embed", help="embed texts; writes .npy / .jsonl, or JSON arrays to stdout")
+    common(e)
+    e.add_argument("texts", nargs="*", metavar="TEXT")
+    e.add_argument("--input", default=None, help="a .txt file (one text per line), a .jsonl file, or - for stdin")
+    e.add_argument("--field", default=None, help="the text field of .jsonl records (default: text)")
+    e.add_argument("--output", default=None, help="a .npy or .jsonl file (default: JSON arrays on stdout)")
+    e.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
+    e.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    e.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("score", help="100 x cosine scores of queries against passages (the E5 model card demo)")
+    common(s)
+    s.add_argument("--query", action="append", required=True)
+    s.add_argument("--passage", action="append", required=True)
+    s.set_defaults(func=cmd_score)
+
+    i = sub.add_parser("info", help="config, parameter count, pooling, max length, devices")
+    common(i)
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "embed":
+        args.field_given = args.field is not None
+        args.field = args.field or "text"
+    from .errors import E5LiteError
+    try:
+        args.func(args)
+    except (E5LiteError, InputError, OSError, ValueError, TypeError) as e:
+        print(f"e5lite: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("e5lite: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

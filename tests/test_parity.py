@@ -1,0 +1,108 @@
+"""Parity against transformers (random-init BERTs at e5 shapes) and sentence-transformers (real MiniLM).
+
+Tolerances (fp32): normalised embeddings max |diff| <= 1e-5, last hidden states <= 1e-4 over real tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import e5lite
+from conftest import TEXTS, fp16_rounded, random_bert, save_layout, torch_reference
+
+LAYOUTS = ("plain", "legacy", "fp16", "sharded")
+EMB_TOL = 1e-5
+HIDDEN_TOL = 1e-4
+
+
+def check_parity(model, folder, *, hidden: bool):
+    enc = e5lite.load(folder)
+    ids = enc.tokenizer(TEXTS)
+    assert max(len(t) for t in ids) == enc.max_length  # the long text was truncated
+    want_h, mask, want_emb = torch_reference(model, ids)
+    got_emb = enc.encode(TEXTS, batch_size=4)
+    assert got_emb.dtype == np.float32 and got_emb.shape == (len(TEXTS), enc.dim)
+    emb_err = float(np.abs(got_emb - want_emb).max())
+    assert emb_err <= EMB_TOL, f"embeddings differ by {emb_err:.2e}"
+    if hidden:
+        S = mask.shape[1]
+        input_ids = np.zeros((len(ids), S), np.int32)
+        for i, t in enumerate(ids):
+            input_ids[i, :len(t)] = t
+        got_h = np.asarray(e5lite.forward(enc.params, enc.config, input_ids, mask.astype(np.int32)))
+        real = mask.astype(bool)
+        h_err = float(np.abs(got_h[real] - want_h[real]).max())
+        assert h_err <= HIDDEN_TOL, f"last hidden states differ by {h_err:.2e}"
+    return emb_err
+
+
+@pytest.fixture(scope="module", params=["tiny", "e5-base"])
+def bert(request):
+    model = random_bert(request.param)
+    return request.param, model, fp16_rounded(model)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parity_layouts(bert, layout, tmp_path, minilm_dir):
+    name, model, model16 = bert
+    ref = model16 if layout == "fp16" else model
+    folder = save_layout(model, tmp_path / f"{name}-{layout}", layout, minilm_dir)
+    check_parity(ref, folder, hidden=True)
+
+
+@pytest.mark.slow
+def test_parity_e5_large(tmp_path, minilm_dir):
+    model = random_bert("e5-large", seed=1)
+    check_parity(model, save_layout(model, tmp_path / "plain", "plain", minilm_dir), hidden=True)
+    model16 = fp16_rounded(model)
+    for layout in ("legacy", "sharded"):
+        check_parity(model, save_layout(model, tmp_path / layout, layout, minilm_dir), hidden=False)
+    check_parity(model16, save_layout(model, tmp_path / "fp16", "fp16", minilm_dir), hidden=False)
+
+
+def test_hidden_states_per_layer(tmp_path, minilm_dir):
+    import torch
+    model = random_bert("tiny", seed=3)
+    enc = e5lite.load(save_layout(model, tmp_path / "m", "plain", minilm_dir))
+    ids = np.asarray(enc.tokenizer(["query: one two three"])[0])[None]
+    mask = np.ones_like(ids)
+    last, hidden = e5lite.forward(enc.params, enc.config, ids, mask, output_hidden_states=True)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+    assert hidden.shape == (enc.config.num_hidden_layers + 1, 1, ids.shape[1], enc.dim)
+    for i, want in enumerate(out.hidden_states):
+        np.testing.assert_allclose(np.asarray(hidden[i]), want.numpy(), atol=HIDDEN_TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(hidden[-1]))
+
+
+def test_minilm_matches_sentence_transformers(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(str(minilm_dir), device="cpu")
+    enc = e5lite.load(minilm_dir)
+    assert enc.max_length == st.max_seq_length == 256
+    assert max(len(t) for t in enc.tokenizer(TEXTS)) == 256  # the long text goes past MiniLM's limit
+    want = st.encode(TEXTS, batch_size=4, normalize_embeddings=True)
+    got = enc.encode(TEXTS, batch_size=4)
+    assert np.abs(got - want).max() <= EMB_TOL
+    want_raw = st.encode(TEXTS[:3])  # the folder's own Normalize module
+    np.testing.assert_allclose(enc.encode(TEXTS[:3]), want_raw, atol=EMB_TOL, rtol=0)
+    # prompts are prefixes, as sentence-transformers' prompt= argument
+    np.testing.assert_allclose(enc.encode_queries(["how are you"]),
+                               st.encode(["how are you"], prompt="query: "), atol=EMB_TOL, rtol=0)
+
+
+def test_unnormalized_and_cls_pooling(tmp_path, minilm_dir):
+    model = random_bert("tiny", seed=4)
+    folder = save_layout(model, tmp_path / "m", "plain", minilm_dir)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 32, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+    enc = e5lite.load(folder)
+    assert enc.pooling == "cls"
+    ids = enc.tokenizer(TEXTS)
+    h, _, want = torch_reference(model, ids, pooling="cls")
+    np.testing.assert_allclose(enc.encode(TEXTS), want, atol=EMB_TOL, rtol=0)
+    raw = enc.encode(TEXTS, normalize=False)
+    np.testing.assert_allclose(raw, h[:, 0], atol=HIDDEN_TOL, rtol=0)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
