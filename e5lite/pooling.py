@@ -80,9 +80,9 @@ def read_pooling_mode(model_dir) -> str:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise E5LiteError(f"{cfg_path} is not valid JSON: {e}") from None
-    if "pooling_mode" in cfg:  # newer sentence-transformers write the mode by name
-        modes = [{"mean_tokens": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(cfg["pooling_mode"],
-                                                                                     cfg["pooling_mode"])]
+    if "pooling_mode" in cfg:  # newer sentence-transformers write the mode(s) by name
+        named = cfg["pooling_mode"] if isinstance(cfg["pooling_mode"], list) else [cfg["pooling_mode"]]
+        modes = [{"mean_tokens": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(str(m), str(m)) for m in named]
     else:
         modes = [m for m in ("cls", "mean", "max", "mean_sqrt_len")
                  if cfg.get(f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens")]

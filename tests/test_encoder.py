@@ -1,0 +1,132 @@
+"""Encoder behaviour: batching, input checks, prompts, max length, tokenizer fallback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import e5lite
+from conftest import TEXTS
+from e5lite.encoder import SEQ_BUCKETS, batch_bucket, plan_batches, seq_bucket
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return e5lite.load(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return e5lite.load(tiny_dir)
+
+
+def test_batch_invariance(minilm):
+    texts = TEXTS + [f"sentence number {i} about {'many ' * (3 * i)}things" for i in range(8)]
+    alone = np.stack([minilm.encode(t) for t in texts])
+    for bs in (3, 32):
+        np.testing.assert_allclose(minilm.encode(texts, batch_size=bs), alone, atol=1e-6, rtol=0)
+    # a text's embedding does not depend on its batch-mates
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(texts))
+    shuffled = minilm.encode([texts[i] for i in perm], batch_size=5)
+    np.testing.assert_allclose(shuffled, alone[perm], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(minilm.encode([texts[2], "x"] * 3, batch_size=4)[::2], alone[[2, 2, 2]],
+                               atol=1e-6, rtol=0)
+
+
+def test_output_shapes_and_order(tiny):
+    assert tiny.encode([]).shape == (0, tiny.dim)
+    assert tiny.encode([]).dtype == np.float32
+    one = tiny.encode("hello")
+    assert one.shape == (tiny.dim,) and one.dtype == np.float32
+    many = tiny.encode(["hello", "a much longer text " * 10, "hello"], batch_size=2)
+    np.testing.assert_allclose(many[0], one, atol=1e-6)
+    np.testing.assert_allclose(many[0], many[2], atol=1e-6, rtol=0)  # different batches, same result
+    assert not np.allclose(many[0], many[1])
+    assert tiny.encode(("a", "b")).shape == (2, tiny.dim)  # any sequence of str
+
+
+def test_empty_and_huge_texts(tiny):
+    e = tiny.encode(["", "   ", "x" * 100_000, "word " * 100_000])
+    assert np.isfinite(e).all()
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert [len(t) for t in tiny.tokenizer(["", "word " * 100_000])] == [2, tiny.max_length]
+
+
+@pytest.mark.parametrize("bad, kind", [(None, "NoneType"), (b"bytes", "bytes"), (3, "int"), (2.5, "float")])
+def test_non_strings_raise_type_error_naming_index(tiny, bad, kind):
+    with pytest.raises(TypeError, match=rf"texts\[2\] is {kind}"):
+        tiny.encode(["ok", "fine", bad, "ok"])
+
+
+def test_bad_containers(tiny):
+    with pytest.raises(TypeError, match="bytes"):
+        tiny.encode(b"raw bytes")
+    with pytest.raises(TypeError, match="int"):
+        tiny.encode(5)
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny.encode(["a"], batch_size=0)
+
+
+def test_prompts(tiny):
+    assert tiny.prompts == {"query": "query: ", "passage": "passage: "}
+    np.testing.assert_array_equal(tiny.encode_queries(["cats"]), tiny.encode(["query: cats"]))
+    np.testing.assert_array_equal(tiny.encode_passages(["cats"]), tiny.encode(["cats"], prompt="passage: "))
+    np.testing.assert_array_equal(tiny.encode(["cats"], prompt_name="passage"), tiny.encode(["passage: cats"]))
+    with pytest.raises(ValueError, match="not both"):
+        tiny.encode(["cats"], prompt="query: ", prompt_name="query")
+    with pytest.raises(ValueError, match="unknown prompt_name 'q'.*passage, query"):
+        tiny.encode(["cats"], prompt_name="q")
+
+
+def test_prompts_from_sentence_transformers_config(tiny_copy):
+    (tiny_copy / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"search": "search_query: ", "doc": "search_document: "}, "default_prompt_name": "search"}))
+    enc = e5lite.load(tiny_copy)
+    assert enc.prompts == {"search": "search_query: ", "doc": "search_document: "}
+    np.testing.assert_array_equal(enc.encode(["x"]), enc.encode(["search_query: x"], prompt=""))
+    with pytest.raises(ValueError, match="known: doc, search"):
+        enc.encode_queries(["x"])
+
+
+def test_max_length_resolution(tiny_copy):
+    assert e5lite.load(tiny_copy).max_length == 128  # min(model_max_length 512, max_position_embeddings 128)
+    assert e5lite.load(tiny_copy, max_length=16).max_length == 16
+    with pytest.raises(ValueError, match="max_length"):
+        e5lite.load(tiny_copy, max_length=1000)
+    (tiny_copy / "sentence_bert_config.json").write_text('{"max_seq_length": 40}')
+    enc = e5lite.load(tiny_copy)
+    assert enc.max_length == 40
+    assert len(enc.tokenizer(["word " * 100])[0]) == 40
+
+
+def test_vocab_txt_fallback(tiny_copy, tiny):
+    (tiny_copy / "tokenizer.json").unlink()
+    enc = e5lite.load(tiny_copy)
+    texts = ["Hello, World! Café naïve", "query: how much protein"]
+    assert [t.tolist() for t in enc.tokenizer(texts)] == [t.tolist() for t in tiny.tokenizer(texts)]
+
+
+def test_buckets_bound_compiled_shapes(tiny):
+    lengths = list(np.random.default_rng(1).integers(2, 129, size=500))
+    shapes = {(rows, length) for _, rows, length in plan_batches(lengths, 32, 128)}
+    assert all(length in SEQ_BUCKETS or length == 128 for _, length in shapes)
+    assert len(shapes) <= 10
+    assert seq_bucket(17, 128) == 32 and seq_bucket(120, 128) == 128 and seq_bucket(300, 300) == 300
+    assert [batch_bucket(n, 32) for n in (1, 2, 3, 17, 32)] == [1, 2, 4, 32, 32]
+    enc = e5lite.load(tiny.model_dir)
+    enc.encode([f"text {'x ' * (i % 100)}" for i in range(300)], batch_size=32)
+    assert len(enc.compiled_shapes) <= len(SEQ_BUCKETS) * 6
+
+
+def test_dtypes(tiny_dir):
+    f32 = e5lite.load(tiny_dir)
+    bf16 = e5lite.load(tiny_dir, dtype="bfloat16")
+    assert bf16.params.layers.q_DNK.dtype == np.dtype("bfloat16")
+    a, b = f32.encode(TEXTS), bf16.encode(TEXTS)
+    assert b.dtype == np.float32
+    assert (a * b).sum(1).min() > 0.99
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        e5lite.load(tiny_dir, dtype="int8")
