@@ -1,7 +1,13 @@
-"""``e5lite.load(...)`` and ``Encoder.encode(...)``: tokenise, bucket, run the jitted forward, pool."""
+"""``e5lite.load(...)`` and ``Encoder.encode(...)``: tokenise, plan batches, run the jitted forward, pool.
+
+The engine: texts are tokenised in chunks on a background thread; each chunk is planned into padded or
+packed batches (``batching.py``) whose rows fill a token budget; batches are sharded across the local
+devices and dispatched asynchronously, so host work for the next batch overlaps device work.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
@@ -10,62 +16,57 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from . import hub
+from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
 from .errors import E5LiteError
 from .model import Params, forward
-from .pooling import l2_normalize, pool, read_pooling_mode
+from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments, read_pooling_mode
 from .tokenizer import WordPieceTokenizer, read_prompts, resolve_max_length
 from .weights import load_params, resolve_dtype
 
 logger = logging.getLogger("e5lite")
 
-# Sequence-length buckets: every batch is padded up to one of these (or to max_length), so a whole corpus
-# compiles at most len(SEQ_BUCKETS) x (batch-size ladder) shapes.
-SEQ_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+# Tokens per batch by backend: CPUs run best on cache-sized batches, accelerators on large ones.
+CPU_TOKEN_BUDGET = 4096
+ACCELERATOR_TOKEN_BUDGET = 65536
+CHUNK_TEXTS = 8192  # texts tokenised, sorted and planned together; bounds host memory for big corpora
+MAX_SEGMENTS = 64   # texts per packed row
+PACKING = ("auto", True, False)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize"))
 def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool):
-    """Token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward + pooling [+ L2 norm])."""
+    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm)."""
     hidden_BSD = forward(params, config, input_ids, attention_mask)
     out_BD = pool(hidden_BSD, attention_mask, pooling)
     return l2_normalize(out_BD) if normalize else out_BD
 
 
-def seq_bucket(n: int, max_length: int) -> int:
-    """The padded length for a batch whose longest sequence has n tokens."""
-    for b in SEQ_BUCKETS:
-        if n <= b <= max_length:
-            return b
-    return max_length
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments"))
+def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
+                 normalize: bool, num_segments: int):
+    """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
+    g (1..G) of row b lands at b * G + g - 1 and G = num_segments."""
+    hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
+                         position_ids=position_ids)
+    out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
+    out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
+    return out_BGD.reshape(-1, out_BGD.shape[-1])
 
 
-def batch_bucket(n: int, batch_size: int) -> int:
-    """Rows a batch of n texts is padded to: batch_size, or a power of two for the last, smaller batch."""
-    return min(batch_size, 1 << max(0, (n - 1).bit_length()))
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int):
-    """Groups texts longest first; yields (indices, padded_rows, padded_length) per batch."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield idx, batch_bucket(len(idx), batch_size), seq_bucket(int(lengths[idx[0]]), max_length)
-
-
-def pad_batch(ids: Sequence[np.ndarray], rows: int, length: int, pad_id: int):
-    """Right-pads token id arrays into input_ids, attention_mask [rows, length] int32."""
-    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
-    mask = np.zeros((rows, length), dtype=np.int32)
-    for r, t in enumerate(ids):
-        input_ids[r, :len(t)] = t
-        mask[r, :len(t)] = 1
-    return input_ids, mask
+def forward_macs(config: BertConfig, batches: Iterable[Batch]) -> float:
+    """Multiply-adds of the forward over these batches: linear layers plus attention scores and context."""
+    d, f = config.hidden_size, config.intermediate_size
+    total = 0.0
+    for b in batches:
+        rows, s = b.input_ids.shape
+        total += rows * (s * (4 * d * d + 2 * d * f) + 2 * s * s * d)
+    return total * config.num_hidden_layers
 
 
 def _check_texts(texts) -> tuple[list[str], bool]:
@@ -81,20 +82,47 @@ def _check_texts(texts) -> tuple[list[str], bool]:
 
 
 class Encoder:
-    """A loaded E5/BERT sentence encoder. Build with ``e5lite.load``."""
+    """A loaded E5/BERT sentence encoder. Build with ``e5lite.load``.
+
+    Engine settings (attributes, may be changed between calls): ``token_budget`` tokens per batch (None: 4096
+    on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded / packed batches needs
+    fewer multiply-adds), True or False; ``pack_length`` tokens per packed row (default max_length);
+    ``max_segments`` texts per packed row. Batches are sharded over ``devices`` (default: all local devices).
+    """
 
     def __init__(self, model_dir, config: BertConfig, params: Params, tokenizer: WordPieceTokenizer, *,
                  pooling: str = "mean", prompts: dict[str, str] | None = None,
-                 default_prompt_name: str | None = None, dtype="float32"):
+                 default_prompt_name: str | None = None, dtype="float32", token_budget: int | None = None,
+                 packing="auto", pack_length: int | None = None, max_segments: int = MAX_SEGMENTS, devices=None):
         self.model_dir = Path(model_dir)
         self.config = config
-        self.params = params
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
         self.dtype = resolve_dtype(dtype)
-        self.compiled_shapes: set[tuple[int, int]] = set()
+        if packing not in PACKING:
+            raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
+        if packing is True and pooling not in PACKED_MODES:
+            raise ValueError(f"packing needs pooling in {PACKED_MODES}, this model pools with {pooling!r}")
+        self.packing = packing
+        self.pack_length = pack_length or tokenizer.max_length
+        if not 2 <= self.pack_length <= config.max_position_embeddings:
+            raise ValueError(f"pack_length must be in [2, {config.max_position_embeddings}], got {pack_length}")
+        self.max_segments = max_segments
+        self.devices = list(devices or jax.local_devices())
+        self.token_budget = token_budget or (
+            CPU_TOKEN_BUDGET if self.devices[0].platform == "cpu" else ACCELERATOR_TOKEN_BUDGET)
+        if len(self.devices) > 1:
+            mesh = Mesh(np.array(self.devices), ("data",))
+            self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
+        else:
+            self._batch_sharding = self.devices[0]
+            params = jax.device_put(params, self.devices[0])
+        self.params = params
+        self.compiled_shapes: set[tuple] = set()
+        self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
 
     @property
     def dim(self) -> int:
@@ -106,7 +134,8 @@ class Encoder:
 
     def __repr__(self):
         return (f"Encoder({str(self.model_dir)!r}, layers={self.config.num_hidden_layers}, dim={self.dim}, "
-                f"max_length={self.max_length}, pooling={self.pooling!r}, dtype={self.dtype.name})")
+                f"max_length={self.max_length}, pooling={self.pooling!r}, dtype={self.dtype.name}, "
+                f"devices={len(self.devices)})")
 
     def _prompt(self, prompt_name, prompt) -> str:
         if prompt is not None and prompt_name is not None:
@@ -130,16 +159,25 @@ class Encoder:
         return self.tokenizer([p + t for t in texts] if p else texts)
 
     def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, normalize: bool = True,
-               batch_size: int = 32, show_progress_bar: bool | None = None) -> np.ndarray:
-        """Embeds texts: a list -> float32 [n, dim] in input order; a single str -> [dim]."""
+               batch_size: int | None = None, show_progress_bar: bool | None = None) -> np.ndarray:
+        """Embeds texts: a list -> float32 [n, dim] in input order; a single str -> [dim].
+
+        ``batch_size`` caps the texts (rows) per batch; by default batches are filled up to ``token_budget``
+        tokens. With several JAX processes (``jax.distributed``), every process passes the same texts, embeds
+        its contiguous share, and all get the merged result.
+        """
         texts, single = _check_texts(texts)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         prefix = self._prompt(prompt_name, prompt)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if texts:
-            ids = self.tokenizer([prefix + t for t in texts] if prefix else texts)
-            self._run(ids, out, batch_size, bool(normalize), show_progress_bar)
+        if show_progress_bar is None:
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
+        n_proc = jax.process_count()
+        if n_proc > 1:
+            out = self._encode_multiprocess(texts, prefix, bool(normalize), batch_size, show_progress_bar)
+        else:
+            out = np.zeros((len(texts), self.dim), dtype=np.float32)
+            self._run(texts, prefix, out, bool(normalize), batch_size, show_progress_bar)
         return out[0] if single else out
 
     def encode_queries(self, texts, **kw) -> np.ndarray:
@@ -150,35 +188,76 @@ class Encoder:
         """``encode`` with prompt_name="passage" (E5's "passage: " prefix)."""
         return self.encode(texts, prompt_name="passage", **kw)
 
-    def _run(self, ids: list[np.ndarray], out: np.ndarray, batch_size: int, normalize: bool, show) -> None:
-        lengths = [len(t) for t in ids]
-        batches = list(plan_batches(lengths, batch_size, self.max_length))
-        if show is None:
-            show = logger.getEffectiveLevel() <= logging.INFO
-        bar = tqdm(total=len(ids), desc="embed", unit="text", disable=not show, file=sys.stderr)
-        pending = None  # results of the batch in flight: device work overlaps the next batch's padding
-        for idx, rows, length in batches:
-            input_ids, mask = pad_batch([ids[i] for i in idx], rows, length, self.tokenizer.pad_token_id)
-            self.compiled_shapes.add((rows, length))
-            res = embed_batch(self.params, input_ids, mask, config=self.config, pooling=self.pooling,
-                              normalize=normalize)
-            if pending is not None:
-                self._collect(pending, out, bar)
-            pending = (idx, res)
+    def _encode_multiprocess(self, texts, prefix, normalize, batch_size, show) -> np.ndarray:
+        from jax.experimental import multihost_utils
+        n, n_proc, rank = len(texts), jax.process_count(), jax.process_index()
+        share = -(-n // n_proc)
+        lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+        local = np.zeros((share, self.dim), dtype=np.float32)  # equal shapes for the all-gather
+        self._run(texts[lo:hi], prefix, local, normalize, batch_size, show)
+        merged = np.asarray(multihost_utils.process_allgather(local))  # [processes, share, dim]
+        return merged.reshape(-1, self.dim)[:n]
+
+    def plan(self, ids: list[np.ndarray], batch_size: int | None = None) -> list[Batch]:
+        """Batches for these token sequences, padded or packed per ``packing``."""
+        kw = dict(max_length=self.max_length, token_budget=self.token_budget, max_rows=batch_size,
+                  multiple=len(self.devices), pad_id=self.tokenizer.pad_token_id)
+        can_pack = self.packing is not False and self.pooling in PACKED_MODES
+        padded = None if self.packing is True else list(plan_padded(ids, **kw))
+        if not can_pack:
+            return padded
+        packed = list(plan_packed(ids, pack_length=min(self.pack_length, self.max_length),
+                                  max_segments=self.max_segments, **kw))
+        if padded is None or forward_macs(self.config, packed) < forward_macs(self.config, padded):
+            return packed
+        return padded
+
+    def _dispatch(self, batch: Batch, normalize: bool):
+        put = functools.partial(jax.device_put, device=self._batch_sharding)
+        self.compiled_shapes.add(batch.shape)
+        if batch.packed:
+            return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
+                                config=self.config, pooling=self.pooling, normalize=normalize,
+                                num_segments=batch.num_segments)
+        return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), config=self.config,
+                           pooling=self.pooling, normalize=normalize)
+
+    def _run(self, texts: list[str], prefix: str, out: np.ndarray, normalize: bool, batch_size, show) -> None:
+        """Embeds texts into out[:len(texts)]; tokenising chunk k+1 overlaps device work on chunk k."""
+        bar = tqdm(total=len(texts), desc="embed", unit="text", disable=not show, file=sys.stderr)
+        starts = range(0, len(texts), CHUNK_TEXTS)
+        tokenize = lambda a: self.tokenizer([prefix + t for t in texts[a:a + CHUNK_TEXTS]])  # noqa: E731
+        pending = None  # the batch in flight: its result is read only after the next batch is dispatched
+        with concurrent.futures.ThreadPoolExecutor(1) as pool_:
+            future = pool_.submit(tokenize, 0) if texts else None
+            for k, start in enumerate(starts):
+                ids = future.result()
+                if k + 1 < len(starts):
+                    future = pool_.submit(tokenize, starts[k + 1])
+                for batch in self.plan(ids, batch_size):
+                    result = self._dispatch(batch, normalize)
+                    if pending is not None:
+                        self._collect(*pending, out, bar)
+                    pending = (start, batch, result)
         if pending is not None:
-            self._collect(pending, out, bar)
+            self._collect(*pending, out, bar)
         bar.close()
 
-    @staticmethod
-    def _collect(pending, out, bar):
-        idx, res = pending
-        out[idx] = np.asarray(res)[:len(idx)]
-        bar.update(len(idx))
+    def _collect(self, start: int, batch: Batch, result, out: np.ndarray, bar) -> None:
+        out[start + batch.index] = np.asarray(result)[batch.slot]
+        self.stats["texts"] += len(batch.index)
+        self.stats["real_tokens"] += batch.real_tokens
+        self.stats["padded_tokens"] += batch.input_ids.size
+        self.stats["batches"] += 1
+        bar.update(len(batch.index))
 
 
 def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float32", max_length: int | None = None,
-         cache_dir=None) -> Encoder:
-    """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``)."""
+         cache_dir=None, **engine) -> Encoder:
+    """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
+
+    ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, devices.
+    """
     resolve_dtype(dtype)
     model_dir = hub.resolve(model, revision=revision, cache_dir=cache_dir)
     config = BertConfig.from_json(model_dir / "config.json")
@@ -191,4 +270,4 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
     prompts, default_prompt = read_prompts(model_dir)
     params = load_params(model_dir, config, dtype)
     return Encoder(model_dir, config, params, tokenizer, pooling=pooling, prompts=prompts,
-                   default_prompt_name=default_prompt, dtype=dtype)
+                   default_prompt_name=default_prompt, dtype=dtype, **engine)

@@ -89,11 +89,20 @@ def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_B
     return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
 
 
-def attention_bias(attention_mask_BT, dtype=jnp.float32):
-    """Key padding mask [B, T] (1 = token, 0 = padding) -> additive bias [B, 1, 1, T]."""
+def attention_bias(attention_mask_BT, segment_ids_BT=None, dtype=jnp.float32):
+    """Additive attention bias: 0 where a query may attend a key, finfo.min elsewhere.
+
+    Padding only: mask [B, T] (1 = token) -> [B, 1, 1, T]. Packed rows: segment ids [B, T] (0 = padding,
+    1.. = sequence) -> block-diagonal [B, 1, T, T], each token attending only to its own sequence.
+    """
     # finfo.min rather than -inf, as transformers does: a fully masked row stays finite.
     neg = jnp.finfo(dtype).min
-    return jnp.where(attention_mask_BT[:, None, None, :] > 0, 0.0, neg).astype(dtype)
+    if segment_ids_BT is None:
+        allowed = attention_mask_BT[:, None, None, :] > 0
+    else:
+        seg_q, seg_k = segment_ids_BT[:, None, :, None], segment_ids_BT[:, None, None, :]
+        allowed = (seg_q == seg_k) & (seg_k > 0)
+    return jnp.where(allowed, 0.0, neg).astype(dtype)
 
 
 def self_attention(p: LayerParams, config: BertConfig, x_BSD, bias_BNST):
@@ -139,14 +148,16 @@ def encoder(layers: LayerParams, config: BertConfig, x_BSD, bias_BNST, *, output
 
 
 def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
-            output_hidden_states=False):
+            segment_ids=None, position_ids=None, output_hidden_states=False):
     """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
 
+    Packed rows (several sequences in one row) pass ``segment_ids`` [B, S] (0 = padding, 1.. = sequence) and
+    ``position_ids`` [B, S] restarting at 0 for each sequence; attention is then block-diagonal.
     With ``output_hidden_states=True`` returns ``(last [B, S, D], hidden [L + 1, B, S, D])`` where
     ``hidden[0]`` is the embedding output and ``hidden[i]`` layer i's output, as transformers' tuple.
     """
-    x_BSD = embed(params.embeddings, config, input_ids, token_type_ids)
-    bias = attention_bias(attention_mask)
+    x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)
+    bias = attention_bias(attention_mask, segment_ids)
     last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, bias,
                                     output_hidden_states=output_hidden_states)
     if output_hidden_states:

@@ -49,6 +49,27 @@ def pool(hidden_BSD, mask_BS, mode: str = "mean"):
     return POOLERS[mode](hidden_BSD, mask_BS)
 
 
+PACKED_MODES = ("mean", "cls", "mean_sqrt_len")
+
+
+def pool_segments(hidden_BSD, segment_ids_BS, position_ids_BS, num_segments: int, mode: str = "mean"):
+    """Pools packed rows per sequence: [B, S, D] with segment ids 1..G -> [B, G, D] float32.
+
+    Slot g-1 of a row holds sequence g (all zeros where a row has fewer sequences).
+    """
+    if mode not in PACKED_MODES:
+        raise ValueError(f"pooling {mode!r} is not available for packed rows; use one of {PACKED_MODES}")
+    onehot_BSG = (segment_ids_BS[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
+    if mode == "cls":  # each sequence's first token
+        onehot_BSG = onehot_BSG * (position_ids_BS[..., None] == 0)
+    h = hidden_BSD.astype(jnp.float32)
+    total_BGD = jnp.einsum("BSG,BSD->BGD", onehot_BSG, h, precision="highest")
+    if mode == "cls":
+        return total_BGD
+    count_BG1 = jnp.maximum(jnp.sum(onehot_BSG, axis=1), 1e-9)[..., None]
+    return total_BGD / (count_BG1 if mode == "mean" else jnp.sqrt(count_BG1))
+
+
 def l2_normalize(x_BD, eps: float = 1e-12):
     """Rows scaled to unit L2 norm (as torch.nn.functional.normalize)."""
     x = x_BD.astype(jnp.float32)

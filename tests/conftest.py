@@ -58,10 +58,12 @@ def random_bert(name: str, seed: int = 0):
     return model.eval()
 
 
-def fp16_rounded(model):
-    """A copy whose weights are rounded through float16, as an fp16 checkpoint stores them."""
+def storage_rounded(model, dtype="float16"):
+    """A copy whose weights are rounded through float16 (or bfloat16), as such a checkpoint stores them."""
     import copy
-    return copy.deepcopy(model).half().float().eval()
+
+    import torch
+    return copy.deepcopy(model).to(getattr(torch, dtype)).float().eval()
 
 
 def save_layout(model, folder: Path, layout: str, tokenizer_from: Path) -> Path:
@@ -92,6 +94,9 @@ def save_layout(model, folder: Path, layout: str, tokenizer_from: Path) -> Path:
         sd["cls.predictions.bias"] = np.zeros(model.config.vocab_size, np.float32)
     elif layout == "fp16":
         sd = {k: v.astype(np.float16) for k, v in sd.items()}
+    elif layout == "bf16":
+        import ml_dtypes
+        sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
     else:
         raise ValueError(layout)
     save_file(sd, str(folder / "model.safetensors"))

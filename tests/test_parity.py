@@ -5,24 +5,31 @@ Tolerances (fp32): normalised embeddings max |diff| <= 1e-5, last hidden states 
 
 from __future__ import annotations
 
+import shutil
+
+import jax
 import numpy as np
 import pytest
 
 import e5lite
-from conftest import TEXTS, fp16_rounded, random_bert, save_layout, torch_reference
+from conftest import TEXTS, storage_rounded, random_bert, save_layout, torch_reference
 
 LAYOUTS = ("plain", "legacy", "fp16", "sharded")
 EMB_TOL = 1e-5
 HIDDEN_TOL = 1e-4
 
 
-def check_parity(model, folder, *, hidden: bool):
+# Full-size models get fewer texts (still one past the max length), to keep the suite to minutes.
+FULL_SIZE_TEXTS = [TEXTS[2], TEXTS[1], TEXTS[3], TEXTS[0], TEXTS[5]]
+
+
+def check_parity(model, folder, *, hidden: bool, texts=TEXTS):
     enc = e5lite.load(folder)
-    ids = enc.tokenizer(TEXTS)
+    ids = enc.tokenizer(texts)
     assert max(len(t) for t in ids) == enc.max_length  # the long text was truncated
     want_h, mask, want_emb = torch_reference(model, ids)
-    got_emb = enc.encode(TEXTS, batch_size=4)
-    assert got_emb.dtype == np.float32 and got_emb.shape == (len(TEXTS), enc.dim)
+    got_emb = enc.encode(texts, batch_size=4)
+    assert got_emb.dtype == np.float32 and got_emb.shape == (len(texts), enc.dim)
     emb_err = float(np.abs(got_emb - want_emb).max())
     assert emb_err <= EMB_TOL, f"embeddings differ by {emb_err:.2e}"
     if hidden:
@@ -34,13 +41,13 @@ def check_parity(model, folder, *, hidden: bool):
         real = mask.astype(bool)
         h_err = float(np.abs(got_h[real] - want_h[real]).max())
         assert h_err <= HIDDEN_TOL, f"last hidden states differ by {h_err:.2e}"
-    return emb_err
+    return enc
 
 
 @pytest.fixture(scope="module", params=["tiny", "e5-base"])
 def bert(request):
     model = random_bert(request.param)
-    return request.param, model, fp16_rounded(model)
+    return request.param, model, storage_rounded(model)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -48,17 +55,28 @@ def test_parity_layouts(bert, layout, tmp_path, minilm_dir):
     name, model, model16 = bert
     ref = model16 if layout == "fp16" else model
     folder = save_layout(model, tmp_path / f"{name}-{layout}", layout, minilm_dir)
-    check_parity(ref, folder, hidden=True)
+    check_parity(ref, folder, hidden=True, texts=TEXTS if name == "tiny" else FULL_SIZE_TEXTS)
 
 
 @pytest.mark.slow
 def test_parity_e5_large(tmp_path, minilm_dir):
+    """e5-large shape: full parity for plain and fp16 storage; the other layouts must load bit-identical."""
     model = random_bert("e5-large", seed=1)
-    check_parity(model, save_layout(model, tmp_path / "plain", "plain", minilm_dir), hidden=True)
-    model16 = fp16_rounded(model)
+    enc = check_parity(model, save_layout(model, tmp_path / "plain", "plain", minilm_dir), hidden=True,
+                       texts=FULL_SIZE_TEXTS)
     for layout in ("legacy", "sharded"):
-        check_parity(model, save_layout(model, tmp_path / layout, layout, minilm_dir), hidden=False)
-    check_parity(model16, save_layout(model, tmp_path / "fp16", "fp16", minilm_dir), hidden=False)
+        folder = save_layout(model, tmp_path / layout, layout, minilm_dir)
+        jax.tree.map(np.testing.assert_array_equal, e5lite.load(folder).params, enc.params)
+        shutil.rmtree(folder)
+    del enc
+    check_parity(storage_rounded(model), save_layout(model, tmp_path / "fp16", "fp16", minilm_dir), hidden=False,
+                 texts=FULL_SIZE_TEXTS)
+
+
+def test_bf16_storage(tmp_path, minilm_dir):
+    model = random_bert("tiny", seed=5)
+    folder = save_layout(model, tmp_path / "bf16", "bf16", minilm_dir)
+    check_parity(storage_rounded(model, "bfloat16"), folder, hidden=True)
 
 
 def test_hidden_states_per_layer(tmp_path, minilm_dir):

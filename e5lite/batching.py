@@ -1,0 +1,160 @@
+"""Batch planning: token sequences -> a bounded set of padded or packed array shapes.
+
+Two layouts, both fed to the same forward:
+- padded: one text per row, rows right-padded to a length bucket (16, 32, 64, ... max_length);
+- packed: several texts per row of ``pack_length`` tokens, with segment ids (1.., 0 = padding) and position
+  ids restarting at 0 for each text; attention is block-diagonal and pooling per segment.
+
+Rows per batch come from a token budget (``budget // length``, capped by ``max_rows``); the last, smaller
+batch of each length is padded to a short row ladder (powers of 4), so a corpus compiles at most two
+shapes per length bucket. Row counts are multiples of ``multiple`` (the number of devices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+SEQ_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+
+
+def seq_bucket(n: int, max_length: int) -> int:
+    """The padded length for a batch whose longest sequence has n tokens."""
+    for b in SEQ_BUCKETS:
+        if n <= b <= max_length:
+            return b
+    return max_length
+
+
+def full_rows(length: int, token_budget: int, max_rows: int | None, multiple: int = 1) -> int:
+    """Rows of a full batch at this padded length: fills the token budget, a multiple of ``multiple``."""
+    rows = max(1, token_budget // length)
+    if max_rows is not None:
+        rows = min(rows, max_rows)
+    return max(multiple, rows // multiple * multiple)
+
+
+def partial_rows(n: int, full: int, multiple: int = 1) -> int:
+    """Rows for a last batch of n < full rows: the next step of the ladder multiple * 4^k, at most full."""
+    r = multiple
+    while r < n:
+        r *= 4
+    return min(r, full)
+
+
+@dataclass
+class Batch:
+    """Arrays for one forward call, and where its results go.
+
+    ``index[i]`` is the text (within the chunk) whose embedding is at flat slot ``slot[i]`` of the result:
+    row ``slot`` for padded batches, ``row * num_segments + segment - 1`` for packed ones.
+    """
+    input_ids: np.ndarray                 # [R, S] int32
+    attention_mask: np.ndarray            # [R, S] int32
+    index: np.ndarray                     # [n] int64
+    slot: np.ndarray                      # [n] int64
+    segment_ids: np.ndarray | None = None   # [R, S] int32, packed only
+    position_ids: np.ndarray | None = None  # [R, S] int32, packed only
+    num_segments: int = 0                 # packed only: segments per row (static)
+    real_tokens: int = 0
+
+    @property
+    def shape(self) -> tuple:
+        return self.input_ids.shape + ((self.num_segments,) if self.segment_ids is not None else ())
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
+
+
+def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_id: int) -> Batch:
+    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
+    mask = np.zeros((rows, length), dtype=np.int32)
+    for r, t in enumerate(ids):
+        input_ids[r, :len(t)] = t
+        mask[r, :len(t)] = 1
+    return Batch(input_ids, mask, np.asarray(index, np.int64), np.arange(len(ids), dtype=np.int64),
+                 real_tokens=int(mask.sum()))
+
+
+def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows: int, length: int,
+                 num_segments: int, pad_id: int) -> Batch:
+    input_ids = np.full((rows, length), pad_id, dtype=np.int32)
+    seg = np.zeros((rows, length), dtype=np.int32)
+    pos = np.zeros((rows, length), dtype=np.int32)
+    index, slot = [], []
+    for r, (row, row_index) in enumerate(zip(rows_of_ids, rows_of_index)):
+        start = 0
+        for g, (t, i) in enumerate(zip(row, row_index)):
+            end = start + len(t)
+            input_ids[r, start:end] = t
+            seg[r, start:end] = g + 1
+            pos[r, start:end] = np.arange(len(t))
+            index.append(i)
+            slot.append(r * num_segments + g)
+            start = end
+    mask = (seg > 0).astype(np.int32)
+    return Batch(input_ids, mask, np.asarray(index, np.int64), np.asarray(slot, np.int64), seg, pos,
+                 num_segments, int(mask.sum()))
+
+
+def plan_padded(ids: Sequence[np.ndarray], *, max_length: int, token_budget: int, max_rows: int | None = None,
+                multiple: int = 1, pad_id: int = 0, index=None) -> Iterator[Batch]:
+    """Padded batches, longest texts first; each length bucket fills rows up to the token budget."""
+    index = np.arange(len(ids)) if index is None else np.asarray(index)
+    lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
+    order = np.argsort(-lengths, kind="stable")
+    buckets = np.array([seq_bucket(int(n), max_length) for n in lengths[order]], np.int64)
+    for length in sorted(set(buckets.tolist()), reverse=True):
+        members = order[buckets == length]
+        full = full_rows(length, token_budget, max_rows, multiple)
+        for start in range(0, len(members), full):
+            part = members[start:start + full]
+            rows = full if len(part) == full else partial_rows(len(part), full, multiple)
+            yield padded_batch([ids[i] for i in part], index[part], rows, length, pad_id)
+
+
+def pack_rows(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
+    """Greedy packing of sequences (each <= capacity) into rows: positions into ``lengths`` per row.
+
+    Longest first; each row then takes the next longest that fit, and tops up with the shortest.
+    """
+    order = np.argsort(-lengths, kind="stable").tolist()
+    lo, hi = 0, len(order) - 1
+    rows = []
+    while lo <= hi:
+        row, used = [order[lo]], int(lengths[order[lo]])
+        lo += 1
+        while lo <= hi and len(row) < max_segments and used + lengths[order[lo]] <= capacity:
+            row.append(order[lo])
+            used += int(lengths[order[lo]])
+            lo += 1
+        while lo <= hi and len(row) < max_segments and used + lengths[order[hi]] <= capacity:
+            row.append(order[hi])
+            used += int(lengths[order[hi]])
+            hi -= 1
+        rows.append(row)
+    return rows
+
+
+def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int, token_budget: int,
+                max_segments: int, max_rows: int | None = None, multiple: int = 1, pad_id: int = 0
+                ) -> Iterator[Batch]:
+    """Packed batches of rows of ``pack_length`` tokens; texts longer than that go in padded batches."""
+    lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
+    long_ = np.flatnonzero(lengths > pack_length)
+    if len(long_):
+        yield from plan_padded([ids[i] for i in long_], max_length=max_length, token_budget=token_budget,
+                               max_rows=max_rows, multiple=multiple, pad_id=pad_id, index=long_)
+    short = np.flatnonzero(lengths <= pack_length)
+    if not len(short):
+        return
+    rows = [[int(short[j]) for j in row] for row in pack_rows(lengths[short], pack_length, max_segments)]
+    full = full_rows(pack_length, token_budget, max_rows, multiple)
+    for start in range(0, len(rows), full):
+        part = rows[start:start + full]
+        n_rows = full if len(part) == full else partial_rows(len(part), full, multiple)
+        yield packed_batch([[ids[i] for i in row] for row in part], part, n_rows, pack_length, max_segments,
+                           pad_id)
