@@ -12,6 +12,7 @@ shapes per length bucket. Row counts are multiples of ``multiple`` (the number o
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -117,25 +118,24 @@ def plan_padded(ids: Sequence[np.ndarray], *, max_length: int, token_budget: int
 
 
 def pack_rows(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
-    """Greedy packing of sequences (each <= capacity) into rows: positions into ``lengths`` per row.
+    """Best-fit-decreasing packing of sequences (each <= capacity) into rows: positions per row.
 
-    Longest first; each row then takes the next longest that fit, and tops up with the shortest.
+    Longest first, each into the open row with the least room that still fits it (a new row if none).
     """
-    order = np.argsort(-lengths, kind="stable").tolist()
-    lo, hi = 0, len(order) - 1
-    rows = []
-    while lo <= hi:
-        row, used = [order[lo]], int(lengths[order[lo]])
-        lo += 1
-        while lo <= hi and len(row) < max_segments and used + lengths[order[lo]] <= capacity:
-            row.append(order[lo])
-            used += int(lengths[order[lo]])
-            lo += 1
-        while lo <= hi and len(row) < max_segments and used + lengths[order[hi]] <= capacity:
-            row.append(order[hi])
-            used += int(lengths[order[hi]])
-            hi -= 1
-        rows.append(row)
+    open_rows: list[tuple[int, int]] = []  # (room left, row), sorted
+    rows: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        k = bisect.bisect_left(open_rows, (n, -1))
+        if k < len(open_rows):
+            room, r = open_rows.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        room -= n
+        if room > 0 and len(rows[r]) < max_segments:
+            bisect.insort(open_rows, (room, r))
     return rows
 
 

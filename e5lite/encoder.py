@@ -25,6 +25,7 @@ from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
 from .errors import E5LiteError
 from .model import Params, forward
+from .runtime import CACHE_ENV, enable_compilation_cache
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments, read_pooling_mode
 from .tokenizer import WordPieceTokenizer, read_prompts, resolve_max_length
 from .weights import load_params, resolve_dtype
@@ -259,6 +260,8 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
     ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, devices.
     """
     resolve_dtype(dtype)
+    if os.environ.get(CACHE_ENV):
+        enable_compilation_cache()
     model_dir = hub.resolve(model, revision=revision, cache_dir=cache_dir)
     config = BertConfig.from_json(model_dir / "config.json")
     pooling = read_pooling_mode(model_dir)

@@ -1,0 +1,197 @@
+"""The throughput engine: batch planning, packing, bf16, multi-device and multi-process runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import e5lite
+from conftest import TEXTS
+from e5lite.batching import pack_rows, plan_packed, plan_padded
+
+CORPUS = TEXTS + [f"passage: item {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 23)
+                  for i in range(60)]
+
+
+def fake_ids(lengths):
+    return [np.arange(1, n + 1, dtype=np.int32) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return e5lite.load(minilm_dir, packing=False)
+
+
+@pytest.fixture(scope="module")
+def reference(minilm):
+    """Each text embedded alone (batch of one, no packing): what every plan must reproduce."""
+    return minilm.encode(CORPUS, batch_size=1)
+
+
+@pytest.mark.parametrize("budget, devices", [(4096, 1), (65536, 1), (4096, 4)])
+def test_plans_cover_every_text_once_with_few_shapes(budget, devices):
+    lengths = np.random.default_rng(0).integers(2, 513, size=20_000)
+    lengths[:50] = 512
+    ids = fake_ids(lengths)
+    for plan in (plan_padded(ids, max_length=512, token_budget=budget, multiple=devices),
+                 plan_packed(ids, pack_length=512, max_length=512, token_budget=budget, max_segments=64,
+                             multiple=devices)):
+        batches = list(plan)
+        index = np.concatenate([b.index for b in batches])
+        assert sorted(index.tolist()) == list(range(len(ids)))
+        assert len({b.shape for b in batches}) <= 16
+        for b in batches:
+            rows, length = b.input_ids.shape
+            assert rows % devices == 0 and (rows * length <= max(budget, devices * length))
+            assert b.real_tokens == int(b.attention_mask.sum()) == sum(lengths[i] for i in b.index)
+
+
+def test_pack_rows_respects_capacity_and_segments():
+    lengths = np.random.default_rng(1).integers(2, 200, size=3000)
+    rows = pack_rows(lengths, 256, 8)
+    assert sorted(i for r in rows for i in r) == list(range(3000))
+    assert all(sum(lengths[i] for i in r) <= 256 and len(r) <= 8 for r in rows)
+    fill = lengths.sum() / (len(rows) * 256)
+    assert fill > 0.97, fill  # best-fit decreasing leaves little room
+
+
+def test_packed_batch_layout():
+    ids = fake_ids([5, 3, 4])
+    (b,) = plan_packed(ids, pack_length=16, max_length=16, token_budget=16, max_segments=4)
+    assert b.input_ids.shape == (1, 16) and b.num_segments == 4
+    assert b.segment_ids[0].tolist() == [1] * 5 + [2] * 4 + [3] * 3 + [0] * 4
+    assert b.position_ids[0, :12].tolist() == list(range(5)) + list(range(4)) + list(range(3))
+    assert b.index.tolist() == [0, 2, 1] and b.slot.tolist() == [0, 1, 2]  # longest first
+
+
+@pytest.mark.parametrize("packing, budget, batch_size", [(True, 4096, None), (True, 1024, 3), ("auto", 2048, None),
+                                                         (False, 1024, None)])
+def test_engine_matches_one_by_one(minilm_dir, reference, packing, budget, batch_size):
+    enc = e5lite.load(minilm_dir, packing=packing, token_budget=budget)
+    got = enc.encode(CORPUS, batch_size=batch_size)
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
+    assert len(enc.compiled_shapes) <= 16
+    if packing is True:
+        assert all(len(s) == 3 for s in enc.compiled_shapes if s[1] <= enc.pack_length)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean_sqrt_len"])
+def test_packed_pooling_modes(tiny_copy, pooling):
+    (tiny_copy / "1_Pooling").mkdir()
+    (tiny_copy / "1_Pooling" / "config.json").write_text(f'{{"pooling_mode": "{pooling}"}}')
+    packed = e5lite.load(tiny_copy, packing=True).encode(CORPUS, normalize=False)
+    padded = e5lite.load(tiny_copy, packing=False).encode(CORPUS, normalize=False)
+    np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
+
+
+def test_max_pooling_never_packs(tiny_copy):
+    (tiny_copy / "1_Pooling").mkdir()
+    (tiny_copy / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+    enc = e5lite.load(tiny_copy)  # auto: falls back to padded batches
+    enc.encode(CORPUS)
+    assert all(len(s) == 2 for s in enc.compiled_shapes)
+    with pytest.raises(ValueError, match="packing needs pooling"):
+        e5lite.load(tiny_copy, packing=True)
+
+
+def test_packed_forward_equals_separate_forwards(tiny):
+    """Hidden states of packed sequences equal each sequence run on its own."""
+    ids = tiny.tokenizer(["query: a short one", "passage: " + "words " * 30, "x"])
+    (b,) = plan_packed(ids, pack_length=128, max_length=128, token_budget=128, max_segments=4)
+    h = e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask, segment_ids=b.segment_ids,
+                       position_ids=b.position_ids)
+    for g, i in enumerate(b.index):
+        alone = e5lite.forward(tiny.params, tiny.config, ids[i][None], np.ones((1, len(ids[i])), np.int32))
+        np.testing.assert_allclose(np.asarray(h)[0][b.segment_ids[0] == g + 1], np.asarray(alone)[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return e5lite.load(tiny_dir)
+
+
+def test_forward_is_differentiable(tiny):
+    ids = np.asarray(tiny.tokenizer(["a differentiable forward"])[0])[None]
+
+    def loss(params):
+        h = e5lite.forward(params, tiny.config, ids, np.ones_like(ids))
+        return jnp.sum(e5lite.mean_pool(h, np.ones_like(ids)) ** 2)
+
+    grads = jax.grad(loss)(tiny.params)
+    norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= len(norms) - 1  # token-type row 1 unused
+
+
+def test_bf16_accuracy(minilm_dir, reference):
+    bf16 = e5lite.load(minilm_dir, dtype="bfloat16").encode(CORPUS)
+    cos = (bf16 * reference).sum(1)
+    assert bf16.dtype == np.float32 and cos.min() >= 0.999, cos.min()
+
+
+def _run_py(script: str, env_extra: dict, timeout=300):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_four_host_devices_match_one(minilm_dir, reference, tmp_path):
+    np.save(tmp_path / "corpus.npy", np.array(CORPUS, dtype=object), allow_pickle=True)
+    out = _run_py(f"""
+        import jax, numpy as np, e5lite
+        assert len(jax.local_devices()) == 4, jax.local_devices()
+        corpus = list(np.load({str(tmp_path / 'corpus.npy')!r}, allow_pickle=True))
+        for packing in (True, False):
+            enc = e5lite.load({str(minilm_dir)!r}, packing=packing, token_budget=2048)
+            assert len(enc.devices) == 4
+            np.save({str(tmp_path)!r} + f"/out_{{packing}}.npy", enc.encode(corpus))
+            assert all(s[0] % 4 == 0 for s in enc.compiled_shapes), enc.compiled_shapes
+    """, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for packing in (True, False):
+        np.testing.assert_allclose(np.load(tmp_path / f"out_{packing}.npy"), reference, atol=1e-5, rtol=0)
+
+
+def test_two_processes_merge_in_order(minilm_dir, reference, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    np.save(tmp_path / "corpus.npy", np.array(CORPUS, dtype=object), allow_pickle=True)
+    script = f"""
+        import sys, numpy as np, e5lite
+        rank = int(sys.argv[1])
+        e5lite.initialize_distributed("127.0.0.1:{port}", num_processes=2, process_id=rank)
+        corpus = list(np.load({str(tmp_path / 'corpus.npy')!r}, allow_pickle=True))
+        enc = e5lite.load({str(minilm_dir)!r})
+        out = enc.encode(corpus)
+        np.save({str(tmp_path)!r} + f"/rank{{rank}}.npy", out)
+        print("RESULT", enc.stats["texts"])
+    """
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    # each process embedded its own half, and both returned the whole corpus in order
+    counts = [int(line.split()[1]) for so, _ in outs for line in so.splitlines() if line.startswith("RESULT")]
+    assert sorted(counts) == [len(CORPUS) // 2, len(CORPUS) - len(CORPUS) // 2]
+    for r in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"rank{r}.npy"), reference, atol=1e-5, rtol=0)
+
+
+def test_persistent_compilation_cache(tiny_dir, tmp_path):
+    script = f"""
+        import e5lite
+        e5lite.load({str(tiny_dir)!r}).encode(["warm start"])
+    """
+    out = _run_py(script, {"E5LITE_COMPILATION_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert any((tmp_path / "cache").iterdir())
