@@ -33,7 +33,7 @@ from .weights import load_params, resolve_dtype
 logger = logging.getLogger("e5lite")
 
 # Tokens per batch by backend: CPUs run best on cache-sized batches, accelerators on large ones.
-CPU_TOKEN_BUDGET = 4096
+CPU_TOKEN_BUDGET = 1024
 ACCELERATOR_TOKEN_BUDGET = 65536
 CHUNK_TEXTS = 8192  # texts tokenised, sorted and planned together; bounds host memory for big corpora
 MAX_SEGMENTS = 64   # texts per packed row
@@ -85,7 +85,7 @@ def _check_texts(texts) -> tuple[list[str], bool]:
 class Encoder:
     """A loaded E5/BERT sentence encoder. Build with ``e5lite.load``.
 
-    Engine settings (attributes, may be changed between calls): ``token_budget`` tokens per batch (None: 4096
+    Engine settings (attributes, may be changed between calls): ``token_budget`` tokens per batch (None: 1024
     on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded / packed batches needs
     fewer multiply-adds), True or False; ``pack_length`` tokens per packed row (default max_length);
     ``max_segments`` texts per packed row. Batches are sharded over ``devices`` (default: all local devices).

