@@ -87,7 +87,8 @@ def _write_output(emb, output: str | None) -> None:
 
 def _load(args):
     from .encoder import load
-    return load(args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length)
+    return load(args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length,
+                token_budget=args.token_budget)
 
 
 def cmd_embed(args) -> None:
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
+        p.add_argument("--token-budget", type=int, default=None, help="tokens per batch (default: 1024 CPU, 65536 GPU)")
 
     e = sub.add_parser("embed", help="embed texts; writes .npy / .jsonl, or JSON arrays to stdout")
     common(e)

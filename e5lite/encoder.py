@@ -37,6 +37,7 @@ CPU_TOKEN_BUDGET = 1024
 ACCELERATOR_TOKEN_BUDGET = 65536
 CHUNK_TEXTS = 8192  # texts tokenised, sorted and planned together; bounds host memory for big corpora
 MAX_SEGMENTS = 64   # texts per packed row
+PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
 PACKING = ("auto", True, False)
 
 
@@ -86,8 +87,8 @@ class Encoder:
     """A loaded E5/BERT sentence encoder. Build with ``e5lite.load``.
 
     Engine settings (attributes, may be changed between calls): ``token_budget`` tokens per batch (None: 1024
-    on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded / packed batches needs
-    fewer multiply-adds), True or False; ``pack_length`` tokens per packed row (default max_length);
+    on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded batches or packed rows
+    of 128/256/512 tokens needs fewer multiply-adds), True or False; ``pack_length`` fixes the packed row length;
     ``max_segments`` texts per packed row. Batches are sharded over ``devices`` (default: all local devices).
     """
 
@@ -107,9 +108,13 @@ class Encoder:
         if packing is True and pooling not in PACKED_MODES:
             raise ValueError(f"packing needs pooling in {PACKED_MODES}, this model pools with {pooling!r}")
         self.packing = packing
-        self.pack_length = pack_length or tokenizer.max_length
-        if not 2 <= self.pack_length <= config.max_position_embeddings:
-            raise ValueError(f"pack_length must be in [2, {config.max_position_embeddings}], got {pack_length}")
+        if pack_length is not None and not 2 <= pack_length <= tokenizer.max_length:
+            raise ValueError(f"pack_length must be in [2, {tokenizer.max_length}] (max_length), got {pack_length}")
+        self.pack_length = pack_length
+        if not isinstance(max_segments, int) or max_segments < 1:
+            raise ValueError(f"max_segments must be a positive int, got {max_segments!r}")
+        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
+            raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
         self.max_segments = max_segments
         self.devices = list(devices or jax.local_devices())
         self.token_budget = token_budget or (
@@ -199,19 +204,32 @@ class Encoder:
         merged = np.asarray(multihost_utils.process_allgather(local))  # [processes, share, dim]
         return merged.reshape(-1, self.dim)[:n]
 
-    def plan(self, ids: list[np.ndarray], batch_size: int | None = None) -> list[Batch]:
-        """Batches for these token sequences, padded or packed per ``packing``."""
+    def layouts(self) -> list[int]:
+        """Candidate layouts: 0 for padded batches, n for packed rows of n tokens."""
+        out = [] if self.packing is True else [0]
+        if self.packing is not False and self.pooling in PACKED_MODES:
+            out += [self.pack_length] if self.pack_length else sorted({min(n, self.max_length) for n in PACK_LENGTHS})
+        return out
+
+    def plan(self, ids: list[np.ndarray], batch_size: int | None = None, layout: int | None = None
+             ) -> tuple[int, list[Batch]]:
+        """(layout, batches) for these token sequences; layout None weighs every candidate of ``layouts()``.
+
+        "auto" packing plans padded batches and packed rows of 128, 256 and 512 tokens (up to max_length)
+        and keeps the plan with the fewest multiply-adds.
+        """
         kw = dict(max_length=self.max_length, token_budget=self.token_budget, max_rows=batch_size,
                   multiple=len(self.devices), pad_id=self.tokenizer.pad_token_id)
-        can_pack = self.packing is not False and self.pooling in PACKED_MODES
-        padded = None if self.packing is True else list(plan_padded(ids, **kw))
-        if not can_pack:
-            return padded
-        packed = list(plan_packed(ids, pack_length=min(self.pack_length, self.max_length),
-                                  max_segments=self.max_segments, **kw))
-        if padded is None or forward_macs(self.config, packed) < forward_macs(self.config, padded):
-            return packed
-        return padded
+
+        def make(n):
+            if n == 0:
+                return list(plan_padded(ids, **kw))
+            return list(plan_packed(ids, pack_length=n, max_segments=self.max_segments, **kw))
+
+        if layout is not None:
+            return layout, make(layout)
+        plans = [(n, make(n)) for n in self.layouts()]
+        return min(plans, key=lambda p: forward_macs(self.config, p[1]))
 
     def _dispatch(self, batch: Batch, normalize: bool):
         put = functools.partial(jax.device_put, device=self._batch_sharding)
@@ -229,13 +247,15 @@ class Encoder:
         starts = range(0, len(texts), CHUNK_TEXTS)
         tokenize = lambda a: self.tokenizer([prefix + t for t in texts[a:a + CHUNK_TEXTS]])  # noqa: E731
         pending = None  # the batch in flight: its result is read only after the next batch is dispatched
+        layout = None  # chosen on the first chunk and kept, so that a corpus compiles a bounded set of shapes
         with concurrent.futures.ThreadPoolExecutor(1) as pool_:
             future = pool_.submit(tokenize, 0) if texts else None
             for k, start in enumerate(starts):
                 ids = future.result()
                 if k + 1 < len(starts):
                     future = pool_.submit(tokenize, starts[k + 1])
-                for batch in self.plan(ids, batch_size):
+                layout, batches = self.plan(ids, batch_size, layout)
+                for batch in batches:
                     result = self._dispatch(batch, normalize)
                     if pending is not None:
                         self._collect(*pending, out, bar)
