@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -24,7 +25,7 @@ from . import hub
 from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
 from .errors import E5LiteError
-from .model import Params, forward
+from .model import ATTENTION_IMPLS, AttentionMask, Params, attention_core, forward
 from .runtime import CACHE_ENV, enable_compilation_cache
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments, read_pooling_mode
 from .tokenizer import WordPieceTokenizer, read_prompts, resolve_max_length
@@ -41,24 +42,54 @@ PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs 
 PACKING = ("auto", True, False)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize"))
-def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool):
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl"))
+def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool,
+                attention_impl: str = "xla"):
     """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm)."""
-    hidden_BSD = forward(params, config, input_ids, attention_mask)
+    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl)
     out_BD = pool(hidden_BSD, attention_mask, pooling)
     return l2_normalize(out_BD) if normalize else out_BD
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments"))
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl"))
 def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
-                 normalize: bool, num_segments: int):
+                 normalize: bool, num_segments: int, attention_impl: str = "xla"):
     """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
     g (1..G) of row b lands at b * G + g - 1 and G = num_segments."""
     hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
-                         position_ids=position_ids)
+                         position_ids=position_ids, attention_impl=attention_impl)
     out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
     out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
     return out_BGD.reshape(-1, out_BGD.shape[-1])
+
+
+# attention_impl="auto": candidates per backend, first available wins. CPU: measured (Pallas runs in
+# interpret mode there, ~8x slower than XLA). GPU/TPU: provisional order until measured on a device.
+AUTO_ATTENTION = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
+
+
+def resolve_attention_impl(requested: str, platform: str, dtype, config: BertConfig) -> str:
+    """The attention implementation to run: ``requested``, or for "auto" the first of AUTO_ATTENTION that
+    compiles here (each unavailable one is logged in one line). An explicit choice that cannot run raises."""
+    if requested not in ("auto",) + ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be 'auto' or one of {ATTENTION_IMPLS}, got {requested!r}")
+    candidates = AUTO_ATTENTION.get(platform, ("xla",)) if requested == "auto" else (requested,)
+    for impl in candidates:
+        if impl == "cudnn" and dtype == jnp.float32:
+            reason = "cuDNN attention needs float16/bfloat16"
+        else:
+            try:
+                shape = (1, config.num_attention_heads, 16, config.head_dim)
+                q = jnp.zeros(shape, dtype)
+                mask = AttentionMask(jnp.ones((1, 16), bool))
+                jax.jit(attention_core, static_argnums=4).lower(q, q, q, mask, impl).compile()
+                return impl
+            except Exception as e:  # unavailable backends fail in many ways (lowering, missing cuDNN, ...)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if requested != "auto":
+            raise E5LiteError(f"attention_impl={impl!r} is not available on {platform} ({reason})")
+        logger.warning("e5lite: attention_impl %r unavailable on %s (%s); trying the next", impl, platform, reason)
+    return "xla"
 
 
 def forward_macs(config: BertConfig, batches: Iterable[Batch]) -> float:
@@ -90,12 +121,14 @@ class Encoder:
     on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded batches or packed rows
     of 128/256/512 tokens needs fewer multiply-adds), True or False; ``pack_length`` fixes the packed row length;
     ``max_segments`` texts per packed row. Batches are sharded over ``devices`` (default: all local devices).
+    ``attention_impl``: "auto" (per backend, see AUTO_ATTENTION), "xla", "cudnn" or "pallas".
     """
 
     def __init__(self, model_dir, config: BertConfig, params: Params, tokenizer: WordPieceTokenizer, *,
                  pooling: str = "mean", prompts: dict[str, str] | None = None,
                  default_prompt_name: str | None = None, dtype="float32", token_budget: int | None = None,
-                 packing="auto", pack_length: int | None = None, max_segments: int = MAX_SEGMENTS, devices=None):
+                 packing="auto", pack_length: int | None = None, max_segments: int = MAX_SEGMENTS, devices=None,
+                 attention_impl: str = "auto"):
         self.model_dir = Path(model_dir)
         self.config = config
         self.tokenizer = tokenizer
@@ -127,6 +160,7 @@ class Encoder:
             self._batch_sharding = self.devices[0]
             params = jax.device_put(params, self.devices[0])
         self.params = params
+        self.attention_impl = resolve_attention_impl(attention_impl, self.devices[0].platform, self.dtype, config)
         self.compiled_shapes: set[tuple] = set()
         self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
 
@@ -141,7 +175,7 @@ class Encoder:
     def __repr__(self):
         return (f"Encoder({str(self.model_dir)!r}, layers={self.config.num_hidden_layers}, dim={self.dim}, "
                 f"max_length={self.max_length}, pooling={self.pooling!r}, dtype={self.dtype.name}, "
-                f"devices={len(self.devices)})")
+                f"devices={len(self.devices)}, attention={self.attention_impl!r})")
 
     def _prompt(self, prompt_name, prompt) -> str:
         if prompt is not None and prompt_name is not None:
@@ -237,9 +271,9 @@ class Encoder:
         if batch.packed:
             return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 config=self.config, pooling=self.pooling, normalize=normalize,
-                                num_segments=batch.num_segments)
+                                num_segments=batch.num_segments, attention_impl=self.attention_impl)
         return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), config=self.config,
-                           pooling=self.pooling, normalize=normalize)
+                           pooling=self.pooling, normalize=normalize, attention_impl=self.attention_impl)
 
     def _run(self, texts: list[str], prefix: str, out: np.ndarray, normalize: bool, batch_size, show) -> None:
         """Embeds texts into out[:len(texts)]; tokenising chunk k+1 overlaps device work on chunk k."""
@@ -277,7 +311,8 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
          cache_dir=None, **engine) -> Encoder:
     """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
 
-    ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, devices.
+    ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, devices,
+    attention_impl.
     """
     resolve_dtype(dtype)
     if os.environ.get(CACHE_ENV):

@@ -141,7 +141,33 @@ def attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, block: int = ATT
     return ctx_bBNsK.transpose(1, 2, 0, 3, 4).reshape(B, N, S, K)
 
 
-def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask):
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+
+
+def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla"):
+    """softmax(q k^T, masked) v by one of ATTENTION_IMPLS; q is pre-scaled. Same masking semantics for all:
+    "xla" (plain jnp, blocked), "pallas" (e5lite.kernels flash attention, skips blocks that cannot
+    attend), "cudnn" (jax.nn.dot_product_attention on cuDNN; fp16/bf16 on NVIDIA GPUs only)."""
+    if impl == "xla":
+        return attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask)
+    if impl == "pallas":
+        from .kernels.flash_attention import flash_attention
+        return flash_attention(q_BNSK, k_BNTK, v_BNTK, key_valid_BT=mask.key_valid_BT,
+                               segment_ids_BS=mask.segment_ids_BS)
+    if impl == "cudnn":
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q_BNSK, k_BNTK, v_BNTK))  # cuDNN takes [B, S, N, K]
+        if mask.segment_ids_BS is None:  # right padding: sequence lengths let cuDNN skip the padded keys
+            lengths_B = jnp.sum(mask.key_valid_BT, axis=-1).astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q, k, v, scale=1.0, query_seq_lengths=lengths_B,
+                                               key_value_seq_lengths=lengths_B, implementation="cudnn")
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask.logits_mask(), scale=1.0,
+                                               implementation="cudnn")
+        return out.transpose(0, 2, 1, 3)
+    raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla"):
     """Multi-head self-attention; returns [B, S, D] before the residual."""
     prec = _precision(x_BSD.dtype)
     # Projecting straight to heads-major [B, N, S, K] saves XLA a transpose per tensor.
@@ -149,7 +175,7 @@ def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMas
     k_BNTK = jnp.einsum("BTD,DNK->BNTK", x_BSD, p.k_DNK, precision=prec) + p.k_bias_NK[:, None, :]
     v_BNTK = jnp.einsum("BTD,DNK->BNTK", x_BSD, p.v_DNK, precision=prec) + p.v_bias_NK[:, None, :]
     q_BNSK = q_BNSK * jnp.asarray(1.0 / config.head_dim ** 0.5, q_BNSK.dtype)
-    ctx_BNSK = attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask)
+    ctx_BNSK = attention_core(q_BNSK, k_BNTK, v_BNTK, mask, attention_impl)
     return jnp.einsum("BNSK,NKD->BSD", ctx_BNSK, p.o_NKD, precision=prec) + p.o_bias_D
 
 
@@ -160,21 +186,22 @@ def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
     return jnp.einsum("BSF,FD->BSD", h_BSF, p.ffn_out_FD, precision=prec) + p.ffn_out_bias_D
 
 
-def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask):
+def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla"):
     """One post-LayerNorm BERT layer: attention -> add & norm -> FFN -> add & norm."""
     eps = config.layer_norm_eps
-    x_BSD = layer_norm(x_BSD + self_attention(p, config, x_BSD, mask),
+    x_BSD = layer_norm(x_BSD + self_attention(p, config, x_BSD, mask, attention_impl),
                        p.attn_ln_scale_D, p.attn_ln_bias_D, eps)
     return layer_norm(x_BSD + feed_forward(p, config, x_BSD), p.ffn_ln_scale_D, p.ffn_ln_bias_D, eps)
 
 
-def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False):
+def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False,
+            attention_impl: str = "xla"):
     """Runs the stacked layers with lax.scan (one layer is compiled, not L).
 
     Returns the last hidden state [B, S, D] and, when asked, every layer's output [L, B, S, D].
     """
     def step(x, p):
-        y = layer(p, config, x, mask)
+        y = layer(p, config, x, mask, attention_impl)
         return y, (y if output_hidden_states else None)
 
     x_BSD, hidden_LBSD = lax.scan(step, x_BSD, layers)
@@ -182,18 +209,19 @@ def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
 
 
 def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
-            segment_ids=None, position_ids=None, output_hidden_states=False):
+            segment_ids=None, position_ids=None, output_hidden_states=False, attention_impl="xla"):
     """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
 
     Packed rows (several sequences in one row) pass ``segment_ids`` [B, S] (0 = padding, 1.. = sequence) and
     ``position_ids`` [B, S] restarting at 0 for each sequence; attention is then block-diagonal.
     With ``output_hidden_states=True`` returns ``(last [B, S, D], hidden [L + 1, B, S, D])`` where
     ``hidden[0]`` is the embedding output and ``hidden[i]`` layer i's output, as transformers' tuple.
+    ``attention_impl`` is "xla", "pallas" or "cudnn" (see ``attention_core``).
     """
     x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)
     mask = AttentionMask(attention_mask > 0, segment_ids)
-    last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, mask,
-                                    output_hidden_states=output_hidden_states)
+    last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states,
+                                    attention_impl=attention_impl)
     if output_hidden_states:
         return last_BSD, jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0)
     return last_BSD

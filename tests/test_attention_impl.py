@@ -1,0 +1,58 @@
+"""attention_impl selection, and whole-model parity with the Pallas kernel (interpret mode on CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import e5lite
+from conftest import TEXTS, random_bert, save_layout, torch_reference
+from e5lite.errors import E5LiteError
+
+
+def test_auto_is_xla_on_cpu(tiny_dir):
+    assert e5lite.load(tiny_dir).attention_impl == "xla"
+
+
+def test_unavailable_or_unknown_impl(tiny_dir):
+    with pytest.raises(E5LiteError, match="attention_impl='cudnn' is not available on cpu"):
+        e5lite.load(tiny_dir, attention_impl="cudnn")
+    with pytest.raises(ValueError, match="attention_impl must be"):
+        e5lite.load(tiny_dir, attention_impl="flash")
+    with pytest.raises(E5LiteError, match="attention_impl='pallas' is not available.*head_dim"):
+        e5lite.load(tiny_dir, attention_impl="pallas")  # the tiny config's head_dim 8 has no kernel
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_pallas_model_matches_transformers(tmp_path, minilm_dir, packing):
+    import transformers
+    model = transformers.BertModel(transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                           intermediate_size=128, max_position_embeddings=128),
+                                   add_pooling_layer=False)
+    model.set_attn_implementation("eager")
+    folder = save_layout(model.eval(), tmp_path / "m", "plain", minilm_dir)
+    enc = e5lite.load(folder, attention_impl="pallas", packing=packing)
+    assert enc.attention_impl == "pallas"
+    _, _, want = torch_reference(model, enc.tokenizer(TEXTS))
+    np.testing.assert_allclose(enc.encode(TEXTS), want, atol=1e-5, rtol=0)
+
+
+def test_pallas_minilm_matches_sentence_transformers(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+    want = SentenceTransformer(str(minilm_dir), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    got = e5lite.load(minilm_dir, attention_impl="pallas").encode(TEXTS)
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_pallas_e5_base_shape_hidden_states(tmp_path, minilm_dir):
+    """e5-base heads (12 x 64) through the kernel, one short and one truncated text, against transformers."""
+    model = random_bert("e5-base")
+    folder = save_layout(model, tmp_path / "base", "plain", minilm_dir)
+    enc = e5lite.load(folder, attention_impl="pallas")
+    ids = enc.tokenizer([TEXTS[0], TEXTS[2]])
+    want_h, mask, want = torch_reference(model, ids)
+    np.testing.assert_allclose(enc.encode([TEXTS[0], TEXTS[2]]), want, atol=1e-5, rtol=0)
+    got_h = np.asarray(e5lite.forward(enc.params, enc.config, np.stack([np.pad(ids[0], (0, 512 - len(ids[0]))), ids[1]]),
+                                      mask.astype(np.int32), attention_impl="pallas"))
+    real = mask.astype(bool)
+    assert np.abs(got_h[real] - want_h[real]).max() <= 1e-4
