@@ -19,6 +19,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(model_dir: str, n: int) -> dict:
     sys.path.insert(0, str(HERE))
     from corpus import build_corpus
@@ -28,9 +35,9 @@ def child(model_dir: str, n: int) -> dict:
     texts = [base[i % len(base)] + f" ({i})" for i in range(n)]
     input_mb = sum(len(t) for t in texts) / 2**20
     enc = e5lite.load(model_dir)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _status_mb("VmRSS")
     out = enc.encode(texts)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")  # ru_maxrss would inherit the parent's peak
     return {"texts": n, "input_mb": input_mb, "output_mb": out.nbytes / 2**20, "rss_before_mb": before,
             "peak_rss_mb": peak, "tokens": enc.stats["real_tokens"]}
 
@@ -55,12 +62,12 @@ def main() -> None:
                                                        intermediate_size=512), add_pooling_layer=False).save_pretrained(tmp)
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
             shutil.copy(minilm / f, Path(tmp) / f)
-        print("| texts | tokens | input MB | output MB | RSS after load MB | peak RSS MB | peak - load - input - output |")
+        print("| texts | tokens | input MB | output MB | RSS before encode MB | peak RSS MB | peak - before - output |")
         print("|---|---|---|---|---|---|---|")
         for n in map(int, args.sizes.split(",")):
             out = subprocess.run([sys.executable, __file__, "--child", tmp, str(n)], capture_output=True, text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rest = r["peak_rss_mb"] - r["rss_before_mb"] - r["input_mb"] - r["output_mb"]
+            rest = r["peak_rss_mb"] - r["rss_before_mb"] - r["output_mb"]  # inputs are in rss_before
             print(f"| {n:,} | {r['tokens']:,} | {r['input_mb']:.1f} | {r['output_mb']:.1f} | {r['rss_before_mb']:.0f} | "
                   f"{r['peak_rss_mb']:.0f} | {rest:.0f} |")
 

@@ -27,6 +27,15 @@ import sys
 import time
 
 
+def _peak_rss_mb():
+    # VmHWM: ru_maxrss would inherit the parent's peak across fork/exec
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -127,7 +136,7 @@ def main():
         "real_tokens": real, "padded_tokens": int(sum(x.size for x, _ in batches)), "texts": len(texts),
         "tokens_per_s": real / median if median else None,
         "compile_s": warm[0] - median if warm and median else None, "tokenize_s": tokenize_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }
     if args.save and out:
         emb = np.empty((len(texts), out[0].shape[1]), np.float32)
