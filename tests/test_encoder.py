@@ -9,7 +9,7 @@ import pytest
 
 import e5lite
 from conftest import TEXTS
-from e5lite.batching import SEQ_BUCKETS, seq_bucket
+from e5lite.batching import seq_bucket
 
 
 @pytest.fixture(scope="module")

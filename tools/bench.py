@@ -322,8 +322,8 @@ def main() -> None:
             ref_path = scratch / "st.npy"
             ref = np.load(ref_path) if ref_path.exists() else None
             base = {r["peer"]: r for r in rows if "median_s" in r}
-            print(f"| peer | tokens/s | texts/s | vs st | vs torch | vs ort | vs flax | padding | compile s | "
-                  f"shapes | peak MB | GFLOP/s (% peak) | min cos vs st |")
+            print("| peer | tokens/s | texts/s | vs st | vs torch | vs ort | vs flax | padding | compile s | "
+                  "shapes | peak MB | GFLOP/s (% peak) | min cos vs st |")
             print("|" + "---|" * 13)
             for r in rows:
                 if "median_s" not in r:
