@@ -75,6 +75,8 @@ def resolve_attention_impl(requested: str, platform: str, dtype, config: BertCon
         raise ValueError(f"attention_impl must be 'auto' or one of {ATTENTION_IMPLS}, got {requested!r}")
     candidates = AUTO_ATTENTION.get(platform, ("xla",)) if requested == "auto" else (requested,)
     for impl in candidates:
+        if impl == "xla":  # plain jnp runs everywhere: no probe compile at start-up
+            return impl
         if impl == "cudnn" and dtype == jnp.float32:
             reason = "cuDNN attention needs float16/bfloat16"
         else:
