@@ -101,20 +101,47 @@ def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, row
                  num_segments, int(mask.sum()))
 
 
+def _split(n: int, full: int, multiple: int) -> Iterator[tuple[int, int, int]]:
+    """(start, count, rows) of each batch when n items go in batches of ``full`` rows, the last on the ladder."""
+    for start in range(0, n, full):
+        count = min(full, n - start)
+        yield start, count, (full if count == full else partial_rows(count, full, multiple))
+
+
+def _buckets(lengths: np.ndarray, max_length: int):
+    """Longest first: (bucket length, positions into lengths) for each length bucket in use."""
+    order = np.argsort(-lengths, kind="stable")
+    buckets = np.array([seq_bucket(int(n), max_length) for n in lengths[order]], np.int64)
+    return [(length, order[buckets == length]) for length in sorted(set(buckets.tolist()), reverse=True)]
+
+
 def plan_padded(ids: Sequence[np.ndarray], *, max_length: int, token_budget: int, max_rows: int | None = None,
                 multiple: int = 1, pad_id: int = 0, index=None) -> Iterator[Batch]:
     """Padded batches, longest texts first; each length bucket fills rows up to the token budget."""
     index = np.arange(len(ids)) if index is None else np.asarray(index)
     lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
-    order = np.argsort(-lengths, kind="stable")
-    buckets = np.array([seq_bucket(int(n), max_length) for n in lengths[order]], np.int64)
-    for length in sorted(set(buckets.tolist()), reverse=True):
-        members = order[buckets == length]
+    for length, members in _buckets(lengths, max_length):
         full = full_rows(length, token_budget, max_rows, multiple)
-        for start in range(0, len(members), full):
-            part = members[start:start + full]
-            rows = full if len(part) == full else partial_rows(len(part), full, multiple)
+        for start, count, rows in _split(len(members), full, multiple):
+            part = members[start:start + count]
             yield padded_batch([ids[i] for i in part], index[part], rows, length, pad_id)
+
+
+def planned_shapes(lengths: np.ndarray, *, pack_length: int, max_length: int, token_budget: int,
+                   max_segments: int, max_rows: int | None = None, multiple: int = 1) -> list[tuple[int, int]]:
+    """(rows, length) of every batch that plan_padded (pack_length 0) or plan_packed would make for
+    sequences of these lengths, without building the arrays: what "auto" packing weighs."""
+    lengths = np.asarray(lengths, np.int64)
+    packed = lengths <= pack_length if pack_length else np.zeros(len(lengths), bool)
+    shapes = []
+    for length, members in _buckets(lengths[~packed], max_length):
+        full = full_rows(length, token_budget, max_rows, multiple)
+        shapes += [(rows, length) for _, _, rows in _split(len(members), full, multiple)]
+    if packed.any():
+        n_rows = len(pack_rows(lengths[packed], pack_length, max_segments))
+        full = full_rows(pack_length, token_budget, max_rows, multiple)
+        shapes += [(rows, pack_length) for _, _, rows in _split(n_rows, full, multiple)]
+    return shapes
 
 
 def pack_rows(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
@@ -153,8 +180,7 @@ def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int,
         return
     rows = [[int(short[j]) for j in row] for row in pack_rows(lengths[short], pack_length, max_segments)]
     full = full_rows(pack_length, token_budget, max_rows, multiple)
-    for start in range(0, len(rows), full):
-        part = rows[start:start + full]
-        n_rows = full if len(part) == full else partial_rows(len(part), full, multiple)
+    for start, count, n_rows in _split(len(rows), full, multiple):
+        part = rows[start:start + count]
         yield packed_batch([[ids[i] for i in row] for row in part], part, n_rows, pack_length, max_segments,
                            pad_id)

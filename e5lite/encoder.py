@@ -7,6 +7,7 @@ devices and dispatched asynchronously, so host work for the next batch overlaps 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from . import hub
-from .batching import Batch, plan_packed, plan_padded
+from .batching import Batch, plan_packed, plan_padded, planned_shapes
 from .config import BertConfig
 from .errors import E5LiteError
 from .model import ATTENTION_IMPLS, AttentionMask, Params, attention_core, forward
@@ -36,7 +37,9 @@ logger = logging.getLogger("e5lite")
 # Tokens per batch by backend: CPUs run best on cache-sized batches, accelerators on large ones.
 CPU_TOKEN_BUDGET = 1024
 ACCELERATOR_TOKEN_BUDGET = 65536
-CHUNK_TEXTS = 8192  # texts tokenised, sorted and planned together; bounds host memory for big corpora
+CHUNK_TEXTS = 8192
+FIRST_CHUNK_TEXTS = 2048
+IN_FLIGHT = 2  # batches dispatched but not yet read back  # texts tokenised, sorted and planned together; bounds host memory for big corpora
 MAX_SEGMENTS = 64   # texts per packed row
 PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
 PACKING = ("auto", True, False)
@@ -94,12 +97,12 @@ def resolve_attention_impl(requested: str, platform: str, dtype, config: BertCon
     return "xla"
 
 
-def forward_macs(config: BertConfig, batches: Iterable[Batch]) -> float:
-    """Multiply-adds of the forward over these batches: linear layers plus attention scores and context."""
+def forward_macs(config: BertConfig, shapes: Iterable[tuple[int, int]]) -> float:
+    """Multiply-adds of the forward over batches of these (rows, length) shapes: linear layers plus attention
+    scores and context."""
     d, f = config.hidden_size, config.intermediate_size
     total = 0.0
-    for b in batches:
-        rows, s = b.input_ids.shape
+    for rows, s in shapes:
         total += rows * (s * (4 * d * d + 2 * d * f) + 2 * s * s * d)
     return total * config.num_hidden_layers
 
@@ -247,25 +250,30 @@ class Encoder:
             out += [self.pack_length] if self.pack_length else sorted({min(n, self.max_length) for n in PACK_LENGTHS})
         return out
 
+    def _plan_kw(self, batch_size):
+        return dict(max_length=self.max_length, token_budget=self.token_budget, max_rows=batch_size,
+                    multiple=len(self.devices))
+
+    def choose_layout(self, lengths, batch_size: int | None = None) -> int:
+        """The layout of ``layouts()`` whose batches for sequences of these lengths need the fewest multiply-adds
+        (computed from the batch shapes alone; ties go to the earlier layout)."""
+        costs = {n: forward_macs(self.config, planned_shapes(lengths, pack_length=n, max_segments=self.max_segments,
+                                                             **self._plan_kw(batch_size)))
+                 for n in self.layouts()}
+        return min(costs, key=costs.get)
+
     def plan(self, ids: list[np.ndarray], batch_size: int | None = None, layout: int | None = None
              ) -> tuple[int, list[Batch]]:
-        """(layout, batches) for these token sequences; layout None weighs every candidate of ``layouts()``.
+        """(layout, batches) for these token sequences; layout None picks one with ``choose_layout``.
 
-        "auto" packing plans padded batches and packed rows of 128, 256 and 512 tokens (up to max_length)
-        and keeps the plan with the fewest multiply-adds.
+        "auto" packing weighs padded batches and packed rows of 128, 256 and 512 tokens (up to max_length).
         """
-        kw = dict(max_length=self.max_length, token_budget=self.token_budget, max_rows=batch_size,
-                  multiple=len(self.devices), pad_id=self.tokenizer.pad_token_id)
-
-        def make(n):
-            if n == 0:
-                return list(plan_padded(ids, **kw))
-            return list(plan_packed(ids, pack_length=n, max_segments=self.max_segments, **kw))
-
-        if layout is not None:
-            return layout, make(layout)
-        plans = [(n, make(n)) for n in self.layouts()]
-        return min(plans, key=lambda p: forward_macs(self.config, p[1]))
+        if layout is None:
+            layout = self.choose_layout([len(t) for t in ids], batch_size)
+        kw = dict(self._plan_kw(batch_size), pad_id=self.tokenizer.pad_token_id)
+        if layout == 0:
+            return layout, list(plan_padded(ids, **kw))
+        return layout, list(plan_packed(ids, pack_length=layout, max_segments=self.max_segments, **kw))
 
     def _dispatch(self, batch: Batch, normalize: bool):
         put = functools.partial(jax.device_put, device=self._batch_sharding)
@@ -278,26 +286,32 @@ class Encoder:
                            pooling=self.pooling, normalize=normalize, attention_impl=self.attention_impl)
 
     def _run(self, texts: list[str], prefix: str, out: np.ndarray, normalize: bool, batch_size, show) -> None:
-        """Embeds texts into out[:len(texts)]; tokenising chunk k+1 overlaps device work on chunk k."""
+        """Embeds texts into out[:len(texts)]. A worker thread tokenises and plans chunk k+1 while the device
+        runs chunk k; results are read IN_FLIGHT batches behind the dispatch, so the device queue never drains
+        while the host copies results out."""
         bar = tqdm(total=len(texts), desc="embed", unit="text", disable=not show, file=sys.stderr)
-        starts = range(0, len(texts), CHUNK_TEXTS)
-        tokenize = lambda a: self.tokenizer([prefix + t for t in texts[a:a + CHUNK_TEXTS]])  # noqa: E731
-        pending = None  # the batch in flight: its result is read only after the next batch is dispatched
-        layout = None  # chosen on the first chunk and kept, so that a corpus compiles a bounded set of shapes
+        # A small first chunk gets the device busy sooner; its lengths choose the layout kept for the rest,
+        # so that a corpus compiles a bounded set of shapes.
+        starts = [0, *range(FIRST_CHUNK_TEXTS, len(texts), CHUNK_TEXTS)] if texts else []
+        ends = starts[1:] + [len(texts)]
+
+        def host_work(k: int, layout):
+            ids = self.tokenizer([prefix + t for t in texts[starts[k]:ends[k]]])
+            return self.plan(ids, batch_size, layout)
+
+        pending: collections.deque = collections.deque()
         with concurrent.futures.ThreadPoolExecutor(1) as pool_:
-            future = pool_.submit(tokenize, 0) if texts else None
+            future = pool_.submit(host_work, 0, None) if starts else None
             for k, start in enumerate(starts):
-                ids = future.result()
+                layout, batches = future.result()
                 if k + 1 < len(starts):
-                    future = pool_.submit(tokenize, starts[k + 1])
-                layout, batches = self.plan(ids, batch_size, layout)
+                    future = pool_.submit(host_work, k + 1, layout)
                 for batch in batches:
-                    result = self._dispatch(batch, normalize)
-                    if pending is not None:
-                        self._collect(*pending, out, bar)
-                    pending = (start, batch, result)
-        if pending is not None:
-            self._collect(*pending, out, bar)
+                    pending.append((start, batch, self._dispatch(batch, normalize)))
+                    if len(pending) > IN_FLIGHT:
+                        self._collect(*pending.popleft(), out, bar)
+        while pending:
+            self._collect(*pending.popleft(), out, bar)
         bar.close()
 
     def _collect(self, start: int, batch: Batch, result, out: np.ndarray, bar) -> None:

@@ -87,7 +87,9 @@ class WordPieceTokenizer:
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids per text (variable lengths, at most max_length), as int32 arrays."""
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(list(texts))]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use: ~1.5x faster.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encode(list(texts))]
 
     @property
     def vocab_size(self) -> int:

@@ -15,7 +15,7 @@ import pytest
 
 import e5lite
 from conftest import TEXTS
-from e5lite.batching import pack_rows, plan_packed, plan_padded
+from e5lite.batching import pack_rows, plan_packed, plan_padded, planned_shapes
 
 CORPUS = TEXTS + [f"passage: item {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 23)
                   for i in range(60)]
@@ -52,6 +52,26 @@ def test_plans_cover_every_text_once_with_few_shapes(budget, devices):
             rows, length = b.input_ids.shape
             assert rows % devices == 0 and (rows * length <= max(budget, devices * length))
             assert b.real_tokens == int(b.attention_mask.sum()) == sum(lengths[i] for i in b.index)
+
+
+@pytest.mark.parametrize("pack_length", [0, 128, 512])
+def test_planned_shapes_match_the_plans(pack_length):
+    """"auto" packing weighs layouts by planned_shapes: they must be the shapes the plans really build."""
+    lengths = np.random.default_rng(2).integers(2, 513, size=3000)
+    kw = dict(max_length=512, token_budget=8192, multiple=2)
+    ids = fake_ids(lengths)
+    plan = (plan_padded(ids, **kw) if pack_length == 0
+            else plan_packed(ids, pack_length=pack_length, max_segments=16, **kw))
+    want = [b.input_ids.shape for b in plan]
+    assert planned_shapes(lengths, pack_length=pack_length, max_segments=16, **kw) == want
+
+
+def test_many_chunks_keep_input_order(minilm_dir, reference, monkeypatch):
+    import e5lite.encoder as encoder_module
+    monkeypatch.setattr(encoder_module, "FIRST_CHUNK_TEXTS", 5)
+    monkeypatch.setattr(encoder_module, "CHUNK_TEXTS", 16)
+    enc = e5lite.load(minilm_dir, token_budget=512)
+    np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)
 
 
 def test_pack_rows_respects_capacity_and_segments():
