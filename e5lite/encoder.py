@@ -66,8 +66,9 @@ def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config
     return out_BGD.reshape(-1, out_BGD.shape[-1])
 
 
-# attention_impl="auto": candidates per backend, first available wins. CPU: measured (Pallas runs in
-# interpret mode there, ~8x slower than XLA). GPU/TPU: provisional order until measured on a device.
+# attention_impl="auto": candidates per backend, first available wins (BENCHMARKS.md). CPU: Pallas runs in
+# interpret mode there (0.5-1x XLA). H100, bf16, whole e5-base encoder on 128 x 512 packed rows: cuDNN 1.60x
+# XLA, Pallas 1.44x (2026-11-23). TPU: not measured; the kernel skips blocks XLA would compute.
 AUTO_ATTENTION = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
 
 
