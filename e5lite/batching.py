@@ -70,35 +70,45 @@ class Batch:
         return self.segment_ids is not None
 
 
+def _scatter_plan(seqs: Sequence[np.ndarray]):
+    """For sequences laid end to end: (all tokens, which sequence each token is from, its position in it)."""
+    lens = np.fromiter((len(t) for t in seqs), np.int64, len(seqs))
+    starts = np.cumsum(lens) - lens
+    of = np.repeat(np.arange(len(seqs)), lens)
+    tokens = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int32)
+    return tokens, of, np.arange(len(tokens)) - starts[of], lens, starts
+
+
 def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_id: int) -> Batch:
+    # One vectorised scatter rather than a Python loop per text: the host must keep up with a GPU.
+    tokens, of, pos, _, _ = _scatter_plan(ids)
+    dest = of * length + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     mask = np.zeros((rows, length), dtype=np.int32)
-    for r, t in enumerate(ids):
-        input_ids[r, :len(t)] = t
-        mask[r, :len(t)] = 1
+    input_ids.flat[dest] = tokens
+    mask.flat[dest] = 1
     return Batch(input_ids, mask, np.asarray(index, np.int64), np.arange(len(ids), dtype=np.int64),
-                 real_tokens=int(mask.sum()))
+                 real_tokens=len(tokens))
 
 
 def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows: int, length: int,
                  num_segments: int, pad_id: int) -> Batch:
+    per_row = np.fromiter((len(r) for r in rows_of_ids), np.int64, len(rows_of_ids))
+    tokens, of, pos, _, starts = _scatter_plan([t for row in rows_of_ids for t in row])
+    first = np.cumsum(per_row) - per_row            # flat index of each row's first text
+    row_of = np.repeat(np.arange(len(per_row)), per_row)
+    seg_of = np.arange(len(row_of)) - first[row_of]  # 0-based segment within its row
+    offset = starts - starts[first][row_of]         # where each text starts within its row
+    dest = row_of[of] * length + offset[of] + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     seg = np.zeros((rows, length), dtype=np.int32)
-    pos = np.zeros((rows, length), dtype=np.int32)
-    index, slot = [], []
-    for r, (row, row_index) in enumerate(zip(rows_of_ids, rows_of_index)):
-        start = 0
-        for g, (t, i) in enumerate(zip(row, row_index)):
-            end = start + len(t)
-            input_ids[r, start:end] = t
-            seg[r, start:end] = g + 1
-            pos[r, start:end] = np.arange(len(t))
-            index.append(i)
-            slot.append(r * num_segments + g)
-            start = end
-    mask = (seg > 0).astype(np.int32)
-    return Batch(input_ids, mask, np.asarray(index, np.int64), np.asarray(slot, np.int64), seg, pos,
-                 num_segments, int(mask.sum()))
+    position = np.zeros((rows, length), dtype=np.int32)
+    input_ids.flat[dest] = tokens
+    seg.flat[dest] = seg_of[of] + 1
+    position.flat[dest] = pos
+    index = np.fromiter((i for row in rows_of_index for i in row), np.int64, len(row_of))
+    return Batch(input_ids, (seg > 0).astype(np.int32), index, row_of * num_segments + seg_of, seg, position,
+                 num_segments, len(tokens))
 
 
 def _split(n: int, full: int, multiple: int) -> Iterator[tuple[int, int, int]]:
