@@ -37,9 +37,9 @@ logger = logging.getLogger("e5lite")
 # Tokens per batch by backend: CPUs run best on cache-sized batches, accelerators on large ones.
 CPU_TOKEN_BUDGET = 1024
 ACCELERATOR_TOKEN_BUDGET = 65536
-CHUNK_TEXTS = 8192
-FIRST_CHUNK_TEXTS = 2048
-IN_FLIGHT = 2  # batches dispatched but not yet read back  # texts tokenised, sorted and planned together; bounds host memory for big corpora
+CHUNK_TEXTS = 8192  # texts tokenised, sorted and planned together; bounds host memory for big corpora
+FIRST_CHUNK_TEXTS = 2048  # smaller, so the device starts sooner
+IN_FLIGHT = 2  # batches dispatched but not yet read back
 MAX_SEGMENTS = 64   # texts per packed row
 PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
 PACKING = ("auto", True, False)

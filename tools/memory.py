@@ -67,8 +67,8 @@ def main() -> None:
     minilm = minilm_dir()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        transformers.BertModel(transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                                       intermediate_size=512), add_pooling_layer=False).save_pretrained(tmp)
+        cfg = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+        transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp)
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
             shutil.copy(minilm / f, Path(tmp) / f)
         print("| texts | tokens | input MB | output MB | shapes | RSS before MB | 1st pass: peak RSS MB | "
