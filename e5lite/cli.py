@@ -1,4 +1,4 @@
-"""The ``e5lite`` command: embed, score, info."""
+"""The ``e5lite`` command: embed, score, info, serve."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from .shards import ROWS_PER_SHARD
 
 PROGRESS_MIN_TEXTS = 256  # show a progress bar on stderr from this many texts
 
@@ -91,10 +93,39 @@ def _load(args):
                 token_budget=args.token_budget)
 
 
+def is_output_dir(output: str) -> bool:
+    """--output names a folder (sharded, resumable mode) when it ends with a slash, is an existing folder or has
+    no suffix; .npy / .jsonl name one file."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
+
+
+def cmd_embed_dir(args) -> None:
+    from .shards import embed_corpus
+    if args.input is None or args.input == "-" or args.texts:
+        raise InputError("--output DIR (sharded, resumable) needs --input FILE: a .txt or .jsonl file, not "
+                         "stdin or TEXT arguments")
+    path = Path(args.input)
+    if not path.is_file():
+        raise InputError(f"input file {args.input!r} does not exist")
+    enc = _load(args)
+    settings = {"model": args.model, "revision": args.revision, "dtype": args.dtype, "max_length": enc.max_length}
+    jsonl = path.name.endswith(".jsonl") or args.field_given
+    manifest = embed_corpus(enc, path, Path(args.output), settings=settings, field=args.field if jsonl else None,
+                            id_field=args.id_field, prompt_name=args.prompt_name, normalize=not args.no_normalize,
+                            rows_per_shard=args.rows_per_shard, shard_format=args.shard_format,
+                            batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"wrote {manifest['rows']} x {enc.dim} embeddings in {len(manifest['shards'])} shards to {args.output}",
+          file=sys.stderr)
+
+
 def cmd_embed(args) -> None:
+    if args.output is not None and is_output_dir(args.output):
+        return cmd_embed_dir(args)
+    if args.id_field is not None:
+        raise InputError("--id-field needs --output DIR (the sharded mode)")
     texts = _read_texts(args)
     if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
-        raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix")
+        raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix, or a folder (no suffix)")
     enc = _load(args)
     emb = enc.encode(texts, prompt_name=args.prompt_name, normalize=not args.no_normalize,
                      batch_size=args.batch_size, show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
@@ -138,6 +169,26 @@ def cmd_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def cmd_serve(args) -> None:
+    try:
+        from .serve import Limits, serve
+    except ImportError as e:
+        if e.name not in ("starlette", "uvicorn"):
+            raise
+        raise InputError(f"e5lite serve needs the serve extra ({e.name} is missing): "
+                         "pip install 'e5lite[serve]'") from None
+    for flag in ("max_client_batch_size", "max_queue", "max_batch_tokens"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_wait_ms < 0:
+        raise InputError(f"--max-wait-ms must not be negative, got {args.max_wait_ms}")
+    limits = Limits(max_inputs=args.max_client_batch_size, max_queue=args.max_queue,
+                    max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+                    auto_truncate=not args.no_auto_truncate)
+    enc = _load(args)
+    serve(enc, host=args.host, port=args.port, model_name=args.served_model_name or args.model, limits=limits)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,9 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("texts", nargs="*", metavar="TEXT")
     e.add_argument("--input", default=None, help="a .txt file (one text per line), a .jsonl file, or - for stdin")
     e.add_argument("--field", default=None, help="the text field of .jsonl records (default: text)")
-    e.add_argument("--output", default=None, help="a .npy or .jsonl file (default: JSON arrays on stdout)")
+    e.add_argument("--output", default=None,
+                   help="a .npy or .jsonl file, or a folder (trailing /, existing, or no suffix) for resumable "
+                        "sharded output (default: JSON arrays on stdout)")
     e.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
     e.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    e.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD, help="--output DIR: rows per shard")
+    e.add_argument("--shard-format", default="npy", choices=["npy", "parquet"],
+                   help="--output DIR: .npy + .ids.json per shard, or Parquet (needs pyarrow)")
+    e.add_argument("--id-field", default=None, help="--output DIR: record field kept as the row id "
+                                                    "(default: the row number)")
+    e.add_argument("--overwrite", action="store_true", help="--output DIR: discard a previous run there")
     e.set_defaults(func=cmd_embed)
 
     s = sub.add_parser("score", help="100 x cosine scores of queries against passages (the E5 model card demo)")
@@ -165,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query", action="append", required=True)
     s.add_argument("--passage", action="append", required=True)
     s.set_defaults(func=cmd_score)
+
+    v = sub.add_parser("serve", help="HTTP server: OpenAI /v1/embeddings, TEI /embed, /health, /info, /metrics")
+    common(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--served-model-name", default=None, help="the model name in responses (default: --model)")
+    v.add_argument("--max-client-batch-size", type=int, default=2048, help="inputs per request (default: %(default)s)")
+    v.add_argument("--max-queue", type=int, default=1024,
+                   help="requests waiting for the batch worker; more get 429 (default: %(default)s)")
+    v.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="tokens of the requests grouped into one engine call (default: %(default)s)")
+    v.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request waits for batch-mates (default: %(default)s)")
+    v.add_argument("--no-auto-truncate", action="store_true",
+                   help="refuse texts past the max length (TEI requests may still ask for truncate=true)")
+    v.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="config, parameter count, pooling, max length, devices")
     common(i)

@@ -91,6 +91,11 @@ class WordPieceTokenizer:
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [np.asarray(e.ids, dtype=np.int32) for e in encode(list(texts))]
 
+    def lengths(self, texts: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """Token count per text after truncation, and whether truncation cut it."""
+        encodings = self._tok.encode_batch(list(texts))
+        return [len(e.ids) for e in encodings], [bool(e.overflowing) for e in encodings]
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

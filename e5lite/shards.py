@@ -1,0 +1,229 @@
+"""Resumable corpus embedding: ``e5lite embed --input FILE --output DIR`` and ``read_embeddings(DIR)``.
+
+The input is streamed in shards of ``rows_per_shard`` rows. Each shard is written to a temporary file,
+fsynced and renamed; only then does the manifest (also temp + fsync + rename) record it, together with the
+input byte offset where the next shard starts. Whatever instant a run is killed at, the manifest names only
+complete shards, so a restart skips them, seeks to the recorded offset and goes on; files the manifest does
+not name (temporaries, a shard renamed just before the kill) are removed. Shard boundaries depend only on
+the input and ``rows_per_shard``, so a resumed run computes exactly the batches an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import E5LiteError
+
+MANIFEST = "manifest.json"
+FORMAT = "e5lite-embeddings/1"
+ROWS_PER_SHARD = 8192  # one tokenisation chunk of the engine per shard
+TMP_SUFFIX = ".tmp"
+SHARD_FORMATS = ("npy", "parquet")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one, never a part."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def input_identity(path: Path, jsonl: bool) -> dict:
+    """Path, size and sha256 of the input, and its row count (lines; non-blank lines for .jsonl)."""
+    h, rows = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for line in f:
+            h.update(line)
+            rows += bool(line.strip()) if jsonl else 1
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": h.hexdigest(), "rows": rows}
+
+
+def read_rows(path: Path, offset: int, first_row: int, field: str | None, id_field: str | None
+              ) -> Iterator[tuple[str, object, int]]:
+    """(text, id, byte offset after the row) from ``offset`` on. Lines of a .txt file are rows (a trailing
+    ``\\r`` is dropped); ``field`` set means JSON records, blank lines skipped. The id is the record's
+    ``id_field``, else the row number. Errors name the line."""
+    name = str(path)
+    row = first_row
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            offset += len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise E5LiteError(f"{name} at byte {offset - len(raw)}: not UTF-8 text ({e.reason})") from None
+            if field is None:
+                yield line.rstrip("\n").removesuffix("\r"), row, offset
+                row += 1
+                continue
+            if not line.strip():
+                continue
+            where = f"{name} row {row} (byte {offset - len(raw)})"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise E5LiteError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or field not in rec:
+                raise E5LiteError(f"{where}: no field {field!r} (set --field)")
+            if not isinstance(rec[field], str):
+                raise E5LiteError(f"{where}: field {field!r} is {type(rec[field]).__name__}, expected a string")
+            if id_field is not None and id_field not in rec:
+                raise E5LiteError(f"{where}: no id field {id_field!r}")
+            yield rec[field], (rec[id_field] if id_field is not None else row), offset
+            row += 1
+
+
+def _shard_names(k: int, fmt: str) -> list[str]:
+    stem = f"shard-{k:05d}"
+    return [f"{stem}.parquet"] if fmt == "parquet" else [f"{stem}.npy", f"{stem}.ids.json"]
+
+
+def _encode_shard(emb: np.ndarray, ids: list, fmt: str) -> list[bytes]:
+    if fmt == "parquet":
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": ids, "embedding": col}), buf)
+        return [buf.getvalue()]
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    return [buf.getvalue(), json.dumps(ids).encode()]
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise E5LiteError(f"{path} is not a valid manifest ({e}); use --overwrite to start again") from None
+    if manifest.get("format") != FORMAT:
+        raise E5LiteError(f"{path} is not an e5lite embeddings manifest; use another --output")
+    return manifest
+
+
+def _clean(out_dir: Path, manifest: dict) -> None:
+    """Removes temporaries and shard files the manifest does not name (left by a killed run)."""
+    keep = {MANIFEST} | {n for s in manifest["shards"] for n in s["files"]}
+    for p in out_dir.iterdir():
+        if p.is_file() and p.name not in keep and (p.name.startswith("shard-") or p.name.endswith(TMP_SUFFIX)):
+            p.unlink()
+
+
+def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field: str | None = None,
+                 id_field: str | None = None, prompt_name: str | None = None, normalize: bool = True,
+                 rows_per_shard: int = ROWS_PER_SHARD, shard_format: str = "npy", batch_size: int | None = None,
+                 overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Embeds every row of ``input_path`` into shards under ``out_dir``, resuming a previous run there.
+
+    ``settings`` (model, dtype, max length, ...) is recorded in the manifest with the input's identity; a
+    manifest that disagrees on any of them is refused unless ``overwrite``. Returns the final manifest.
+    """
+    from tqdm.auto import tqdm
+    if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be a positive int, got {rows_per_shard!r}")
+    if shard_format not in SHARD_FORMATS:
+        raise ValueError(f"shard format must be one of {SHARD_FORMATS}, got {shard_format!r}")
+    if shard_format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise E5LiteError("--shard-format parquet needs pyarrow: pip install pyarrow") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = input_identity(input_path, jsonl=field is not None)
+    run = {"input": identity, "field": field, "id_field": id_field, "prompt_name": prompt_name,
+           "normalize": normalize, "pooling": enc.pooling, "dim": enc.dim, "rows_per_shard": rows_per_shard,
+           "shard_format": shard_format, **settings}
+    manifest = None if overwrite else _read_manifest(out_dir)
+    if manifest is not None:
+        old = manifest["run"]
+        changed = [f"input {k}" for k in identity if old["input"].get(k) != identity[k]]
+        changed += [k for k in run if k != "input" and old.get(k) != run[k]]
+        if changed:
+            raise E5LiteError(f"{out_dir} holds a run with a different {', '.join(changed)}; pass --overwrite to "
+                              "start again or choose another --output")
+    else:
+        manifest = {"format": FORMAT, "run": run, "shards": [], "rows": 0, "offset": 0, "complete": False}
+    _clean(out_dir, manifest)
+    write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+    bar = tqdm(total=identity["rows"], initial=manifest["rows"], desc="embed", unit="row", disable=not show_progress,
+               file=sys.stderr, dynamic_ncols=True)
+    tokens, t0 = 0, time.perf_counter()
+    rows = read_rows(input_path, manifest["offset"], manifest["rows"], field, id_field)
+    while not manifest["complete"]:
+        texts, ids, offset = [], [], manifest["offset"]
+        for text, id_, offset in rows:
+            texts.append(text)
+            ids.append(id_)
+            if len(texts) == rows_per_shard:
+                break
+        if texts:
+            before = enc.stats["real_tokens"]
+            emb = enc.encode(texts, prompt_name=prompt_name, normalize=normalize, batch_size=batch_size,
+                             show_progress_bar=False)
+            tokens += enc.stats["real_tokens"] - before
+            k = len(manifest["shards"])
+            names = _shard_names(k, shard_format)
+            for name, data in zip(names, _encode_shard(emb, ids, shard_format)):
+                write_durable(out_dir / name, data)
+            manifest["shards"].append({"files": names, "rows": len(texts), "first_row": manifest["rows"]})
+            manifest["rows"] += len(texts)
+            manifest["offset"] = offset
+        manifest["complete"] = len(texts) < rows_per_shard
+        write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+        bar.update(len(texts))
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
+    bar.close()
+    return manifest
+
+
+def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = False):
+    """The embeddings of a sharded ``e5lite embed --output DIR`` run as one float32 array [rows, dim] in
+    input order (and the ids, a list, when ``with_ids``). An unfinished run raises unless ``allow_partial``."""
+    out_dir = Path(out_dir)
+    manifest = _read_manifest(out_dir)
+    if manifest is None:
+        raise E5LiteError(f"{out_dir} has no {MANIFEST}: not an e5lite embed --output DIR folder")
+    if not manifest["complete"] and not allow_partial:
+        raise E5LiteError(f"{out_dir}: the run is unfinished ({manifest['rows']} rows so far); run e5lite embed "
+                          "again to resume it, or pass allow_partial=True")
+    parts, ids = [], []
+    for shard in manifest["shards"]:
+        if manifest["run"]["shard_format"] == "parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(out_dir / shard["files"][0])
+            parts.append(np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(
+                shard["rows"], -1))
+            ids += table["id"].to_pylist()
+        else:
+            parts.append(np.load(out_dir / shard["files"][0]))
+            ids += json.loads((out_dir / shard["files"][1]).read_text())
+    emb = np.concatenate(parts) if parts else np.zeros((0, manifest["run"]["dim"]), np.float32)
+    return (emb, ids) if with_ids else emb
