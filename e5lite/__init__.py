@@ -6,8 +6,10 @@ from .errors import E5LiteError, ModelNotFoundError, WeightsError
 from .model import Params, forward
 from .pooling import cls_pool, l2_normalize, mean_pool, pool, pool_segments
 from .runtime import enable_compilation_cache, initialize_distributed
+from .shards import read_embeddings
 from .weights import load_params
 
 __version__ = "0.1.0"
 __all__ = ["BertConfig", "Encoder", "E5LiteError", "ModelNotFoundError", "Params", "WeightsError", "cls_pool",
-           "embed_batch", "enable_compilation_cache", "forward", "initialize_distributed", "l2_normalize", "load", "load_params", "mean_pool", "pool", "pool_segments"]
+           "embed_batch", "enable_compilation_cache", "forward", "initialize_distributed", "l2_normalize", "load", "load_params", "mean_pool", "pool", "pool_segments",
+           "read_embeddings"]

@@ -173,9 +173,10 @@ def cmd_serve(args) -> None:
     try:
         from .serve import Limits, serve
     except ImportError as e:
-        if e.name not in ("starlette", "uvicorn"):
+        missing = (e.name or "").split(".")[0]
+        if missing not in ("starlette", "uvicorn"):
             raise
-        raise InputError(f"e5lite serve needs the serve extra ({e.name} is missing): "
+        raise InputError(f"e5lite serve needs the serve extra ({missing} is missing): "
                          "pip install 'e5lite[serve]'") from None
     for flag in ("max_client_batch_size", "max_queue", "max_batch_tokens"):
         if getattr(args, flag) < 1:
