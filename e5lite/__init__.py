@@ -11,5 +11,4 @@ from .weights import load_params
 
 __version__ = "0.1.0"
 __all__ = ["BertConfig", "Encoder", "E5LiteError", "ModelNotFoundError", "Params", "WeightsError", "cls_pool",
-           "embed_batch", "enable_compilation_cache", "forward", "initialize_distributed", "l2_normalize", "load", "load_params", "mean_pool", "pool", "pool_segments",
-           "read_embeddings"]
+           "embed_batch", "enable_compilation_cache", "forward", "initialize_distributed", "l2_normalize", "load", "load_params", "mean_pool", "pool", "pool_segments", "read_embeddings"]

@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the batch worker; more get 429 (default: %(default)s)")
     v.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="tokens of the requests grouped into one engine call (default: %(default)s)")
-    v.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a request waits for batch-mates (default: %(default)s)")
+    v.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long a request waits for batch-mates (default: %(default)s)")
     v.add_argument("--no-auto-truncate", action="store_true",
                    help="refuse texts past the max length (TEI requests may still ask for truncate=true)")
     v.set_defaults(func=cmd_serve)

@@ -433,7 +433,8 @@ def build_app(enc, *, model_name: str, limits: Limits = Limits()) -> Starlette:
         yield
         batcher.stop()
 
-    routes = [Route("/v1/embeddings", openai_embeddings, methods=["POST"]), Route("/embed", tei_embed, methods=["POST"]),
+    routes = [Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
+              Route("/embed", tei_embed, methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/info", info, methods=["GET"]),
               Route("/metrics", prometheus, methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

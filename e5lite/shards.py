@@ -17,8 +17,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -194,82 +194,6 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
             manifest["complete"] = len(shard) < rows_per_shard
             write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
             bar.update(len(shard))
-            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
-    return manifest
-
-
-def _clean(out_dir: Path, manifest: dict) -> None:
-    """Removes temporaries and shard files the manifest does not name (left by a killed run)."""
-    keep = {MANIFEST} | {n for s in manifest["shards"] for n in s["files"]}
-    for p in out_dir.iterdir():
-        if p.is_file() and p.name not in keep and (p.name.startswith("shard-") or p.name.endswith(TMP_SUFFIX)):
-            p.unlink()
-
-
-def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field: str | None = None,
-                 id_field: str | None = None, prompt_name: str | None = None, normalize: bool = True,
-                 rows_per_shard: int = ROWS_PER_SHARD, shard_format: str = "npy", batch_size: int | None = None,
-                 overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Embeds every row of ``input_path`` into shards under ``out_dir``, resuming a previous run there.
-
-    ``settings`` (model, dtype, max length, ...) is recorded in the manifest with the input's identity; a
-    manifest that disagrees on any of them is refused unless ``overwrite``. Returns the final manifest.
-    """
-    from tqdm.auto import tqdm
-    if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be a positive int, got {rows_per_shard!r}")
-    if shard_format not in SHARD_FORMATS:
-        raise ValueError(f"shard format must be one of {SHARD_FORMATS}, got {shard_format!r}")
-    if shard_format == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise E5LiteError("--shard-format parquet needs pyarrow: pip install pyarrow") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    identity = input_identity(input_path, jsonl=field is not None)
-    run = {"input": identity, "field": field, "id_field": id_field, "prompt_name": prompt_name,
-           "normalize": normalize, "pooling": enc.pooling, "dim": enc.dim, "rows_per_shard": rows_per_shard,
-           "shard_format": shard_format, **settings}
-    manifest = None if overwrite else _read_manifest(out_dir)
-    if manifest is not None:
-        old = manifest["run"]
-        changed = [f"input {k}" for k in identity if old["input"].get(k) != identity[k]]
-        changed += [k for k in run if k != "input" and old.get(k) != run[k]]
-        if changed:
-            raise E5LiteError(f"{out_dir} holds a run with a different {', '.join(changed)}; pass --overwrite to "
-                              "start again or choose another --output")
-    else:
-        manifest = {"format": FORMAT, "run": run, "shards": [], "rows": 0, "offset": 0, "complete": False}
-    _clean(out_dir, manifest)
-    write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-
-    tokens, t0 = 0, time.perf_counter()
-    rows = read_rows(input_path, manifest["offset"], manifest["rows"], field, id_field)
-    with tqdm(total=identity["rows"], initial=manifest["rows"], desc="embed", unit="row", disable=not show_progress,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        while not manifest["complete"]:
-            texts, ids, offset = [], [], manifest["offset"]
-            for text, id_, offset in rows:
-                texts.append(text)
-                ids.append(id_)
-                if len(texts) == rows_per_shard:
-                    break
-            if texts:
-                before = enc.stats["real_tokens"]
-                emb = enc.encode(texts, prompt_name=prompt_name, normalize=normalize, batch_size=batch_size,
-                                 show_progress_bar=False)
-                tokens += enc.stats["real_tokens"] - before
-                k = len(manifest["shards"])
-                names = _shard_names(k, shard_format)
-                for name, data in zip(names, _encode_shard(emb, ids, shard_format)):
-                    write_durable(out_dir / name, data)
-                manifest["shards"].append({"files": names, "rows": len(texts), "first_row": manifest["rows"],
-                                           "end_offset": offset})
-                manifest["rows"] += len(texts)
-                manifest["offset"] = offset
-            manifest["complete"] = len(texts) < rows_per_shard
-            write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-            bar.update(len(texts))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
     return manifest
 
