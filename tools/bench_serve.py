@@ -1,5 +1,6 @@
 """Load benchmark for ``e5lite serve``: requests/s, texts/s, tokens/s and p50/p99 latency at several client
-concurrencies, against sequential in-process ``encode()`` calls on the same requests (the no-server peer).
+concurrencies, against two no-server peers on the same requests: in-process ``encode()`` one request at a
+time, and all their texts in one ``encode()`` call (the engine's throughput without request boundaries).
 
     python tools/bench_serve.py                                  # real all-MiniLM-L6-v2, concurrency 1,4,16,64
     python tools/bench_serve.py --model intfloat/e5-base-v2 --concurrency 1,16 --seconds 30
@@ -90,8 +91,9 @@ async def load(url: str, requests: list[list[str]], concurrency: int, seconds: f
     return {"wall": wall, "latencies": latencies, **counts}
 
 
-def in_process(model: str, requests: list[list[str]], seconds: float) -> dict:
-    """The no-server peer: the same requests through encode() one after another, warmed up the same way."""
+def in_process(model: str, requests: list[list[str]], seconds: float) -> tuple[dict, dict]:
+    """The no-server peers: the same requests through encode() one after another, warmed up the same way; and
+    all their texts in one encode() call (the engine's throughput with no request boundaries)."""
     import e5lite
     enc = e5lite.load(model)
     for texts in requests:
@@ -108,16 +110,24 @@ def in_process(model: str, requests: list[list[str]], seconds: float) -> dict:
         latencies.append(time.perf_counter() - t)
         texts_n += len(texts)
         tokens += enc.stats["real_tokens"] - before
-    return {"wall": time.perf_counter() - t0, "latencies": latencies, "texts": texts_n, "tokens": tokens,
-            "errors": 0}
+    sequential = {"wall": time.perf_counter() - t0, "latencies": latencies, "texts": texts_n, "tokens": tokens,
+                  "errors": 0}
+    everything = [t for texts in requests for t in texts]
+    enc.encode(everything)
+    before, t = enc.stats["real_tokens"], time.perf_counter()
+    enc.encode(everything)
+    one_call = {"wall": time.perf_counter() - t, "latencies": [], "texts": len(everything),
+                "tokens": enc.stats["real_tokens"] - before, "errors": 0}
+    return sequential, one_call
 
 
-def row(peer: str, concurrency: int, r: dict) -> str:
+def row(peer: str, concurrency, r: dict) -> str:
     lat = np.asarray(r["latencies"]) * 1000
     n = len(lat)
-    p50, p99 = (np.percentile(lat, 50), np.percentile(lat, 99)) if n else (float("nan"),) * 2
-    return (f"| {peer} | {concurrency} | {n} | {n / r['wall']:.1f} | {r['texts'] / r['wall']:.1f} | "
-            f"{r['tokens'] / r['wall']:,.0f} | {p50:.0f} | {p99:.0f} | {r['errors']} |")
+    per_request = (f"{n} | {n / r['wall']:.1f}", f"{np.percentile(lat, 50):.0f} | {np.percentile(lat, 99):.0f}"
+                   ) if n else ("- | -", "- | -")
+    return (f"| {peer} | {concurrency} | {per_request[0]} | {r['texts'] / r['wall']:.1f} | "
+            f"{r['tokens'] / r['wall']:,.0f} | {per_request[1]} | {r['errors']} |")
 
 
 def main() -> None:
@@ -160,7 +170,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(row("encode() in-process, sequential", 1, in_process(args.model, requests, args.seconds)), flush=True)
+    sequential, one_call = in_process(args.model, requests, args.seconds)
+    print(row("encode() in-process, one request at a time", 1, sequential))
+    print(row("encode() in-process, all texts in one call", "-", one_call))
 
 
 if __name__ == "__main__":
