@@ -87,7 +87,7 @@ def check_inputs(value, name: str, max_inputs: int, status: int, too_many: int) 
         raise ApiError(too_many, f"'{name}' has {len(value)} items; at most {max_inputs} per request", name)
     for i, t in enumerate(value):
         if not isinstance(t, str):
-            hint = " (token arrays are not supported: send strings)" if isinstance(t, (int, list)) else ""
+            hint = " (token arrays are not supported: send strings)" if type(t) in (int, list) else ""
             raise ApiError(status, f"{name}[{i}] is {_json_type(t)}, expected a string{hint}", name)
         if not t:
             raise ApiError(status, f"{name}[{i}] is an empty string", name)
@@ -101,6 +101,7 @@ def _json_type(v) -> str:
 
 @dataclass
 class Parsed:
+    """A validated embedding request of either API."""
     texts: list[str]
     prompt_name: str | None = None
     normalize: bool = True

