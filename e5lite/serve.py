@@ -275,12 +275,13 @@ class Batcher:
                            code="queue_full") from None
         return await job.future
 
-    def _next(self, timeout: float | None) -> Job | None:
+    def _next(self, timeout: float) -> Job | None:
+        """The carried-over job, else the next queued one within ``timeout`` s (<= 0: only one already queued)."""
         if self._carry is not None:
             job, self._carry = self._carry, None
             return job
         try:
-            return self.queue.get(timeout=timeout) if timeout is None or timeout > 0 else self.queue.get_nowait()
+            return self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
 

@@ -286,3 +286,38 @@ def test_serve_without_the_extra_says_how_to_install(tiny_dir):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("e5lite: error: e5lite serve needs the serve extra (starlette is missing): "
                                   "pip install 'e5lite[serve]'")
+
+
+def in_process_app(enc, **limits):
+    from starlette.testclient import TestClient
+
+    from e5lite.serve import Limits, build_app
+    return TestClient(build_app(enc, model_name="m", limits=Limits(**limits)))
+
+
+def test_no_auto_truncate_refuses_long_texts_on_v1(enc):
+    with in_process_app(enc, auto_truncate=False) as client:
+        r = client.post("/v1/embeddings", json={"input": ["short", TEXTS[2]], "model": "m"})
+        assert r.status_code == 400
+        assert r.json()["error"] == {
+            "message": "input[1] is longer than the model's maximum of 128 tokens (truncation is off)",
+            "type": "invalid_request_error", "param": "input", "code": "context_length_exceeded"}
+        r = client.post("/embed", json={"inputs": TEXTS[2], "truncate": True})  # a TEI request may still ask
+        np.testing.assert_allclose(np.array(r.json(), np.float32), enc.encode([TEXTS[2]]), atol=ATOL, rtol=0)
+
+
+def test_failing_batch_costs_its_requests_not_the_server(enc, monkeypatch):
+    encode = enc.encode
+
+    def flaky(texts, **kw):
+        if any("boom" in t for t in texts):
+            raise RuntimeError("device lost")
+        return encode(texts, **kw)
+
+    monkeypatch.setattr(enc, "encode", flaky)
+    with in_process_app(enc) as client:
+        r = client.post("/v1/embeddings", json={"input": "boom", "model": "m"})
+        assert r.status_code == 500
+        assert r.json()["error"]["message"] == "internal error: RuntimeError: device lost"
+        r = client.post("/embed", json={"inputs": "fine"})
+        assert r.status_code == 200 and client.get("/health").status_code == 200
