@@ -219,5 +219,8 @@ def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = Fa
         else:
             parts.append(np.load(out_dir / shard["files"][0]))
             ids += json.loads((out_dir / shard["files"][1]).read_text())
+        if parts[-1].shape != (shard["rows"], manifest["run"]["dim"]) or len(ids) != shard["first_row"] + shard["rows"]:
+            raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
+                              "records (changed after the run?)")
     emb = np.concatenate(parts) if parts else np.zeros((0, manifest["run"]["dim"]), np.float32)
     return (emb, ids) if with_ids else emb

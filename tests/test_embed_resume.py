@@ -147,3 +147,12 @@ def test_errors(tiny_dir, tmp_path, capsys, args, message):
     assert main(["embed", "--model", str(tiny_dir), *[a.format(tmp=tmp_path) for a in args]]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar, when it started
     assert err.startswith("e5lite: error:") and message in err, err
+
+
+def test_read_embeddings_checks_shards(reference, tmp_path):
+    out = shutil.copytree(reference[0], tmp_path / "emb")
+    np.save(out / "shard-00003.npy", np.zeros((99, 32), np.float32))
+    with pytest.raises(e5lite.E5LiteError, match="shard-00003.npy does not hold the 100 rows"):
+        e5lite.read_embeddings(out)
+    with pytest.raises(e5lite.E5LiteError, match="no manifest.json"):
+        e5lite.read_embeddings(tmp_path)
