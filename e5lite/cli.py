@@ -179,7 +179,7 @@ def cmd_serve(args) -> None:
         raise InputError(f"e5lite serve needs the serve extra ({missing} is missing): "
                          "pip install 'e5lite[serve]'") from None
     for flag in ("max_client_batch_size", "max_queue", "max_batch_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_wait_ms < 0:
         raise InputError(f"--max-wait-ms must not be negative, got {args.max_wait_ms}")
@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-client-batch-size", type=int, default=2048, help="inputs per request (default: %(default)s)")
     v.add_argument("--max-queue", type=int, default=1024,
                    help="requests waiting for the batch worker; more get 429 (default: %(default)s)")
-    v.add_argument("--max-batch-tokens", type=int, default=4096,
-                   help="tokens of the requests grouped into one engine call (default: %(default)s)")
+    v.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="tokens of the requests grouped into one engine call (default: 4 x the token budget: "
+                        "4096 on CPU)")
     v.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long a request waits for batch-mates (default: %(default)s)")
     v.add_argument("--no-auto-truncate", action="store_true",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -41,10 +42,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass(frozen=True)
 class Limits:
-    """Server limits: inputs per request, queued requests, tokens per engine call, wait for batch-mates."""
+    """Server limits: inputs per request, queued requests, tokens per engine call (None: 4 x the encoder's
+    token budget, 4,096 on CPU), wait for batch-mates."""
     max_inputs: int = 2048
     max_queue: int = 1024
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int | None = None
     max_wait_ms: float = 2.0
     auto_truncate: bool = True
 
@@ -348,6 +350,8 @@ async def read_json(request: Request):
 
 def build_app(enc, *, model_name: str, limits: Limits = Limits()) -> Starlette:
     """The ASGI app serving ``enc``; the batch worker starts and stops with the app's lifespan."""
+    if limits.max_batch_tokens is None:
+        limits = dataclasses.replace(limits, max_batch_tokens=4 * enc.token_budget)
     metrics = Metrics()
     batcher = Batcher(enc, limits, metrics)
 
