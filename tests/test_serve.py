@@ -231,11 +231,11 @@ def test_other_errors_and_still_healthy(server):
     assert r.status_code == 200 and len(r.json()[0]) == 32
 
 
-def test_info_and_metrics(server, tiny_dir):
+def test_info_and_metrics(server, enc):
     info = httpx.get(server + "/info").json()
     assert info["model_id"] == "tiny-e5" and info["dim"] == 32 and info["max_input_length"] == 128
     assert info["dtype"] == "float32" and info["devices"] and info["max_client_batch_size"] == 64
-    assert info["max_batch_tokens"] == 4 * e5lite.load(tiny_dir).token_budget
+    assert info["max_batch_tokens"] == 4 * enc.token_budget
     post(server, "/embed", {"inputs": "counted"})
     post(server, "/embed", {"inputs": []})
     r = httpx.get(server + "/metrics")
