@@ -71,17 +71,18 @@ class Batch:
 
 
 def _scatter_plan(seqs: Sequence[np.ndarray]):
-    """For sequences laid end to end: (all tokens, which sequence each token is from, its position in it)."""
+    """For sequences laid end to end: (all tokens, which sequence each token is from, its position in it,
+    where each sequence starts)."""
     lens = np.fromiter((len(t) for t in seqs), np.int64, len(seqs))
     starts = np.cumsum(lens) - lens
     of = np.repeat(np.arange(len(seqs)), lens)
     tokens = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int32)
-    return tokens, of, np.arange(len(tokens)) - starts[of], lens, starts
+    return tokens, of, np.arange(len(tokens)) - starts[of], starts
 
 
 def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_id: int) -> Batch:
     # One vectorised scatter rather than a Python loop per text: the host must keep up with a GPU.
-    tokens, of, pos, _, _ = _scatter_plan(ids)
+    tokens, of, pos, _ = _scatter_plan(ids)
     dest = of * length + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     mask = np.zeros((rows, length), dtype=np.int32)
@@ -94,7 +95,7 @@ def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_i
 def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows: int, length: int,
                  num_segments: int, pad_id: int) -> Batch:
     per_row = np.fromiter((len(r) for r in rows_of_ids), np.int64, len(rows_of_ids))
-    tokens, of, pos, _, starts = _scatter_plan([t for row in rows_of_ids for t in row])
+    tokens, of, pos, starts = _scatter_plan([t for row in rows_of_ids for t in row])
     first = np.cumsum(per_row) - per_row            # flat index of each row's first text
     row_of = np.repeat(np.arange(len(per_row)), per_row)
     seg_of = np.arange(len(row_of)) - first[row_of]  # 0-based segment within its row
