@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -40,6 +41,10 @@ ACCELERATOR_TOKEN_BUDGET = 65536
 CHUNK_TEXTS = 8192  # texts tokenised, sorted and planned together; bounds host memory for big corpora
 FIRST_CHUNK_TEXTS = 2048  # smaller, so the device starts sooner
 IN_FLIGHT = 2  # batches dispatched but not yet read back
+# Batches computed at once on CPU. XLA:CPU runs much of a forward (the fusions between the matmuls, small
+# dots) on one core, so a second batch in flight fills the other: MiniLM on 2 cores, 1.25x tokens/s
+# (BENCHMARKS.md). Accelerators queue asynchronous dispatches already and need no threads.
+CPU_STREAMS = 2
 MAX_SEGMENTS = 64   # texts per packed row
 PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
 PACKING = ("auto", True, False)
@@ -127,14 +132,15 @@ class Encoder:
     on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded batches or packed rows
     of 128/256/512 tokens needs fewer multiply-adds), True or False; ``pack_length`` fixes the packed row length;
     ``max_segments`` texts per packed row. Batches are sharded over ``devices`` (default: all local devices).
-    ``attention_impl``: "auto" (per backend, see AUTO_ATTENTION), "xla", "cudnn" or "pallas".
+    ``attention_impl``: "auto" (per backend, see AUTO_ATTENTION), "xla", "cudnn" or "pallas". ``streams``
+    batches computed concurrently, each by its own thread (None: 2 on CPU, 1 on accelerators).
     """
 
     def __init__(self, model_dir, config: BertConfig, params: Params, tokenizer: WordPieceTokenizer, *,
                  pooling: str = "mean", prompts: dict[str, str] | None = None,
                  default_prompt_name: str | None = None, dtype="float32", token_budget: int | None = None,
                  packing="auto", pack_length: int | None = None, max_segments: int = MAX_SEGMENTS, devices=None,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", streams: int | None = None):
         self.model_dir = Path(model_dir)
         self.config = config
         self.tokenizer = tokenizer
@@ -154,10 +160,13 @@ class Encoder:
             raise ValueError(f"max_segments must be a positive int, got {max_segments!r}")
         if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
             raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
+        if streams is not None and (not isinstance(streams, int) or streams < 1):
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
         self.max_segments = max_segments
         self.devices = list(devices or jax.local_devices())
         self.token_budget = token_budget or (
             CPU_TOKEN_BUDGET if self.devices[0].platform == "cpu" else ACCELERATOR_TOKEN_BUDGET)
+        self.streams = streams or (CPU_STREAMS if self.devices[0].platform == "cpu" else 1)
         if len(self.devices) > 1:
             mesh = Mesh(np.array(self.devices), ("data",))
             self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -289,7 +298,8 @@ class Encoder:
     def _run(self, texts: list[str], prefix: str, out: np.ndarray, normalize: bool, batch_size, show) -> None:
         """Embeds texts into out[:len(texts)]. A worker thread tokenises and plans chunk k+1 while the device
         runs chunk k; results are read IN_FLIGHT batches behind the dispatch, so the device queue never drains
-        while the host copies results out."""
+        while the host copies results out. With ``streams`` > 1, that many threads each run one batch at a
+        time (dispatch and read back), so that many batches compute at once."""
         bar = tqdm(total=len(texts), desc="embed", unit="text", disable=not show, file=sys.stderr)
         # A small first chunk gets the device busy sooner; its lengths choose the layout kept for the rest,
         # so that a corpus compiles a bounded set of shapes.
@@ -300,22 +310,33 @@ class Encoder:
             ids = self.tokenizer([prefix + t for t in texts[starts[k]:ends[k]]])
             return self.plan(ids, batch_size, layout)
 
+        def compute(batch: Batch):
+            return np.asarray(self._dispatch(batch, normalize))
+
+        streams = self.streams
         pending: collections.deque = collections.deque()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool_:
+        with contextlib.ExitStack() as stack:
+            pool_ = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+            compute_pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(streams)) if streams > 1 else None
+            stack.callback(lambda: [f.cancel() for _, _, f in pending if isinstance(f, concurrent.futures.Future)])
             future = pool_.submit(host_work, 0, None) if starts else None
             for k, start in enumerate(starts):
                 layout, batches = future.result()
                 if k + 1 < len(starts):
                     future = pool_.submit(host_work, k + 1, layout)
                 for batch in batches:
-                    pending.append((start, batch, self._dispatch(batch, normalize)))
-                    if len(pending) > IN_FLIGHT:
+                    result = (compute_pool.submit(compute, batch) if compute_pool
+                              else self._dispatch(batch, normalize))
+                    pending.append((start, batch, result))
+                    if len(pending) > IN_FLIGHT + streams - 1:
                         self._collect(*pending.popleft(), out, bar)
-        while pending:
-            self._collect(*pending.popleft(), out, bar)
+            while pending:
+                self._collect(*pending.popleft(), out, bar)
         bar.close()
 
     def _collect(self, start: int, batch: Batch, result, out: np.ndarray, bar) -> None:
+        if isinstance(result, concurrent.futures.Future):
+            result = result.result()
         out[start + batch.index] = np.asarray(result)[batch.slot]
         self.stats["texts"] += len(batch.index)
         self.stats["real_tokens"] += batch.real_tokens
@@ -329,7 +350,7 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
     """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
 
     ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, devices,
-    attention_impl.
+    attention_impl, streams.
     """
     resolve_dtype(dtype)
     if os.environ.get(CACHE_ENV):

@@ -16,6 +16,7 @@ import pytest
 import e5lite
 from conftest import TEXTS
 from e5lite.batching import pack_rows, plan_packed, plan_padded, planned_shapes
+from e5lite.encoder import CPU_STREAMS
 
 CORPUS = TEXTS + [f"passage: item {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 23)
                   for i in range(60)]
@@ -72,6 +73,40 @@ def test_many_chunks_keep_input_order(minilm_dir, reference, monkeypatch):
     monkeypatch.setattr(encoder_module, "CHUNK_TEXTS", 16)
     enc = e5lite.load(minilm_dir, token_budget=512)
     np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_streams_give_the_same_result_in_order(minilm_dir, reference, monkeypatch, streams):
+    import e5lite.encoder as encoder_module
+    monkeypatch.setattr(encoder_module, "FIRST_CHUNK_TEXTS", 5)
+    monkeypatch.setattr(encoder_module, "CHUNK_TEXTS", 16)
+    enc = e5lite.load(minilm_dir, token_budget=256, streams=streams)
+    assert enc.streams == streams
+    np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)
+    assert enc.stats["texts"] == len(CORPUS)
+
+
+def test_default_streams_by_backend(minilm):
+    assert minilm.streams == (CPU_STREAMS if minilm.devices[0].platform == "cpu" else 1)
+    with pytest.raises(ValueError, match="streams must be a positive int"):
+        e5lite.load(minilm.model_dir, streams=0)
+
+
+def test_a_failing_batch_on_a_stream_raises(minilm_dir, monkeypatch):
+    enc = e5lite.load(minilm_dir, token_budget=128, streams=2)
+    real, calls = enc._dispatch, []
+
+    def flaky(batch, normalize):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("batch 3 failed")
+        return real(batch, normalize)
+
+    monkeypatch.setattr(enc, "_dispatch", flaky)
+    with pytest.raises(RuntimeError, match="batch 3 failed"):
+        enc.encode(CORPUS)
+    monkeypatch.setattr(enc, "_dispatch", real)  # the encoder still works afterwards
+    assert enc.encode(CORPUS[:3]).shape == (3, enc.dim)
 
 
 def test_pack_rows_respects_capacity_and_segments():
