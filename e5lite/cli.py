@@ -90,7 +90,7 @@ def _write_output(emb, output: str | None) -> None:
 def _load(args):
     from .encoder import load
     return load(args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length,
-                token_budget=args.token_budget)
+                token_budget=args.token_budget, streams=args.streams)
 
 
 def is_output_dir(output: str) -> bool:
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
         p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
         p.add_argument("--token-budget", type=int, default=None, help="tokens per batch (default: 1024 CPU, 65536 GPU)")
+        p.add_argument("--streams", type=int, default=None, help="batches computed at once (default: 2 CPU, 1 GPU)")
 
     e = sub.add_parser("embed", help="embed texts; writes .npy / .jsonl, or JSON arrays to stdout")
     common(e)
