@@ -121,8 +121,12 @@ def attend(q_BNSK, k_BNTK, v_BNTK, allowed):
                              preferred_element_type=jnp.float32)
     # finfo.min as transformers' additive mask: a fully masked (padding) row stays finite.
     logits_BNST = jnp.where(allowed, logits_BNST, jnp.finfo(jnp.float32).min)
-    probs_BNST = jax.nn.softmax(logits_BNST, axis=-1).astype(v_BNTK.dtype)
-    return jnp.einsum("BNST,BNTK->BNSK", probs_BNST, v_BNTK, precision=prec)
+    # softmax(x) v = (exp(x - max) v) / sum(exp(x - max)): dividing the [S, K] context instead of the [S, T]
+    # probabilities saves a pass over the scores (MiniLM on CPU: 1.13x tokens/s end to end).
+    e_BNST = jnp.exp(logits_BNST - jnp.max(logits_BNST, axis=-1, keepdims=True))
+    ctx_BNSK = jnp.einsum("BNST,BNTK->BNSK", e_BNST.astype(v_BNTK.dtype), v_BNTK, precision=prec,
+                          preferred_element_type=jnp.float32)
+    return (ctx_BNSK / jnp.sum(e_BNST, axis=-1, keepdims=True)).astype(v_BNTK.dtype)
 
 
 def attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, block: int = ATTENTION_BLOCK):
