@@ -158,10 +158,9 @@ class Encoder:
         self.pack_length = pack_length
         if not isinstance(max_segments, int) or max_segments < 1:
             raise ValueError(f"max_segments must be a positive int, got {max_segments!r}")
-        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
-            raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
-        if streams is not None and (not isinstance(streams, int) or streams < 1):
-            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        for name, value in (("token_budget", token_budget), ("streams", streams)):  # None: backend default
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.max_segments = max_segments
         self.devices = list(devices or jax.local_devices())
         self.token_budget = token_budget or (
