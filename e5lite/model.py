@@ -174,11 +174,13 @@ def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla
 def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla"):
     """Multi-head self-attention; returns [B, S, D] before the residual."""
     prec = _precision(x_BSD.dtype)
-    # Projecting straight to heads-major [B, N, S, K] saves XLA a transpose per tensor.
-    q_BNSK = jnp.einsum("BSD,DNK->BNSK", x_BSD, p.q_DNK, precision=prec) + p.q_bias_NK[:, None, :]
-    k_BNTK = jnp.einsum("BTD,DNK->BNTK", x_BSD, p.k_DNK, precision=prec) + p.k_bias_NK[:, None, :]
-    v_BNTK = jnp.einsum("BTD,DNK->BNTK", x_BSD, p.v_DNK, precision=prec) + p.v_bias_NK[:, None, :]
-    q_BNSK = q_BNSK * jnp.asarray(1.0 / config.head_dim ** 0.5, q_BNSK.dtype)
+    # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs (MiniLM forward on CPU 1.0-1.06x).
+    # The 1/sqrt(K) query scale is folded into the query weights and bias.
+    scale = jnp.asarray(1.0 / config.head_dim ** 0.5, p.q_DNK.dtype)
+    qkv_DCNK = jnp.stack([p.q_DNK * scale, p.k_DNK, p.v_DNK], axis=1)
+    qkv_bias_CNK = jnp.stack([p.q_bias_NK * scale, p.k_bias_NK, p.v_bias_NK])
+    qkv_BSCNK = jnp.einsum("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK, precision=prec) + qkv_bias_CNK
+    q_BNSK, k_BNTK, v_BNTK = (qkv_BSCNK[:, :, c].transpose(0, 2, 1, 3) for c in range(3))
     ctx_BNSK = attention_core(q_BNSK, k_BNTK, v_BNTK, mask, attention_impl)
     return jnp.einsum("BNSK,NKD->BSD", ctx_BNSK, p.o_NKD, precision=prec) + p.o_bias_D
 
