@@ -315,6 +315,7 @@ class Encoder:
         streams = self.streams
         pending: collections.deque = collections.deque()
         with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)  # also when a batch raises: no stale bar left on stderr
             pool_ = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
             compute_pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(streams)) if streams > 1 else None
             stack.callback(lambda: [f.cancel() for _, _, f in pending if isinstance(f, concurrent.futures.Future)])
@@ -331,7 +332,6 @@ class Encoder:
                         self._collect(*pending.popleft(), out, bar)
             while pending:
                 self._collect(*pending.popleft(), out, bar)
-        bar.close()
 
     def _collect(self, start: int, batch: Batch, result, out: np.ndarray, bar) -> None:
         if isinstance(result, concurrent.futures.Future):

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tqdm.auto import tqdm
 
 import e5lite
 from conftest import TEXTS
+from e5lite import encoder as encoder_mod
 from e5lite.batching import pack_rows, plan_packed, plan_padded, planned_shapes
 from e5lite.encoder import CPU_STREAMS
 
@@ -102,9 +104,12 @@ def test_a_failing_batch_on_a_stream_raises(minilm_dir, monkeypatch):
             raise RuntimeError("batch 3 failed")
         return real(batch, normalize)
 
+    bars = []
     monkeypatch.setattr(enc, "_dispatch", flaky)
+    monkeypatch.setattr(encoder_mod, "tqdm", lambda *a, **k: bars.append(tqdm(*a, **k)) or bars[-1])
     with pytest.raises(RuntimeError, match="batch 3 failed"):
-        enc.encode(CORPUS)
+        enc.encode(CORPUS, show_progress_bar=True)
+    assert len(bars) == 1 and bars[0].disable  # the progress bar was closed on the way out
     monkeypatch.setattr(enc, "_dispatch", real)  # the encoder still works afterwards
     assert enc.encode(CORPUS[:3]).shape == (3, enc.dim)
 
