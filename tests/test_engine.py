@@ -69,19 +69,20 @@ def test_planned_shapes_match_the_plans(pack_length):
     assert planned_shapes(lengths, pack_length=pack_length, max_segments=16, **kw) == want
 
 
-def test_many_chunks_keep_input_order(minilm_dir, reference, monkeypatch):
-    import e5lite.encoder as encoder_module
-    monkeypatch.setattr(encoder_module, "FIRST_CHUNK_TEXTS", 5)
-    monkeypatch.setattr(encoder_module, "CHUNK_TEXTS", 16)
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Tokenise and plan a few texts at a time, so that CORPUS spans many chunks."""
+    monkeypatch.setattr(encoder_mod, "FIRST_CHUNK_TEXTS", 5)
+    monkeypatch.setattr(encoder_mod, "CHUNK_TEXTS", 16)
+
+
+def test_many_chunks_keep_input_order(minilm_dir, reference, small_chunks):
     enc = e5lite.load(minilm_dir, token_budget=512)
     np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("streams", [1, 3])
-def test_streams_give_the_same_result_in_order(minilm_dir, reference, monkeypatch, streams):
-    import e5lite.encoder as encoder_module
-    monkeypatch.setattr(encoder_module, "FIRST_CHUNK_TEXTS", 5)
-    monkeypatch.setattr(encoder_module, "CHUNK_TEXTS", 16)
+def test_streams_give_the_same_result_in_order(minilm_dir, reference, small_chunks, streams):
     enc = e5lite.load(minilm_dir, token_budget=256, streams=streams)
     assert enc.streams == streams
     np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)
