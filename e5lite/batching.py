@@ -3,7 +3,9 @@
 Two layouts, both fed to the same forward:
 - padded: one text per row, rows right-padded to a length bucket (16, 32, 64, ... max_length);
 - packed: several texts per row of ``pack_length`` tokens, with segment ids (1.., 0 = padding) and position
-  ids restarting at 0 for each text; attention is block-diagonal and pooling per segment.
+  ids restarting at 0 for each text; attention is block-diagonal and pooling per segment. With attention
+  windows (``min_window``), short texts are packed so that none crosses a multiple of the batch's window
+  (64, 128, ... pack_length), and attention runs on windows rather than whole rows.
 
 Rows per batch come from a token budget (``budget // length``, capped by ``max_rows``); the last, smaller
 batch of each length is padded to a short row ladder (powers of 4), so a corpus compiles at most two
@@ -60,10 +62,11 @@ class Batch:
     position_ids: np.ndarray | None = None  # [R, S] int32, packed only
     num_segments: int = 0                 # packed only: segments per row (static)
     real_tokens: int = 0
+    window: int = 0                       # packed only: no text crosses a multiple of this many positions
 
     @property
     def shape(self) -> tuple:
-        return self.input_ids.shape + ((self.num_segments,) if self.segment_ids is not None else ())
+        return self.input_ids.shape + ((self.num_segments, self.window) if self.segment_ids is not None else ())
 
     @property
     def packed(self) -> bool:
@@ -93,13 +96,17 @@ def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_i
 
 
 def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows: int, length: int,
-                 num_segments: int, pad_id: int) -> Batch:
+                 num_segments: int, pad_id: int, rows_of_offsets=None, window: int | None = None) -> Batch:
+    """Texts laid out in rows: end to end, or at ``rows_of_offsets`` (where each text starts in its row)."""
     per_row = np.fromiter((len(r) for r in rows_of_ids), np.int64, len(rows_of_ids))
     tokens, of, pos, starts = _scatter_plan([t for row in rows_of_ids for t in row])
     first = np.cumsum(per_row) - per_row            # flat index of each row's first text
     row_of = np.repeat(np.arange(len(per_row)), per_row)
     seg_of = np.arange(len(row_of)) - first[row_of]  # 0-based segment within its row
-    offset = starts - starts[first][row_of]         # where each text starts within its row
+    if rows_of_offsets is None:
+        offset = starts - starts[first][row_of]     # where each text starts within its row
+    else:
+        offset = np.fromiter((o for row in rows_of_offsets for o in row), np.int64, len(row_of))
     dest = row_of[of] * length + offset[of] + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     seg = np.zeros((rows, length), dtype=np.int32)
@@ -109,7 +116,7 @@ def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, row
     position.flat[dest] = pos
     index = np.fromiter((i for row in rows_of_index for i in row), np.int64, len(row_of))
     return Batch(input_ids, (seg > 0).astype(np.int32), index, row_of * num_segments + seg_of, seg, position,
-                 num_segments, len(tokens))
+                 num_segments, len(tokens), window or length)
 
 
 def _split(n: int, full: int, multiple: int) -> Iterator[tuple[int, int, int]]:
@@ -139,48 +146,95 @@ def plan_padded(ids: Sequence[np.ndarray], *, max_length: int, token_budget: int
 
 
 def planned_shapes(lengths: np.ndarray, *, pack_length: int, max_length: int, token_budget: int,
-                   max_segments: int, max_rows: int | None = None, multiple: int = 1) -> list[tuple[int, int]]:
-    """(rows, length) of every batch that plan_padded (pack_length 0) or plan_packed would make for
-    sequences of these lengths, without building the arrays: what "auto" packing weighs."""
+                   max_segments: int, max_rows: int | None = None, multiple: int = 1,
+                   min_window: int | None = None) -> list[tuple[int, int, int]]:
+    """(rows, length, attention window) of every batch that plan_padded (pack_length 0) or plan_packed would
+    make for sequences of these lengths, without building the arrays: what "auto" packing weighs."""
     lengths = np.asarray(lengths, np.int64)
     packed = lengths <= pack_length if pack_length else np.zeros(len(lengths), bool)
     shapes = []
     for length, members in _buckets(lengths[~packed], max_length):
         full = full_rows(length, token_budget, max_rows, multiple)
-        shapes += [(rows, length) for _, _, rows in _split(len(members), full, multiple)]
+        shapes += [(rows, length, length) for _, _, rows in _split(len(members), full, multiple)]
     if packed.any():
-        n_rows = len(pack_rows(lengths[packed], pack_length, max_segments))
+        _, row_windows = pack_windows(lengths[packed], pack_length, max_segments,
+                                      windows_for(pack_length, min_window))
         full = full_rows(pack_length, token_budget, max_rows, multiple)
-        shapes += [(rows, pack_length) for _, _, rows in _split(n_rows, full, multiple)]
+        shapes += [(rows, pack_length, max(row_windows[start:start + count]))
+                   for start, count, rows in _split(len(row_windows), full, multiple)]
     return shapes
 
 
 def pack_rows(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
-    """Best-fit-decreasing packing of sequences (each <= capacity) into rows: positions per row.
+    """Best-fit-decreasing packing of sequences (each <= capacity) into rows: positions per row, in order."""
+    rows, _ = pack_windows(lengths, capacity, max_segments)
+    return [[i for i, _ in row] for row in rows]
 
-    Longest first, each into the open row with the least room that still fits it (a new row if none).
+
+def windows_for(pack_length: int, min_window: int | None) -> list[int]:
+    """Attention windows for rows of pack_length, ascending: pack_length and its halvings down to min_window
+    (None or 0: the row only)."""
+    out = [pack_length]
+    while min_window and out[-1] % 2 == 0 and out[-1] // 2 >= min_window:
+        out.append(out[-1] // 2)
+    return out[::-1]
+
+
+def pack_windows(lengths: np.ndarray, capacity: int, max_segments: int, windows: Sequence[int] = ()
+                 ) -> tuple[list[list[tuple[int, int]]], list[int]]:
+    """Best-fit-decreasing packing of sequences (each <= capacity) into rows of ``capacity`` in which no
+    sequence crosses a multiple of the row's window.
+
+    ``windows``: ascending, each dividing the next, the last == capacity (default: just capacity). Sequences
+    go longest first, each into the open window-sized bin with the least room that still fits it; a new bin
+    is the smallest window that holds it. Bins then fill rows, the small windows first; leftovers merge into
+    the next window size. Returns the rows, each a list of (position into lengths, offset in the row) in row
+    order, and each row's window, ascending. A row holds at most max_segments sequences.
     """
-    open_rows: list[tuple[int, int]] = []  # (room left, row), sorted
-    rows: list[list[int]] = []
-    for i in np.argsort(-lengths, kind="stable").tolist():
+    windows = [w for w in windows if w < capacity and max_segments * w >= capacity] + [capacity]
+    bins: list[tuple[int, list]] = []      # (window, [(position, offset in bin)])
+    open_bins: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
         n = int(lengths[i])
-        k = bisect.bisect_left(open_rows, (n, -1))
-        if k < len(open_rows):
-            room, r = open_rows.pop(k)
+        k = bisect.bisect_left(open_bins, (n, -1))
+        if k < len(open_bins):
+            room, b = open_bins.pop(k)
         else:
-            room, r = capacity, len(rows)
-            rows.append([])
-        rows[r].append(i)
+            w = next(w for w in windows if w >= n)
+            room, b = w, len(bins)
+            bins.append((w, []))
+        w, members = bins[b]
+        members.append((i, w - room))
         room -= n
-        if room > 0 and len(rows[r]) < max_segments:
-            bisect.insort(open_rows, (room, r))
-    return rows
+        # a bin of w holds at most its share of the row's segments, so a row of full bins stays in bounds
+        if room > 0 and len(members) < max_segments * w // capacity:
+            bisect.insort(open_bins, (room, b))
+    rows: list[list[tuple[int, int]]] = []
+    row_windows: list[int] = []
+    carry: list[list] = []  # leftover units of the current window size, each [(position, offset in unit)]
+    for j, w in enumerate(windows):
+        units = [m for bw, m in bins if bw == w] + carry
+        per_row = capacity // w
+        full = len(units) // per_row * per_row
+        for r in range(0, full, per_row):
+            rows.append([(i, u * w + o) for u, unit in enumerate(units[r:r + per_row]) for i, o in unit])
+            row_windows.append(w)
+        rest = units[full:]
+        if j + 1 < len(windows):
+            f = windows[j + 1] // w
+            carry = [[(i, u * w + o) for u, unit in enumerate(rest[r:r + f]) for i, o in unit]
+                     for r in range(0, len(rest), f)]
+    return [sorted(row, key=lambda m: m[1]) for row in rows], row_windows
 
 
 def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int, token_budget: int,
-                max_segments: int, max_rows: int | None = None, multiple: int = 1, pad_id: int = 0
-                ) -> Iterator[Batch]:
-    """Packed batches of rows of ``pack_length`` tokens; texts longer than that go in padded batches."""
+                max_segments: int, max_rows: int | None = None, multiple: int = 1, pad_id: int = 0,
+                min_window: int | None = None) -> Iterator[Batch]:
+    """Packed batches of rows of ``pack_length`` tokens; texts longer than that go in padded batches.
+
+    ``min_window``: pack short texts into aligned windows of pack_length / 2^k >= min_window positions
+    (None: whole rows); each batch's ``window`` is the largest of its rows'.
+    """
     lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
     long_ = np.flatnonzero(lengths > pack_length)
     if len(long_):
@@ -189,9 +243,10 @@ def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int,
     short = np.flatnonzero(lengths <= pack_length)
     if not len(short):
         return
-    rows = [[int(short[j]) for j in row] for row in pack_rows(lengths[short], pack_length, max_segments)]
+    rows, row_windows = pack_windows(lengths[short], pack_length, max_segments, windows_for(pack_length, min_window))
     full = full_rows(pack_length, token_budget, max_rows, multiple)
     for start, count, n_rows in _split(len(rows), full, multiple):
-        part = rows[start:start + count]
+        part = [[int(short[i]) for i, _ in row] for row in rows[start:start + count]]
+        offsets = [[o for _, o in row] for row in rows[start:start + count]]
         yield packed_batch([[ids[i] for i in row] for row in part], part, n_rows, pack_length, max_segments,
-                           pad_id)
+                           pad_id, offsets, max(row_windows[start:start + count]))

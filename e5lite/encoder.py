@@ -47,6 +47,10 @@ IN_FLIGHT = 2  # batches dispatched but not yet read back
 CPU_STREAMS = 2
 MAX_SEGMENTS = 64   # texts per packed row
 PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
+# Smallest attention window for packed rows on CPU: texts are packed so that none crosses a multiple of the
+# window, and attention runs per window. MiniLM forward on 8 x 128 rows: windows of 64 1.09x, 32 1.13x
+# (BENCHMARKS.md); below 64 the windows fill worse. Accelerators: off (not measured there yet).
+CPU_MIN_WINDOW = 64
 PACKING = ("auto", True, False)
 
 
@@ -59,13 +63,15 @@ def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig
     return l2_normalize(out_BD) if normalize else out_BD
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl",
+                                             "attention_window"))
 def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
-                 normalize: bool, num_segments: int, attention_impl: str = "xla"):
+                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None):
     """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
-    g (1..G) of row b lands at b * G + g - 1 and G = num_segments."""
+    g (1..G) of row b lands at b * G + g - 1 and G = num_segments. ``attention_window``: see ``forward``."""
     hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
-                         position_ids=position_ids, attention_impl=attention_impl)
+                         position_ids=position_ids, attention_impl=attention_impl,
+                         attention_window=attention_window)
     out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
     out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
     return out_BGD.reshape(-1, out_BGD.shape[-1])
@@ -103,13 +109,14 @@ def resolve_attention_impl(requested: str, platform: str, dtype, config: BertCon
     return "xla"
 
 
-def forward_macs(config: BertConfig, shapes: Iterable[tuple[int, int]]) -> float:
-    """Multiply-adds of the forward over batches of these (rows, length) shapes: linear layers plus attention
-    scores and context."""
+def forward_macs(config: BertConfig, shapes: Iterable[tuple[int, ...]]) -> float:
+    """Multiply-adds of the forward over batches of these (rows, length[, attention window]) shapes: linear
+    layers plus attention scores and context."""
     d, f = config.hidden_size, config.intermediate_size
     total = 0.0
-    for rows, s in shapes:
-        total += rows * (s * (4 * d * d + 2 * d * f) + 2 * s * s * d)
+    for rows, s, *window in shapes:
+        w = window[0] if window else s
+        total += rows * (s * (4 * d * d + 2 * d * f) + 2 * s * w * d)
     return total * config.num_hidden_layers
 
 
@@ -131,7 +138,9 @@ class Encoder:
     Engine settings (attributes, may be changed between calls): ``token_budget`` tokens per batch (None: 1024
     on CPU, 65536 on accelerators); ``packing`` "auto" (per chunk, whichever of padded batches or packed rows
     of 128/256/512 tokens needs fewer multiply-adds), True or False; ``pack_length`` fixes the packed row length;
-    ``max_segments`` texts per packed row. Batches are sharded over ``devices`` (default: all local devices).
+    ``max_segments`` texts per packed row; ``min_window`` the smallest attention window of packed rows (None:
+    64 on CPU, 0 = whole rows on accelerators; see CPU_MIN_WINDOW). Batches are sharded over ``devices``
+    (default: all local devices).
     ``attention_impl``: "auto" (per backend, see AUTO_ATTENTION), "xla", "cudnn" or "pallas". ``streams``
     batches computed concurrently, each by its own thread (None: 2 on CPU, 1 on accelerators).
     """
@@ -140,7 +149,7 @@ class Encoder:
                  pooling: str = "mean", prompts: dict[str, str] | None = None,
                  default_prompt_name: str | None = None, dtype="float32", token_budget: int | None = None,
                  packing="auto", pack_length: int | None = None, max_segments: int = MAX_SEGMENTS, devices=None,
-                 attention_impl: str = "auto", streams: int | None = None):
+                 attention_impl: str = "auto", streams: int | None = None, min_window: int | None = None):
         self.model_dir = Path(model_dir)
         self.config = config
         self.tokenizer = tokenizer
@@ -161,11 +170,15 @@ class Encoder:
         for name, value in (("token_budget", token_budget), ("streams", streams)):  # None: backend default
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if min_window is not None and (not isinstance(min_window, int) or min_window < 0):
+            raise ValueError(f"min_window must be an int >= 0 (0: no windows), got {min_window!r}")
         self.max_segments = max_segments
         self.devices = list(devices or jax.local_devices())
         self.token_budget = token_budget or (
             CPU_TOKEN_BUDGET if self.devices[0].platform == "cpu" else ACCELERATOR_TOKEN_BUDGET)
         self.streams = streams or (CPU_STREAMS if self.devices[0].platform == "cpu" else 1)
+        self.min_window = (CPU_MIN_WINDOW if self.devices[0].platform == "cpu" else 0) if min_window is None \
+            else min_window
         if len(self.devices) > 1:
             mesh = Mesh(np.array(self.devices), ("data",))
             self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -267,7 +280,7 @@ class Encoder:
         """The layout of ``layouts()`` whose batches for sequences of these lengths need the fewest multiply-adds
         (computed from the batch shapes alone; ties go to the earlier layout)."""
         costs = {n: forward_macs(self.config, planned_shapes(lengths, pack_length=n, max_segments=self.max_segments,
-                                                             **self._plan_kw(batch_size)))
+                                                             min_window=self.min_window, **self._plan_kw(batch_size)))
                  for n in self.layouts()}
         return min(costs, key=costs.get)
 
@@ -282,7 +295,8 @@ class Encoder:
         kw = dict(self._plan_kw(batch_size), pad_id=self.tokenizer.pad_token_id)
         if layout == 0:
             return layout, list(plan_padded(ids, **kw))
-        return layout, list(plan_packed(ids, pack_length=layout, max_segments=self.max_segments, **kw))
+        return layout, list(plan_packed(ids, pack_length=layout, max_segments=self.max_segments,
+                                        min_window=self.min_window, **kw))
 
     def _dispatch(self, batch: Batch, normalize: bool):
         put = functools.partial(jax.device_put, device=self._batch_sharding)
@@ -290,7 +304,8 @@ class Encoder:
         if batch.packed:
             return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 config=self.config, pooling=self.pooling, normalize=normalize,
-                                num_segments=batch.num_segments, attention_impl=self.attention_impl)
+                                num_segments=batch.num_segments, attention_impl=self.attention_impl,
+                                attention_window=batch.window if batch.window < batch.input_ids.shape[1] else None)
         return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), config=self.config,
                            pooling=self.pooling, normalize=normalize, attention_impl=self.attention_impl)
 
@@ -348,7 +363,7 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
          cache_dir=None, **engine) -> Encoder:
     """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
 
-    ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, devices,
+    ``engine`` keywords go to ``Encoder``: token_budget, packing, pack_length, max_segments, min_window, devices,
     attention_impl, streams.
     """
     resolve_dtype(dtype)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import e5lite
 from conftest import TEXTS
 from e5lite import encoder as encoder_mod
-from e5lite.batching import pack_rows, plan_packed, plan_padded, planned_shapes
+from e5lite.batching import pack_rows, pack_windows, plan_packed, plan_padded, planned_shapes, windows_for
 from e5lite.encoder import CPU_STREAMS
 
 CORPUS = TEXTS + [f"passage: item {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 23)
@@ -57,16 +57,18 @@ def test_plans_cover_every_text_once_with_few_shapes(budget, devices):
             assert b.real_tokens == int(b.attention_mask.sum()) == sum(lengths[i] for i in b.index)
 
 
-@pytest.mark.parametrize("pack_length", [0, 128, 512])
-def test_planned_shapes_match_the_plans(pack_length):
+@pytest.mark.parametrize("pack_length, min_window", [(0, None), (128, None), (512, None), (512, 64)])
+def test_planned_shapes_match_the_plans(pack_length, min_window):
     """"auto" packing weighs layouts by planned_shapes: they must be the shapes the plans really build."""
     lengths = np.random.default_rng(2).integers(2, 513, size=3000)
     kw = dict(max_length=512, token_budget=8192, multiple=2)
     ids = fake_ids(lengths)
     plan = (plan_padded(ids, **kw) if pack_length == 0
-            else plan_packed(ids, pack_length=pack_length, max_segments=16, **kw))
-    want = [b.input_ids.shape for b in plan]
-    assert planned_shapes(lengths, pack_length=pack_length, max_segments=16, **kw) == want
+            else plan_packed(ids, pack_length=pack_length, max_segments=16, min_window=min_window, **kw))
+    want = [b.input_ids.shape + (b.window or b.input_ids.shape[1],) for b in plan]
+    assert planned_shapes(lengths, pack_length=pack_length, max_segments=16, min_window=min_window, **kw) == want
+    if min_window:
+        assert len({w for _, _, w in want}) > 1  # some batches run attention on windows of the rows
 
 
 @pytest.fixture
@@ -124,6 +126,34 @@ def test_pack_rows_respects_capacity_and_segments():
     assert fill > 0.97, fill  # best-fit decreasing leaves little room
 
 
+def test_windows_for():
+    assert windows_for(256, 64) == [64, 128, 256] and windows_for(256, None) == [256] == windows_for(256, 0)
+    assert windows_for(384, 64) == [96, 192, 384] and windows_for(200, 64) == [100, 200]
+
+
+@pytest.mark.parametrize("capacity, min_window, max_segments", [(256, 32, 64), (512, 64, 16), (128, 16, 4)])
+def test_pack_windows_keeps_every_text_inside_its_window(capacity, min_window, max_segments):
+    lengths = np.random.default_rng(3).integers(1, capacity + 1, size=3000) // np.random.default_rng(4).choice(
+        [1, 4, 16], size=3000) + 1
+    lengths = np.minimum(lengths, capacity)
+    windows = windows_for(capacity, min_window)
+    rows, row_windows = pack_windows(lengths, capacity, max_segments, windows)
+    assert sorted(i for r in rows for i, _ in r) == list(range(len(lengths)))
+    assert row_windows == sorted(row_windows) and set(row_windows) <= set(windows)
+    for row, w in zip(rows, row_windows):
+        assert len(row) <= max_segments
+        ends = [0]
+        for i, offset in row:  # in order, no overlaps, inside the row, never across a multiple of w
+            assert offset >= ends[-1] and offset + lengths[i] <= capacity
+            assert offset // w == (offset + lengths[i] - 1) // w, (offset, lengths[i], w)
+            ends.append(offset + lengths[i])
+    fill = lengths.sum() / (len(rows) * capacity)
+    whole = lengths.sum() / (len(pack_rows(lengths, capacity, max_segments)) * capacity)
+    assert fill > whole - 0.03, (fill, whole)  # windows cost little packing density
+    # every window in use, but for those too small to hold their share of max_segments (16 in 128 x 4 segments)
+    assert set(row_windows) == {w for w in windows if w * max_segments >= capacity}
+
+
 def test_packed_batch_layout():
     ids = fake_ids([5, 3, 4])
     (b,) = plan_packed(ids, pack_length=16, max_length=16, token_budget=16, max_segments=4)
@@ -141,7 +171,7 @@ def test_engine_matches_one_by_one(minilm_dir, reference, packing, budget, batch
     np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
     assert len(enc.compiled_shapes) <= 16
     if packing is True:  # only texts longer than the packed rows go in padded batches
-        packed = [s[1] for s in enc.compiled_shapes if len(s) == 3]
+        packed = [s[1] for s in enc.compiled_shapes if len(s) == 4]
         assert packed and all(s[1] > min(packed) for s in enc.compiled_shapes if len(s) == 2)
 
 
@@ -173,6 +203,32 @@ def test_packed_forward_equals_separate_forwards(tiny):
     for g, i in enumerate(b.index):
         alone = e5lite.forward(tiny.params, tiny.config, ids[i][None], np.ones((1, len(ids[i])), np.int32))
         np.testing.assert_allclose(np.asarray(h)[0][b.segment_ids[0] == g + 1], np.asarray(alone)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("min_window", [0, 16, 64])
+def test_attention_windows_give_the_same_embeddings(minilm_dir, reference, min_window):
+    enc = e5lite.load(minilm_dir, packing=True, min_window=min_window, token_budget=1024)
+    np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)
+    packed = [s for s in enc.compiled_shapes if len(s) == 4]
+    if min_window:  # some batches ran attention on windows shorter than their rows, none below min_window
+        assert any(w < length for _, length, _, w in packed) and all(w >= min_window for *_, w in packed)
+    else:
+        assert all(w == length for _, length, _, w in packed)
+
+
+def test_windowed_forward_equals_whole_rows(tiny):
+    ids = tiny.tokenizer(["query: a short one", "passage: " + "words " * 20, "x", "y z", "passage: more words"])
+    (b,) = plan_packed(ids, pack_length=64, max_length=64, token_budget=128, max_segments=8, min_window=16)
+    assert b.window < 64
+    run = lambda w: np.asarray(e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask,
+                                              segment_ids=b.segment_ids, position_ids=b.position_ids,
+                                              attention_window=w))
+    real = b.segment_ids > 0  # padding positions attend nothing either way; their values are not used
+    np.testing.assert_allclose(run(b.window)[real], run(None)[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention_window 24 must divide the sequence length 64"):
+        run(24)
+    with pytest.raises(ValueError, match="min_window must be an int >= 0"):
+        e5lite.load(tiny.model_dir, min_window=-1)
 
 
 @pytest.fixture(scope="module")
