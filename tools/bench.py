@@ -5,8 +5,10 @@ FlaxBertModel, on the same machine, model and corpus, in one run.
     python tools/bench.py --models minilm --texts 2000 --peers e5lite,e5lite-padded,st,torch,ort,flax
     python tools/bench.py --device-note "H100, JAX CUDA"    # on a GPU machine: add e5lite-bf16, st-fp16
 
-Each peer runs in its own subprocess (clean peak memory, no shared thread pools): one warm-up pass over
-the corpus (compile, caches), then --repeats timed passes; the median counts. Tokens/s counts real tokens
+Each peer runs in its own subprocess (clean peak memory, no shared thread pools), loaded once; then the
+passes are interleaved: --warmup rounds (compile, caches) and --repeats timed rounds, in each of which every
+peer makes one pass over the corpus, alone on the machine, in an order that rotates from round to round, so
+that a noisy machine slows all peers alike; the median pass counts. Tokens/s counts real tokens
 (padding excluded), the same count for every peer (each truncates at the model's max length). Every timed
 pass is end to end: tokenisation, batching, forward, pooling, normalisation, results on the host.
 Corpus: real English paragraphs of mixed lengths (tools/corpus.py), 3% of them multi-paragraph documents
@@ -22,10 +24,12 @@ import argparse
 import json
 import os
 import platform
+import queue
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,17 +47,18 @@ SHAPES = {
 
 # ----------------------------------------------------------------------------------------------- workers
 
-def _timed_passes(run, warmup: int, repeats: int):
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        out = run()
-    first = time.perf_counter() - t0
-    seconds = []
-    for _ in range(repeats):
+def serve_passes(run, stdout) -> object:
+    """Worker side of the interleaved protocol: say ready, then time one pass per "pass" line on stdin until
+    "done"; returns the last pass's output. Lines to the driver are JSON objects."""
+    print(json.dumps({"ready": True}), file=stdout, flush=True)
+    out = None
+    for line in sys.stdin:
+        if line.strip() == "done":
+            break
         t = time.perf_counter()
         out = run()
-        seconds.append(time.perf_counter() - t)
-    return out, first, seconds
+        print(json.dumps({"pass_s": time.perf_counter() - t}), file=stdout, flush=True)
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -70,6 +75,8 @@ def _sorted_batches(lengths, batch_size):
 
 
 def worker(args) -> dict:
+    """Loads one peer, serves timed passes (``serve_passes``), saves the last output; -> its info."""
+    stdout, sys.stdout = sys.stdout, sys.stderr  # library chatter must not reach the driver's JSON channel
     texts = json.loads(Path(args.corpus).read_text())
     peer, model_dir = args.worker, args.model_dir
     info: dict = {}
@@ -88,8 +95,8 @@ def worker(args) -> dict:
         def run():
             return enc.encode(texts, batch_size=None)
 
-        out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
         passes = args.warmup + args.repeats
+        out = serve_passes(run, stdout)
         info = {"compiled_shapes": len(enc.compiled_shapes), "batches": enc.stats["batches"] // passes,
                 "padded_tokens": enc.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
                 "attention_impl": enc.attention_impl,
@@ -105,7 +112,7 @@ def worker(args) -> dict:
         def run():
             return st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)
 
-        out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
+        out = serve_passes(run, stdout)
         info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     elif peer in ("torch", "torch-fp16", "ort"):
         from transformers import AutoTokenizer
@@ -170,15 +177,14 @@ def worker(args) -> dict:
                     for r, i in enumerate(idx):
                         res[i] = e[r]
                 return np.stack(res)
-        out, first, seconds = _timed_passes(run, args.warmup, args.repeats)
+        out = serve_passes(run, stdout)
         enc_ids, batches = tokenize()
         info["padded_tokens"] = sum(len(b) * max(len(enc_ids[i]) for i in b) for b in batches)
     else:
         raise SystemExit(f"unknown peer {peer}")
     np.save(Path(args.scratch) / f"{peer}.npy", np.asarray(out, np.float32))
-    med = float(np.median(seconds))
-    return {"peer": peer, "seconds": seconds, "median_s": med, "compile_s": max(0.0, first / max(args.warmup, 1) - med),
-            "peak_rss_mb": peak_rss_mb(), **info}
+    sys.stdout = stdout
+    return {"peer": peer, "peak_rss_mb": peak_rss_mb(), **info}
 
 
 def _export_onnx(model_dir, path: Path) -> None:
@@ -257,33 +263,93 @@ def useful_flops(lengths, d, f, layers) -> float:
     return float(2 * layers * (L * (4 * d * d + 2 * d * f) + 2 * L * L * d).sum())
 
 
-def run_peer(peer, model_dir, corpus, scratch, args, env) -> dict:
-    if peer == "flax":
-        if not FLAX_PYTHON.exists():
-            return {"peer": peer, "error": "no Flax venv (bash tools/flax_peer/setup.sh)"}
-        cmd = [str(FLAX_PYTHON), str(ROOT / "tools" / "flax_peer" / "worker.py"), "--model", str(model_dir),
-               "--corpus", str(corpus), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length_of),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--save", str(scratch / "flax.npy")]
-    else:
-        cmd = [sys.executable, __file__, "--worker", peer, "--model-dir", str(model_dir), "--corpus", str(corpus),
-               "--scratch", str(scratch), "--max-length", str(args.max_length_of), "--batch-size",
-               str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-    env = {**env, "TOKENIZERS_PARALLELISM": "true"}
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.peer_timeout)
-    except subprocess.TimeoutExpired:
-        return {"peer": peer, "error": f"timed out after {args.peer_timeout} s"}
-    print(f"  {peer}: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr, flush=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        err = (p.stderr.strip().splitlines() or ["failed"])[-1]
-        print(f"  {peer} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
-        return {"peer": peer, "error": err[:200]}
-    r = json.loads(lines[-1])
-    if peer == "flax":  # its worker tokenises once, untimed: add that back for an end-to-end figure
-        r["median_s"] += r.get("tokenize_s", 0.0)
-    return r
+class Peer:
+    """One peer's worker process, loaded once and then driven pass by pass over stdin (``serve_passes``), so
+    that the driver can interleave the peers' timed passes: a noisy machine then slows every peer alike."""
+
+    def __init__(self, peer, model_dir, corpus, scratch, args, env):
+        self.peer, self.timeout, self.passes, self.error = peer, args.peer_timeout, [], None
+        if peer == "flax":
+            if not FLAX_PYTHON.exists():
+                self.error, self.proc = "no Flax venv (bash tools/flax_peer/setup.sh)", None
+                return
+            cmd = [str(FLAX_PYTHON), str(ROOT / "tools" / "flax_peer" / "worker.py"), "--model", str(model_dir),
+                   "--corpus", str(corpus), "--batch-size", str(args.batch_size), "--max-length",
+                   str(args.max_length_of), "--save", str(scratch / "flax.npy"), "--serve"]
+        else:
+            cmd = [sys.executable, __file__, "--worker", peer, "--model-dir", str(model_dir), "--corpus", str(corpus),
+                   "--scratch", str(scratch), "--max-length", str(args.max_length_of), "--batch-size",
+                   str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env={**env, "TOKENIZERS_PARALLELISM": "true"})
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.proc.stdout] + [self.lines.put(None)],
+                         daemon=True).start()
+        self._read("ready")
+
+    def _read(self, key):
+        """The worker's next JSON line that has ``key``; on failure records the error and returns None."""
+        while self.error is None:
+            try:
+                line = self.lines.get(timeout=self.timeout)
+            except queue.Empty:
+                self.fail(f"timed out after {self.timeout} s")
+                break
+            if line is None:
+                self.proc.wait()
+                self.stderr.seek(0)
+                err = self.stderr.read()
+                print(f"  {self.peer} failed:\n{err[-3000:]}", file=sys.stderr)
+                self.error = ((err.strip().splitlines() or ["failed"])[-1])[:200]
+                break
+            if line.startswith("{") and key in (msg := json.loads(line)):
+                return msg
+        return None
+
+    def fail(self, why):
+        self.error = why
+        self.proc.kill()
+
+    def timed_pass(self):
+        if self.error is None:
+            self.proc.stdin.write("pass\n")
+            self.proc.stdin.flush()
+            msg = self._read("pass_s")
+            if msg:
+                self.passes.append(msg["pass_s"])
+
+    def finish(self, warmup: int) -> dict:
+        if self.error is None:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.flush()
+            r = self._read("peer")
+            self.proc.wait()
+        if self.error is not None:
+            return {"peer": self.peer, "error": self.error}
+        seconds = self.passes[warmup:]
+        med = float(np.median(seconds))
+        r.update(seconds=seconds, median_s=med, compile_s=max(0.0, self.passes[0] - med))
+        if self.peer == "flax":  # its worker tokenises once, untimed: add that back for an end-to-end figure
+            r["median_s"] += r.get("tokenize_s", 0.0)
+        return r
+
+
+def run_peers(peers, model_dir, corpus, scratch, args, env) -> list[dict]:
+    """Loads the peers one at a time, then runs warm-up rounds and timed rounds: in each round every peer
+    makes one pass over the corpus, alone on the machine, in an order that rotates from round to round."""
+    live = []
+    for name in peers:
+        print(f"  loading {name} ...", file=sys.stderr, flush=True)
+        live.append(Peer(name, model_dir, corpus, scratch, args, env))
+    for r in range(args.warmup + args.repeats):
+        k = r % len(live)
+        for p in live[k:] + live[:k]:
+            p.timed_pass()
+        print(f"  round {r + 1}/{args.warmup + args.repeats}" + ("" if r >= args.warmup else " (warm-up)") + ": "
+              + ", ".join(f"{p.peer} {p.passes[-1]:.2f} s" for p in live if p.error is None), file=sys.stderr,
+              flush=True)
+    return [p.finish(args.warmup) for p in live]
 
 
 def main() -> None:
@@ -294,7 +360,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="peers' batch size (e5lite fills a token budget)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None, help="also write all results here (updated after every peer)")
+    ap.add_argument("--json", default=None, help="also write all results here (updated after every model)")
     ap.add_argument("--peer-timeout", type=float, default=None, help="seconds before a peer is given up")
     ap.add_argument("--device-note", default="", help="a line describing the machine, for the record")
     # worker mode (internal)
@@ -351,17 +417,11 @@ def main() -> None:
             print(f"\n## {name}: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {n} texts, {real} real tokens "
                   f"(median {int(np.median(lengths))}, {sum(x == enc.max_length for x in lengths)} truncated at "
                   f"{enc.max_length}), warm-up {args.warmup} + {args.repeats} timed passes")
-            rows = []
-            for peer in args.peers.split(","):
-                print(f"  running {peer} ...", file=sys.stderr, flush=True)
-                r = run_peer(peer, model_dir, corpus, scratch, args, child_env)
+            rows = run_peers(args.peers.split(","), model_dir, corpus, scratch, args, child_env)
+            for r in rows:
                 r.update(model=name, texts=n, real_tokens=real)
-                rows.append(r)
-                if "median_s" in r:  # each result as soon as it lands: a run cut short still reports
-                    print(f"  {peer}: {real / r['median_s']:,.0f} tokens/s (passes {r['seconds']}, "
-                          f"compile {r['compile_s']:.1f} s)", file=sys.stderr, flush=True)
-                if args.json:
-                    Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results + rows}, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results + rows}, indent=1))
             # accuracy reference: fp32 sentence-transformers when it ran, else its fp16 run
             ref_peer = next((p for p in ("st", "st-fp16") if (scratch / f"{p}.npy").exists()), None)
             ref = np.load(scratch / f"{ref_peer}.npy") if ref_peer else None

@@ -16,7 +16,10 @@ random-initialise any parameter it fails to match): an optional ``bert.`` prefix
 ``weight``/``gamma``/``beta`` names and transposed Linear kernels are handled, and any model parameter
 that the checkpoint lacks is an error. transformers 4.x and 5.x checkpoints both load.
 
-stdout gets exactly one JSON line; logs go to stderr.
+stdout gets exactly one JSON line; logs go to stderr. With ``--serve`` (how tools/bench.py runs it, interleaved
+with the other peers) the passes are driven over stdin instead of --warmup/--repeats: the worker prints
+``{"ready": true}``, times one pass per ``pass`` line (printing ``{"pass_s": seconds}``), and on ``done``
+prints its result line.
 """
 import argparse
 import json
@@ -73,6 +76,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pooling", choices=["mean", "cls"], default="mean")
     ap.add_argument("--save", help="write float32 embeddings, in input order, to this .npy path")
+    ap.add_argument("--serve", action="store_true", help="passes driven over stdin (see above)")
     args = ap.parse_args()
     stdout, sys.stdout = sys.stdout, sys.stderr  # keep library chatter off the JSON channel
 
@@ -122,12 +126,20 @@ def main():
         out = jax.block_until_ready([embed(params, x, m) for x, m in batches])
         return time.perf_counter() - t, out
 
-    warm = [run_pass()[0] for _ in range(args.warmup)]
-    log(f"warm-up passes: {[round(s, 3) for s in warm]} ({len({x.shape for x, _ in batches})} batch shapes)")
-    seconds, out = [], None
-    for _ in range(args.repeats):
-        s, out = run_pass()
-        seconds.append(s)
+    seconds, out, warm = [], None, []
+    if args.serve:
+        print(json.dumps({"ready": True}), file=stdout, flush=True)
+        for line in sys.stdin:
+            if line.strip() == "done":
+                break
+            s, out = run_pass()
+            print(json.dumps({"pass_s": s}), file=stdout, flush=True)
+    else:
+        warm = [run_pass()[0] for _ in range(args.warmup)]
+        log(f"warm-up passes: {[round(s, 3) for s in warm]} ({len({x.shape for x, _ in batches})} batch shapes)")
+        for _ in range(args.repeats):
+            s, out = run_pass()
+            seconds.append(s)
     median = statistics.median(seconds) if seconds else None
     real = sum(len(i) for i in ids)
     result = {
