@@ -48,8 +48,9 @@ CPU_STREAMS = 2
 MAX_SEGMENTS = 64   # texts per packed row
 PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
 # Smallest attention window for packed rows on CPU: texts are packed so that none crosses a multiple of the
-# window, and attention runs per window. MiniLM forward on 8 x 128 rows: windows of 64 1.09x, 32 1.13x
-# (BENCHMARKS.md); below 64 the windows fill worse. Accelerators: off (not measured there yet).
+# window, and attention runs per window. MiniLM forward on 8 x 128 rows: windows of 64 1.09x, 32 1.13x;
+# encode() on the benchmark corpus: 64 1.046x, 32 1.049x (BENCHMARKS.md), so 64, one compiled shape fewer.
+# Accelerators: off (not measured there yet).
 CPU_MIN_WINDOW = 64
 PACKING = ("auto", True, False)
 
