@@ -46,7 +46,9 @@ def test_plans_cover_every_text_once_with_few_shapes(budget, devices):
     ids = fake_ids(lengths)
     for plan in (plan_padded(ids, max_length=512, token_budget=budget, multiple=devices),
                  plan_packed(ids, pack_length=512, max_length=512, token_budget=budget, max_segments=64,
-                             multiple=devices)):
+                             multiple=devices),
+                 plan_packed(ids, pack_length=512, max_length=512, token_budget=budget, max_segments=64,
+                             multiple=devices, min_window=64)):
         batches = list(plan)
         index = np.concatenate([b.index for b in batches])
         assert sorted(index.tolist()) == list(range(len(ids)))
