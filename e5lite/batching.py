@@ -9,7 +9,8 @@ Two layouts, both fed to the same forward:
 
 Rows per batch come from a token budget (``budget // length``, capped by ``max_rows``); the last, smaller
 batch of each length is padded to a short row ladder (powers of 4), so a corpus compiles at most two
-shapes per length bucket. Row counts are multiples of ``multiple`` (the number of devices).
+shapes per length bucket (packed rows: per attention window in use, at most the windows' batches plus two).
+Row counts are multiples of ``multiple`` (the number of devices).
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ class Encoder:
         for name, value in (("token_budget", token_budget), ("streams", streams)):  # None: backend default
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if min_window is not None and (not isinstance(min_window, int) or min_window < 0):
+        if min_window is not None and (not isinstance(min_window, int) or isinstance(min_window, bool)
+                                       or min_window < 0):
             raise ValueError(f"min_window must be an int >= 0 (0: no windows), got {min_window!r}")
         self.max_segments = max_segments
         self.devices = list(devices or jax.local_devices())
@@ -266,38 +267,44 @@ class Encoder:
         merged = np.asarray(multihost_utils.process_allgather(local))  # [processes, share, dim]
         return merged.reshape(-1, self.dim)[:n]
 
-    def layouts(self) -> list[int]:
-        """Candidate layouts: 0 for padded batches, n for packed rows of n tokens."""
-        out = [] if self.packing is True else [0]
+    def layouts(self) -> list[tuple[int, int]]:
+        """Candidate layouts as (pack length, min window): (0, 0) for padded batches, (n, 0) for packed rows of
+        n tokens, and (n, min_window) for the same rows with attention windows."""
+        out = [] if self.packing is True else [(0, 0)]
         if self.packing is not False and self.pooling in PACKED_MODES:
-            out += [self.pack_length] if self.pack_length else sorted({min(n, self.max_length) for n in PACK_LENGTHS})
+            lengths = [self.pack_length] if self.pack_length else sorted({min(n, self.max_length) for n in PACK_LENGTHS})
+            out += [(n, w) for n in lengths for w in ((0, self.min_window) if self.min_window else (0,))]
         return out
 
     def _plan_kw(self, batch_size):
         return dict(max_length=self.max_length, token_budget=self.token_budget, max_rows=batch_size,
                     multiple=len(self.devices))
 
-    def choose_layout(self, lengths, batch_size: int | None = None) -> int:
+    def choose_layout(self, lengths, batch_size: int | None = None) -> tuple[int, int]:
         """The layout of ``layouts()`` whose batches for sequences of these lengths need the fewest multiply-adds
-        (computed from the batch shapes alone; ties go to the earlier layout)."""
-        costs = {n: forward_macs(self.config, planned_shapes(lengths, pack_length=n, max_segments=self.max_segments,
-                                                             min_window=self.min_window, **self._plan_kw(batch_size)))
-                 for n in self.layouts()}
+        (computed from the batch shapes alone; ties go to the earlier layout). Windows are weighed against
+        whole rows because they can pack worse (small ``max_segments``)."""
+        costs = {(n, w): forward_macs(self.config, planned_shapes(lengths, pack_length=n, min_window=w,
+                                                                  max_segments=self.max_segments,
+                                                                  **self._plan_kw(batch_size)))
+                 for n, w in self.layouts()}
         return min(costs, key=costs.get)
 
-    def plan(self, ids: list[np.ndarray], batch_size: int | None = None, layout: int | None = None
-             ) -> tuple[int, list[Batch]]:
+    def plan(self, ids: list[np.ndarray], batch_size: int | None = None, layout: tuple[int, int] | None = None
+             ) -> tuple[tuple[int, int], list[Batch]]:
         """(layout, batches) for these token sequences; layout None picks one with ``choose_layout``.
 
-        "auto" packing weighs padded batches and packed rows of 128, 256 and 512 tokens (up to max_length).
+        "auto" packing weighs padded batches and packed rows of 128, 256 and 512 tokens (up to max_length),
+        with and without attention windows.
         """
         if layout is None:
             layout = self.choose_layout([len(t) for t in ids], batch_size)
         kw = dict(self._plan_kw(batch_size), pad_id=self.tokenizer.pad_token_id)
-        if layout == 0:
+        pack_length, min_window = layout
+        if pack_length == 0:
             return layout, list(plan_padded(ids, **kw))
-        return layout, list(plan_packed(ids, pack_length=layout, max_segments=self.max_segments,
-                                        min_window=self.min_window, **kw))
+        return layout, list(plan_packed(ids, pack_length=pack_length, max_segments=self.max_segments,
+                                        min_window=min_window, **kw))
 
     def _dispatch(self, batch: Batch, normalize: bool):
         put = functools.partial(jax.device_put, device=self._batch_sharding)

@@ -240,8 +240,11 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
     ``attention_impl`` is "xla", "pallas" or "cudnn" (see ``attention_core``). ``attention_window`` W (packed
     rows): no sequence crosses a multiple of W positions, so attention runs on windows of W (S must divide by W).
     """
-    if attention_window is not None and (attention_window < 1 or input_ids.shape[1] % attention_window):
-        raise ValueError(f"attention_window {attention_window} must divide the sequence length {input_ids.shape[1]}")
+    if attention_window is not None:
+        if attention_window < 1 or input_ids.shape[1] % attention_window:
+            raise ValueError(f"attention_window {attention_window} must divide the sequence length {input_ids.shape[1]}")
+        if segment_ids is None:
+            raise ValueError("attention_window needs segment_ids: it is for packed rows (see plan_packed)")
     x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)
     mask = AttentionMask(attention_mask > 0, segment_ids, attention_window)
     last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states,

@@ -229,8 +229,21 @@ def test_windowed_forward_equals_whole_rows(tiny):
     np.testing.assert_allclose(run(b.window)[real], run(None)[real], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="attention_window 24 must divide the sequence length 64"):
         run(24)
-    with pytest.raises(ValueError, match="min_window must be an int >= 0"):
-        e5lite.load(tiny.model_dir, min_window=-1)
+    with pytest.raises(ValueError, match="attention_window needs segment_ids"):
+        e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask, attention_window=16)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="min_window must be an int >= 0"):
+            e5lite.load(tiny.model_dir, min_window=bad)
+
+
+def test_windows_are_weighed_against_whole_rows(tiny_dir):
+    """Few segments per row make windows pack worse: "auto" then keeps whole rows."""
+    lengths = np.random.default_rng(5).integers(5, 40, size=3000)
+    enc = e5lite.load(tiny_dir, packing=True, min_window=32, max_segments=64)
+    assert enc.layouts()[:2] == [(enc.layouts()[0][0], 0), (enc.layouts()[0][0], 32)]
+    assert enc.choose_layout(lengths)[1] == 32
+    enc.max_segments = 3
+    assert enc.choose_layout(lengths)[1] == 0
 
 
 @pytest.fixture(scope="module")

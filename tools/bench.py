@@ -303,26 +303,35 @@ class Peer:
                 print(f"  {self.peer} failed:\n{err[-3000:]}", file=sys.stderr)
                 self.error = ((err.strip().splitlines() or ["failed"])[-1])[:200]
                 break
-            if line.startswith("{") and key in (msg := json.loads(line)):
+            try:
+                msg = json.loads(line) if line.startswith("{") else {}
+            except json.JSONDecodeError:  # a library printing to stdout: not ours
+                msg = {}
+            if key in msg:
                 return msg
         return None
+
+    def _send(self, command) -> bool:
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+            return True
+        except OSError:  # the worker died between passes: _read collects its error
+            self._read("never")
+            return False
 
     def fail(self, why):
         self.error = why
         self.proc.kill()
 
     def timed_pass(self):
-        if self.error is None:
-            self.proc.stdin.write("pass\n")
-            self.proc.stdin.flush()
+        if self.error is None and self._send("pass"):
             msg = self._read("pass_s")
             if msg:
                 self.passes.append(msg["pass_s"])
 
     def finish(self, warmup: int) -> dict:
-        if self.error is None:
-            self.proc.stdin.write("done\n")
-            self.proc.stdin.flush()
+        if self.error is None and self._send("done"):
             r = self._read("peer")
             self.proc.wait()
         if self.error is not None:
@@ -337,7 +346,10 @@ class Peer:
 
 def run_peers(peers, model_dir, corpus, scratch, args, env) -> list[dict]:
     """Loads the peers one at a time, then runs warm-up rounds and timed rounds: in each round every peer
-    makes one pass over the corpus, alone on the machine, in an order that rotates from round to round."""
+    makes one pass over the corpus, alone on the machine, in an order that rotates from round to round.
+    With --sequential, each peer runs all its passes and exits before the next one loads."""
+    if args.sequential and len(peers) > 1:
+        return [r for name in peers for r in run_peers([name], model_dir, corpus, scratch, args, env)]
     live = []
     for name in peers:
         print(f"  loading {name} ...", file=sys.stderr, flush=True)
@@ -361,7 +373,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write all results here (updated after every model)")
-    ap.add_argument("--peer-timeout", type=float, default=None, help="seconds before a peer is given up")
+    ap.add_argument("--peer-timeout", type=float, default=None,
+                    help="seconds a peer may take to load or to make one pass before it is given up")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one peer at a time (all its passes, then it exits) instead of interleaved rounds: for "
+                         "accelerators, where the peers' processes would share the device memory")
     ap.add_argument("--device-note", default="", help="a line describing the machine, for the record")
     # worker mode (internal)
     ap.add_argument("--worker", default=None)
@@ -382,6 +398,8 @@ def main() -> None:
     # Every measurement runs in a subprocess on the default backend; this driver only tokenises (on the CPU),
     # so it holds no accelerator memory that the workers would then miss.
     child_env = dict(os.environ)
+    if not args.sequential:  # several JAX peers stay loaded at once: none may grab 75% of an accelerator
+        child_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ["JAX_PLATFORMS"] = "cpu"
 
     sys.path.insert(0, str(Path(__file__).parent))

@@ -24,13 +24,13 @@ for stage in "$@"; do
     tests) $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention_impl.py 2>&1 \
              | tee "$OUT/tests.log" | tail -25 ;;
     attn) $PY tools/bench_attention.py --batch "${ATTN_BATCH:-32}" 2>&1 | tee "$OUT/attn.log" ;;
-    bench-smoke) $PY tools/bench.py --models e5-base --texts 20000 --repeats 2 --json "$OUT/smoke.json" \
+    bench-smoke) $PY tools/bench.py --sequential --models e5-base --texts 20000 --repeats 2 --json "$OUT/smoke.json" \
              --peers e5lite-bf16,e5lite-bf16:xla,e5lite-bf16:pallas,e5lite-bf16:cudnn,st-fp16 2>&1 \
              | tee "$OUT/smoke.log" ;;
-    bench-base) $PY tools/bench.py --models e5-base --texts "${BASE_TEXTS:-20000}" --repeats 2 \
+    bench-base) $PY tools/bench.py --sequential --models e5-base --texts "${BASE_TEXTS:-20000}" --repeats 2 \
              --peer-timeout "${PEER_TIMEOUT:-100}" --json "$OUT/base.json" \
              --peers "${BASE_PEERS:-e5lite-bf16:cudnn,e5lite-bf16:pallas,e5lite-bf16:xla,st-fp16,torch-fp16}" 2>&1 | tee "$OUT/base.log" ;;
-    bench-large) $PY tools/bench.py --models e5-large --texts "${LARGE_TEXTS:-10000}" --repeats 2 \
+    bench-large) $PY tools/bench.py --sequential --models e5-large --texts "${LARGE_TEXTS:-10000}" --repeats 2 \
              --peer-timeout "${PEER_TIMEOUT:-100}" --json "$OUT/large.json" \
              --peers "${LARGE_PEERS:-e5lite-bf16:cudnn,e5lite-bf16:pallas,st-fp16}" 2>&1 | tee "$OUT/large.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
