@@ -96,18 +96,15 @@ def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_i
                  real_tokens=len(tokens))
 
 
-def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows: int, length: int,
-                 num_segments: int, pad_id: int, rows_of_offsets=None, window: int | None = None) -> Batch:
-    """Texts laid out in rows: end to end, or at ``rows_of_offsets`` (where each text starts in its row)."""
+def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows_of_offsets, rows: int,
+                 length: int, num_segments: int, pad_id: int, window: int) -> Batch:
+    """Texts laid out in rows, each at its offset in ``rows_of_offsets`` (where it starts in its row)."""
     per_row = np.fromiter((len(r) for r in rows_of_ids), np.int64, len(rows_of_ids))
-    tokens, of, pos, starts = _scatter_plan([t for row in rows_of_ids for t in row])
+    tokens, of, pos, _ = _scatter_plan([t for row in rows_of_ids for t in row])
     first = np.cumsum(per_row) - per_row            # flat index of each row's first text
     row_of = np.repeat(np.arange(len(per_row)), per_row)
     seg_of = np.arange(len(row_of)) - first[row_of]  # 0-based segment within its row
-    if rows_of_offsets is None:
-        offset = starts - starts[first][row_of]     # where each text starts within its row
-    else:
-        offset = np.fromiter((o for row in rows_of_offsets for o in row), np.int64, len(row_of))
+    offset = np.fromiter((o for row in rows_of_offsets for o in row), np.int64, len(row_of))
     dest = row_of[of] * length + offset[of] + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     seg = np.zeros((rows, length), dtype=np.int32)
@@ -117,7 +114,7 @@ def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, row
     position.flat[dest] = pos
     index = np.fromiter((i for row in rows_of_index for i in row), np.int64, len(row_of))
     return Batch(input_ids, (seg > 0).astype(np.int32), index, row_of * num_segments + seg_of, seg, position,
-                 num_segments, len(tokens), window or length)
+                 num_segments, len(tokens), window)
 
 
 def _split(n: int, full: int, multiple: int) -> Iterator[tuple[int, int, int]]:
@@ -249,5 +246,5 @@ def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int,
     for start, count, n_rows in _split(len(rows), full, multiple):
         part = [[int(short[i]) for i, _ in row] for row in rows[start:start + count]]
         offsets = [[o for _, o in row] for row in rows[start:start + count]]
-        yield packed_batch([[ids[i] for i in row] for row in part], part, n_rows, pack_length, max_segments,
-                           pad_id, offsets, max(row_windows[start:start + count]))
+        yield packed_batch([[ids[i] for i in row] for row in part], part, offsets, n_rows, pack_length,
+                           max_segments, pad_id, max(row_windows[start:start + count]))

@@ -110,13 +110,12 @@ def resolve_attention_impl(requested: str, platform: str, dtype, config: BertCon
     return "xla"
 
 
-def forward_macs(config: BertConfig, shapes: Iterable[tuple[int, ...]]) -> float:
-    """Multiply-adds of the forward over batches of these (rows, length[, attention window]) shapes: linear
+def forward_macs(config: BertConfig, shapes: Iterable[tuple[int, int, int]]) -> float:
+    """Multiply-adds of the forward over batches of these (rows, length, attention window) shapes: linear
     layers plus attention scores and context."""
     d, f = config.hidden_size, config.intermediate_size
     total = 0.0
-    for rows, s, *window in shapes:
-        w = window[0] if window else s
+    for rows, s, w in shapes:
         total += rows * (s * (4 * d * d + 2 * d * f) + 2 * s * w * d)
     return total * config.num_hidden_layers
 
@@ -313,7 +312,7 @@ class Encoder:
             return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 config=self.config, pooling=self.pooling, normalize=normalize,
                                 num_segments=batch.num_segments, attention_impl=self.attention_impl,
-                                attention_window=batch.window if batch.window < batch.input_ids.shape[1] else None)
+                                attention_window=batch.window)
         return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), config=self.config,
                            pooling=self.pooling, normalize=normalize, attention_impl=self.attention_impl)
 

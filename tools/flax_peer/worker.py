@@ -127,13 +127,10 @@ def main():
         return time.perf_counter() - t, out
 
     seconds, out, warm = [], None, []
-    if args.serve:
-        print(json.dumps({"ready": True}), file=stdout, flush=True)
-        for line in sys.stdin:
-            if line.strip() == "done":
-                break
-            s, out = run_pass()
-            print(json.dumps({"pass_s": s}), file=stdout, flush=True)
+    if args.serve:  # the driver's protocol, from tools/bench.py (stdlib + numpy: importable from this venv)
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from bench import serve_passes
+        out = serve_passes(lambda: run_pass()[1], stdout)
     else:
         warm = [run_pass()[0] for _ in range(args.warmup)]
         log(f"warm-up passes: {[round(s, 3) for s in warm]} ({len({x.shape for x, _ in batches})} batch shapes)")
