@@ -11,17 +11,21 @@ Rows per batch come from a token budget (``budget // length``, capped by ``max_r
 batch of each length is padded to a short row ladder (powers of 4), so a corpus compiles at most two
 shapes per length bucket (packed rows: per attention window in use, at most the windows' batches plus two).
 Row counts are multiples of ``multiple`` (the number of devices).
+
+The layout cost model sits here too: ``layouts`` lists the candidates (padded, packed rows of 128/256/512,
+with or without windows), ``choose_layout`` keeps the one whose planned shapes need the fewest multiply-adds.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 SEQ_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+PACK_LENGTHS = (128, 256, 512)  # packed row lengths that packing="auto" weighs against each other
 
 
 def seq_bucket(n: int, max_length: int) -> int:
@@ -163,12 +167,6 @@ def planned_shapes(lengths: np.ndarray, *, pack_length: int, max_length: int, to
     return shapes
 
 
-def pack_rows(lengths: np.ndarray, capacity: int, max_segments: int) -> list[list[int]]:
-    """Best-fit-decreasing packing of sequences (each <= capacity) into rows: positions per row, in order."""
-    rows, _ = pack_windows(lengths, capacity, max_segments)
-    return [[i for i, _ in row] for row in rows]
-
-
 def windows_for(pack_length: int, min_window: int | None) -> list[int]:
     """Attention windows for rows of pack_length, ascending: pack_length and its halvings down to min_window
     (None or 0: the row only)."""
@@ -248,3 +246,39 @@ def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int,
         offsets = [[o for _, o in row] for row in rows[start:start + count]]
         yield packed_batch([[ids[i] for i in row] for row in part], part, offsets, n_rows, pack_length,
                            max_segments, pad_id, max(row_windows[start:start + count]))
+
+
+# ------------------------------------------------------------------------------------------- layout costing
+
+def forward_macs(config, shapes: Iterable[tuple[int, int, int]]) -> float:
+    """Multiply-adds of the forward of a BertConfig over batches of these (rows, length, attention window)
+    shapes: linear layers plus attention scores and context."""
+    d, f = config.hidden_size, config.intermediate_size
+    total = 0.0
+    for rows, s, w in shapes:
+        total += rows * (s * (4 * d * d + 2 * d * f) + 2 * s * w * d)
+    return total * config.num_hidden_layers
+
+
+def layouts(packing, *, packable: bool, max_length: int, pack_length: int | None = None,
+            min_window: int = 0) -> list[tuple[int, int]]:
+    """Candidate layouts as (pack length, min window): (0, 0) for padded batches, (n, 0) for packed rows of
+    n tokens, and (n, min_window) for the same rows with attention windows. ``packing`` is "auto", True or
+    False; ``packable``: the pooling mode works on packed rows."""
+    out = [] if packing is True else [(0, 0)]
+    if packing is not False and packable:
+        lengths = [pack_length] if pack_length else sorted({min(n, max_length) for n in PACK_LENGTHS})
+        out += [(n, w) for n in lengths for w in ((0, min_window) if min_window else (0,))]
+    return out
+
+
+def choose_layout(lengths, candidates: Sequence[tuple[int, int]], config, *, max_segments: int, **plan_kw
+                  ) -> tuple[int, int]:
+    """The candidate layout whose batches for sequences of these lengths need the fewest multiply-adds
+    (computed from the batch shapes alone; ties go to the earlier candidate). Windows are weighed against
+    whole rows because they can pack worse (small ``max_segments``). ``plan_kw``: max_length, token_budget,
+    max_rows, multiple, as for ``planned_shapes``."""
+    costs = {(n, w): forward_macs(config, planned_shapes(lengths, pack_length=n, min_window=w,
+                                                         max_segments=max_segments, **plan_kw))
+             for n, w in candidates}
+    return min(costs, key=costs.get)

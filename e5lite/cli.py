@@ -9,13 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import E5LiteError, InputError
 from .shards import ROWS_PER_SHARD
 
 PROGRESS_MIN_TEXTS = 256  # show a progress bar on stderr from this many texts
-
-
-class InputError(ValueError):
-    pass
 
 
 def _read_texts(args) -> list[str]:
@@ -255,10 +252,9 @@ def main(argv=None) -> int:
     if getattr(args, "command", None) == "embed":
         args.field_given = args.field is not None
         args.field = args.field or "text"
-    from .errors import E5LiteError
     try:
         args.func(args)
-    except (E5LiteError, InputError, OSError, ValueError, TypeError) as e:
+    except (E5LiteError, OSError, ValueError, TypeError) as e:
         print(f"e5lite: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

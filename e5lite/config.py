@@ -7,9 +7,9 @@ import json
 import os
 from typing import Any, Mapping
 
-from .errors import E5LiteError
+from .errors import ConfigError
 
-# hidden_act -> whether GELU uses the tanh approximation (None means ReLU).
+# hidden_act -> the activation ``model.activation`` computes: exact erf GELU, tanh-approximated GELU, or ReLU.
 ACTIVATIONS = {
     "gelu": "gelu",  # exact erf GELU, as torch.nn.functional.gelu
     "gelu_new": "gelu_tanh",
@@ -17,10 +17,6 @@ ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "relu": "relu",
 }
-
-
-class ConfigError(E5LiteError, ValueError):
-    """A config.json that e5lite cannot run."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,203 @@
+"""The engine: token id sequences -> embeddings on the local devices, as fast as the host can feed them.
+
+Sequences are taken in chunks; a worker thread produces (tokenises, for ``encode``) and plans chunk k+1 while
+the devices run chunk k. Each chunk is planned into padded or packed batches (``batching.py``) whose rows
+fill a token budget; batches are sharded across the local devices and dispatched asynchronously, and
+results are read back ``in_flight`` batches behind the dispatch, so the device queue never drains while the
+host copies results out. With ``streams`` > 1 (CPU), that many threads each run one batch at a time.
+Under ``jax.distributed`` every process passes the same inputs, embeds its contiguous share, and all
+receive the merged result.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import sys
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from . import batching
+from .attention import resolve_attention_impl
+from .batching import Batch, plan_packed, plan_padded
+from .config import BertConfig
+from .model import Params, forward
+from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
+from .settings import EngineSettings
+
+# (start, end) -> the token id sequences of inputs start..end-1: tokenising texts, or slicing given ids.
+Source = Callable[[int, int], Sequence[np.ndarray]]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl"))
+def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool,
+                attention_impl: str = "xla"):
+    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm)."""
+    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl)
+    out_BD = pool(hidden_BSD, attention_mask, pooling)
+    return l2_normalize(out_BD) if normalize else out_BD
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl",
+                                             "attention_window"))
+def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
+                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None):
+    """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
+    g (1..G) of row b lands at b * G + g - 1 and G = num_segments. ``attention_window``: see ``forward``."""
+    hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
+                         position_ids=position_ids, attention_impl=attention_impl,
+                         attention_window=attention_window)
+    out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
+    out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
+    return out_BGD.reshape(-1, out_BGD.shape[-1])
+
+
+class Engine:
+    """Runs one model's forward + pooling on token ids. ``settings`` are resolved for the backend (no None
+    left, ``attention_impl`` the one that runs); ``stats`` and ``compiled_shapes`` accumulate over calls."""
+
+    def __init__(self, config: BertConfig, params: Params, *, pooling: str, max_length: int, pad_id: int,
+                 dtype, settings: EngineSettings = EngineSettings(), devices=None):
+        self.config, self.pooling, self.max_length, self.pad_id, self.dtype = config, pooling, max_length, pad_id, dtype
+        self.devices = list(devices or jax.local_devices())
+        self.platform = self.devices[0].platform
+        self.settings = self._resolve(settings)
+        if len(self.devices) > 1:
+            mesh = Mesh(np.array(self.devices), ("data",))
+            self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
+        else:
+            self._batch_sharding = self.devices[0]
+            params = jax.device_put(params, self.devices[0])
+        self.params = params
+        self.compiled_shapes: set[tuple] = set()
+        self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
+
+    def _resolve(self, settings: EngineSettings) -> EngineSettings:
+        s = settings.for_platform(self.platform)
+        if s.packing is True and self.pooling not in PACKED_MODES:
+            raise ValueError(f"packing needs pooling in {PACKED_MODES}, this model pools with {self.pooling!r}")
+        if s.pack_length is not None and s.pack_length > self.max_length:
+            raise ValueError(f"pack_length must be in [2, {self.max_length}] (max_length), got {s.pack_length}")
+        impl = resolve_attention_impl(s.attention_impl, self.platform, self.dtype,
+                                      self.config.num_attention_heads, self.config.head_dim)
+        return s.replace(attention_impl=impl)
+
+    def configure(self, **changes) -> EngineSettings:
+        """Changes settings between calls (validated; None restores the backend default); returns the new ones."""
+        self.settings = self._resolve(self.settings.replace(**changes))
+        return self.settings
+
+    # ------------------------------------------------------------------------------------------ planning
+
+    def layouts(self) -> list[tuple[int, int]]:
+        """The layouts "auto" packing weighs (see ``batching.layouts``)."""
+        s = self.settings
+        return batching.layouts(s.packing, packable=self.pooling in PACKED_MODES, max_length=self.max_length,
+                                pack_length=s.pack_length, min_window=s.min_window)
+
+    def _plan_kw(self, batch_size):
+        return dict(max_length=self.max_length, token_budget=self.settings.token_budget, max_rows=batch_size,
+                    multiple=len(self.devices))
+
+    def choose_layout(self, lengths, batch_size: int | None = None) -> tuple[int, int]:
+        """The layout of ``layouts()`` that needs the fewest multiply-adds for sequences of these lengths."""
+        return batching.choose_layout(lengths, self.layouts(), self.config, max_segments=self.settings.max_segments,
+                                      **self._plan_kw(batch_size))
+
+    def plan(self, ids: Sequence[np.ndarray], batch_size: int | None = None, layout: tuple[int, int] | None = None
+             ) -> tuple[tuple[int, int], list[Batch]]:
+        """(layout, batches) for these token sequences; layout None picks one with ``choose_layout``."""
+        if layout is None:
+            layout = self.choose_layout([len(t) for t in ids], batch_size)
+        kw = dict(self._plan_kw(batch_size), pad_id=self.pad_id)
+        pack_length, min_window = layout
+        if pack_length == 0:
+            return layout, list(plan_padded(ids, **kw))
+        return layout, list(plan_packed(ids, pack_length=pack_length, max_segments=self.settings.max_segments,
+                                        min_window=min_window, **kw))
+
+    # ------------------------------------------------------------------------------------------- running
+
+    def dispatch(self, batch: Batch, normalize: bool):
+        """Starts one batch on the devices; returns the (asynchronous) result array, one row per slot."""
+        put = functools.partial(jax.device_put, device=self._batch_sharding)
+        self.compiled_shapes.add(batch.shape)
+        kw = dict(config=self.config, pooling=self.pooling, normalize=normalize,
+                  attention_impl=self.settings.attention_impl)
+        if batch.packed:
+            return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
+                                num_segments=batch.num_segments, attention_window=batch.window, **kw)
+        return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), **kw)
+
+    def run(self, source: Source, n: int, *, normalize: bool = True, batch_size: int | None = None,
+            show_progress_bar: bool = False) -> np.ndarray:
+        """Embeddings float32 [n, dim] of the n inputs ``source`` yields, in input order."""
+        dim = self.config.hidden_size
+        if jax.process_count() == 1:
+            out = np.zeros((n, dim), dtype=np.float32)
+            self._run(source, n, out, normalize, batch_size, show_progress_bar)
+            return out
+        from jax.experimental import multihost_utils
+        share = -(-n // jax.process_count())
+        lo = min(n, jax.process_index() * share)
+        hi = min(n, lo + share)
+        local = np.zeros((share, dim), dtype=np.float32)  # equal shapes for the all-gather
+        self._run(lambda a, b: source(lo + a, lo + b), hi - lo, local, normalize, batch_size, show_progress_bar)
+        merged = np.asarray(multihost_utils.process_allgather(local))  # [processes, share, dim]
+        return merged.reshape(-1, dim)[:n]
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        # A small first chunk gets the device busy sooner; its lengths choose the layout kept for the rest,
+        # so that a corpus compiles a bounded set of shapes.
+        s = self.settings
+        starts = [0, *range(s.first_chunk_texts, n, s.chunk_texts)] if n else []
+        return list(zip(starts, starts[1:] + [n]))
+
+    def _run(self, source: Source, n: int, out: np.ndarray, normalize: bool, batch_size, show: bool) -> None:
+        """Embeds the n inputs into out[:n]: chunks produced and planned on a worker thread, batches run on
+        ``streams`` threads (or dispatched asynchronously from here with one stream)."""
+        chunks = self._chunks(n)
+        streams = self.settings.streams
+        bar = tqdm(total=n, desc="embed", unit="text", disable=not show, file=sys.stderr)
+
+        def host_work(k: int, layout):
+            return self.plan(source(*chunks[k]), batch_size, layout)
+
+        def compute(batch: Batch):
+            return np.asarray(self.dispatch(batch, normalize))
+
+        pending: collections.deque = collections.deque()
+        with contextlib.ExitStack() as stack:
+            stack.callback(bar.close)  # also when a batch raises: no stale bar left on stderr
+            planner = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+            workers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(streams)) if streams > 1 else None
+            stack.callback(lambda: [f.cancel() for _, _, f in pending if isinstance(f, concurrent.futures.Future)])
+            future = planner.submit(host_work, 0, None) if chunks else None
+            for k, (start, _) in enumerate(chunks):
+                layout, batches = future.result()
+                if k + 1 < len(chunks):
+                    future = planner.submit(host_work, k + 1, layout)
+                for batch in batches:
+                    result = workers.submit(compute, batch) if workers else self.dispatch(batch, normalize)
+                    pending.append((start, batch, result))
+                    if len(pending) > self.settings.in_flight + streams - 1:
+                        self._collect(*pending.popleft(), out, bar)
+            while pending:
+                self._collect(*pending.popleft(), out, bar)
+
+    def _collect(self, start: int, batch: Batch, result, out: np.ndarray, bar) -> None:
+        if isinstance(result, concurrent.futures.Future):
+            result = result.result()
+        out[start + batch.index] = np.asarray(result)[batch.slot]
+        self.stats["texts"] += len(batch.index)
+        self.stats["real_tokens"] += batch.real_tokens
+        self.stats["padded_tokens"] += batch.input_ids.size
+        self.stats["batches"] += 1
+        bar.update(len(batch.index))
