@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import E5LiteError, InputError
+from .files import read_records, write_atomic
+from .settings import BACKEND_DEFAULTS, default_help
 from .shards import ROWS_PER_SHARD
 
 PROGRESS_MIN_TEXTS = 256  # show a progress bar on stderr from this many texts
@@ -22,47 +23,14 @@ def _read_texts(args) -> list[str]:
         return list(args.texts)
     if args.texts:
         raise InputError("pass texts either as arguments or with --input, not both")
+    field = args.field if args.input.endswith(".jsonl") or args.field_given else None
     if args.input == "-":
-        name, raw = "<stdin>", sys.stdin.read()
-    else:
-        path = Path(args.input)
-        if not path.is_file():
-            raise InputError(f"input file {args.input!r} does not exist")
-        name = str(path)
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{name} is not UTF-8 text: {e}") from None
-    if name.endswith(".jsonl") or args.field_given:
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{name} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or args.field not in rec:
-                raise InputError(f"{name} line {n}: no field {args.field!r} (set --field)")
-            if not isinstance(rec[args.field], str):
-                raise InputError(f"{name} line {n}: field {args.field!r} is {type(rec[args.field]).__name__}, "
-                                 "expected a string")
-            texts.append(rec[args.field])
-        return texts
-    return raw.splitlines()
-
-
-def _write_atomic(path: Path, write) -> None:
-    # Write beside the target and rename, so an interrupted run never leaves a half-written output.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return [text for text, _, _ in read_records(sys.stdin.buffer, "<stdin>", field=field)]
+    path = Path(args.input)
+    if not path.is_file():
+        raise InputError(f"input file {args.input!r} does not exist")
+    with open(path, "rb") as f:
+        return [text for text, _, _ in read_records(f, str(path), field=field)]
 
 
 def _write_output(emb, output: str | None) -> None:
@@ -75,9 +43,9 @@ def _write_output(emb, output: str | None) -> None:
     if not path.parent.is_dir():
         raise InputError(f"output folder {str(path.parent)!r} does not exist")
     if path.suffix == ".npy":
-        _write_atomic(path, lambda f: np.save(f, emb))
+        write_atomic(path, lambda f: np.save(f, emb))
     elif path.suffix == ".jsonl":
-        _write_atomic(path, lambda f: f.writelines(
+        write_atomic(path, lambda f: f.writelines(
             (json.dumps({"index": i, "embedding": [float(x) for x in row]}) + "\n").encode() for i, row in
             enumerate(emb)))
     else:
@@ -171,7 +139,7 @@ def cmd_serve(args) -> None:
         from .serve import Limits, serve
     except ImportError as e:
         missing = (e.name or "").split(".")[0]
-        if missing not in ("starlette", "uvicorn"):
+        if missing not in ("starlette", "uvicorn", "pydantic"):
             raise
         raise InputError(f"e5lite serve needs the serve extra ({missing} is missing): "
                          "pip install 'e5lite[serve]'") from None
@@ -197,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
         p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
-        p.add_argument("--token-budget", type=int, default=None, help="tokens per batch (default: 1024 CPU, 65536 GPU)")
-        p.add_argument("--streams", type=int, default=None, help="batches computed at once (default: 2 CPU, 1 GPU)")
+        p.add_argument("--token-budget", type=int, default=None, help=f"tokens per batch (default: {default_help('token_budget')})")
+        p.add_argument("--streams", type=int, default=None, help=f"batches computed at once (default: {default_help('streams')})")
 
     e = sub.add_parser("embed", help="embed texts; writes .npy / .jsonl, or JSON arrays to stdout")
     common(e)
@@ -234,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for the batch worker; more get 429 (default: %(default)s)")
     v.add_argument("--max-batch-tokens", type=int, default=None,
                    help="tokens of the requests grouped into one engine call (default: 4 x the token budget: "
-                        "4096 on CPU)")
+                        f"{4 * BACKEND_DEFAULTS['cpu']['token_budget']} on CPU)")
     v.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long a request waits for batch-mates (default: %(default)s)")
     v.add_argument("--no-auto-truncate", action="store_true",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .files import read_json
 
 # hidden_act -> the activation ``model.activation`` computes: exact erf GELU, tanh-approximated GELU, or ReLU.
 ACTIVATIONS = {
@@ -68,13 +68,7 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "BertConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"missing config.json: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        d = read_json(path, error=ConfigError)
         try:
             return cls.from_dict(d)
         except ConfigError as e:

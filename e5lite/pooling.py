@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
 
 from .errors import E5LiteError
+from .files import read_json
 
 MODES = ("mean", "cls", "max", "mean_sqrt_len")
 
@@ -82,10 +82,7 @@ def read_pooling_mode(model_dir) -> str:
     pooling_dir = d / "1_Pooling"
     modules = d / "modules.json"
     if modules.is_file():
-        try:
-            entries = json.loads(modules.read_text())
-        except json.JSONDecodeError as e:
-            raise E5LiteError(f"{modules} is not valid JSON: {e}") from None
+        entries = read_json(modules)
         known = {"Transformer", "Pooling", "Normalize"}
         for m in entries:
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
@@ -97,10 +94,7 @@ def read_pooling_mode(model_dir) -> str:
     cfg_path = pooling_dir / "config.json"
     if not cfg_path.is_file():
         return "mean"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise E5LiteError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = read_json(cfg_path)
     if "pooling_mode" in cfg:  # newer sentence-transformers write the mode(s) by name
         named = cfg["pooling_mode"] if isinstance(cfg["pooling_mode"], list) else [cfg["pooling_mode"]]
         modes = [{"mean_tokens": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(str(m), str(m)) for m in named]

@@ -14,7 +14,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -23,31 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import E5LiteError
+from .files import read_json, read_records, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "e5lite-embeddings/1"
 ROWS_PER_SHARD = 8192  # one tokenisation chunk of the engine per shard
 TMP_SUFFIX = ".tmp"
 SHARD_FORMATS = ("npy", "parquet")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one, never a part."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def input_identity(path: Path, jsonl: bool) -> dict:
@@ -62,38 +43,12 @@ def input_identity(path: Path, jsonl: bool) -> dict:
 
 def read_rows(path: Path, offset: int, first_row: int, field: str | None, id_field: str | None
               ) -> Iterator[tuple[str, object, int]]:
-    """(text, id, byte offset after the row) from ``offset`` on. Lines of a .txt file are rows (a trailing
-    ``\\r`` is dropped); ``field`` set means JSON records, blank lines skipped. The id is the record's
-    ``id_field``, else the row number. Errors name the line."""
-    name = str(path)
-    row = first_row
+    """(text, id, byte offset after the row) from ``offset`` on (see ``files.read_records``)."""
     with open(path, "rb") as f:
         f.seek(offset)
-        for raw in f:
-            offset += len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise E5LiteError(f"{name} at byte {offset - len(raw)}: not UTF-8 text ({e.reason})") from None
-            if field is None:
-                yield line.rstrip("\n").removesuffix("\r"), row, offset
-                row += 1
-                continue
-            if not line.strip():
-                continue
-            where = f"{name} row {row} (byte {offset - len(raw)})"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise E5LiteError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or field not in rec:
-                raise E5LiteError(f"{where}: no field {field!r} (set --field)")
-            if not isinstance(rec[field], str):
-                raise E5LiteError(f"{where}: field {field!r} is {type(rec[field]).__name__}, expected a string")
-            if id_field is not None and id_field not in rec:
-                raise E5LiteError(f"{where}: no id field {id_field!r}")
-            yield rec[field], (rec[id_field] if id_field is not None else row), offset
-            row += 1
+        # a resumed run starts mid-file, where the line number is not known (JSONL skips blank lines)
+        yield from read_records(f, str(path), field=field, id_field=id_field, offset=offset, first_row=first_row,
+                                first_line=None if offset else 1)
 
 
 def _shard_names(k: int, fmt: str) -> list[str]:
@@ -116,13 +71,13 @@ def _encode_shard(emb: np.ndarray, ids: list, fmt: str) -> list[bytes]:
 
 def _read_manifest(out_dir: Path) -> dict | None:
     path = out_dir / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise E5LiteError(f"{path} is not a valid manifest ({e}); use --overwrite to start again") from None
-    if manifest.get("format") != FORMAT:
+        manifest = read_json(path, default=None)
+    except E5LiteError as e:
+        raise E5LiteError(f"{e}: not a valid manifest; use --overwrite to start again") from None
+    if manifest is None:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise E5LiteError(f"{path} is not an e5lite embeddings manifest; use another --output")
     return manifest
 
@@ -170,7 +125,7 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
     else:
         manifest = {"format": FORMAT, "run": run, "shards": [], "rows": 0, "offset": 0, "complete": False}
     _clean(out_dir, manifest)
-    write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     tokens, t0 = 0, time.perf_counter()
     rows = read_rows(input_path, manifest["offset"], manifest["rows"], field, id_field)
@@ -180,19 +135,18 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
             shard = list(itertools.islice(rows, rows_per_shard))
             if shard:
                 texts, ids, offsets = (list(c) for c in zip(*shard))
-                before = enc.stats["real_tokens"]
-                emb = enc.encode(texts, prompt_name=prompt_name, normalize=normalize, batch_size=batch_size,
-                                 show_progress_bar=False)
-                tokens += enc.stats["real_tokens"] - before
+                token_ids = enc.tokenize(texts, prompt_name=prompt_name)
+                tokens += sum(len(t) for t in token_ids)
+                emb = enc.embed_ids(token_ids, normalize=normalize, batch_size=batch_size, show_progress_bar=False)
                 names = _shard_names(len(manifest["shards"]), shard_format)
                 for name, data in zip(names, _encode_shard(emb, ids, shard_format)):
-                    write_durable(out_dir / name, data)
+                    write_atomic(out_dir / name, data)
                 manifest["shards"].append({"files": names, "rows": len(texts), "first_row": manifest["rows"],
                                            "end_offset": offsets[-1]})
                 manifest["rows"] += len(texts)
                 manifest["offset"] = offsets[-1]
             manifest["complete"] = len(shard) < rows_per_shard
-            write_durable(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+            write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
             bar.update(len(shard))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
     return manifest
@@ -218,7 +172,7 @@ def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = Fa
             ids += table["id"].to_pylist()
         else:
             parts.append(np.load(out_dir / shard["files"][0]))
-            ids += json.loads((out_dir / shard["files"][1]).read_text())
+            ids += read_json(out_dir / shard["files"][1])
         if parts[-1].shape != (shard["rows"], manifest["run"]["dim"]) or len(ids) != shard["first_row"] + shard["rows"]:
             raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
                               "records (changed after the run?)")

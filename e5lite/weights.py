@@ -6,7 +6,6 @@ is checked; each error names the key and the file. Reads with safetensors' numpy
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import safe_open
 
 from .config import BertConfig
 from .errors import WeightsError
+from .files import read_json
 from .model import EmbeddingParams, LayerParams, Params
 
 
@@ -106,8 +106,8 @@ def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
     index = d / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(index, error=WeightsError)["weight_map"]
+        except (KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
         files = [d / f for f in dict.fromkeys(weight_map.values())]
         for f in files:

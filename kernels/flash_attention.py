@@ -187,6 +187,7 @@ class _Config:
     block_k: int
     backend: str
     interpret: bool
+    count_visits: bool = False  # tests only: a second output counting the key blocks each query block computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,12 +212,11 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, kvalid_ref, *refs, layout: 
     """One (batch row b, head, query block i): online softmax over the needed key blocks.
 
     Refs: meta [M] int32 (whole), q [bq, K], k/v [T, K] (whole row), kvalid [1, T] int32,
-    (qseg [bq, 1], kseg [1, T] int32 when segmented), out [bq, K], visits [bq, 1] int32.
+    (qseg [bq, 1], kseg [1, T] int32 when segmented), out [bq, K], and with ``count_visits`` visits [bq, 1]
+    int32.
     """
-    if has_segments:
-        qseg_ref, kseg_ref, o_ref, visits_ref = refs
-    else:
-        o_ref, visits_ref = refs
+    qseg_ref, kseg_ref = refs[:2] if has_segments else (None, None)
+    o_ref, visits_ref = (*refs[2 * has_segments:], None)[:2]
     off = layout.offsets()
     b = pl.program_id(0)
     qi = b * layout.nq + pl.program_id(2)
@@ -263,16 +263,29 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, kvalid_ref, *refs, layout: 
     # Rows that saw no allowed key have l == 0 and acc == 0: emit zeros, not 0/0.
     l = jnp.where(l == 0.0, 1.0, l)
     o_ref[...] = (acc / l).astype(o_ref.dtype)
-    visits_ref[...] = jnp.full((block_q, 1), visits, jnp.int32)
+    if visits_ref is not None:
+        visits_ref[...] = jnp.full((block_q, 1), visits, jnp.int32)
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _meta(valid_BT, seg_BS, q_live, bq: int, bk: int, layout: "_MetaLayout"):
+    """The kernel's per-block table (see ``_MetaLayout``): each query block's first and last needed key block
+    and segment range, and each key block's segment range, as one int32 vector."""
+    qmin, qmax, kmin, kmax, needed = _block_tables(valid_BT, seg_BS, q_live, bq, bk)
+    any_needed = jnp.any(needed, axis=2)
+    first = jnp.where(any_needed, jnp.argmax(needed, axis=2), 0)
+    last = jnp.where(any_needed, layout.nk - jnp.argmax(needed[:, :, ::-1], axis=2), 0)
+    meta = jnp.concatenate([t.reshape(-1).astype(jnp.int32) for t in (first, last, qmin, qmax, kmin, kmax)])
+    return jnp.pad(meta, (0, layout.size - meta.shape[0]))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _forward(q, k, v, valid_BT, seg_BS, cfg: _Config):
-    """Kernel launch -> (ctx [B, N, S, K], visits int32 [B, N, nq] = key blocks computed per query block)."""
+    """Kernel launch -> ctx [B, N, S, K], or with ``cfg.count_visits`` (ctx, visits int32 [B, N, nq] = key blocks
+    computed per query block)."""
     B, N, S, K = q.shape
     bq, bk = cfg.block_q, cfg.block_k
     S_pad = _round_up(S, math.lcm(bq, bk))
@@ -288,13 +301,8 @@ def _forward(q, k, v, valid_BT, seg_BS, cfg: _Config):
         if has_segments:
             seg_BS = jnp.pad(seg_BS, ((0, 0), (0, pad)))
 
-    qmin, qmax, kmin, kmax, needed = _block_tables(valid_BT, seg_BS, q_live, bq, bk)
-    any_needed = jnp.any(needed, axis=2)
-    first = jnp.where(any_needed, jnp.argmax(needed, axis=2), 0)
-    last = jnp.where(any_needed, nk - jnp.argmax(needed[:, :, ::-1], axis=2), 0)
     layout = _MetaLayout(B, nq, nk)
-    meta = jnp.concatenate([t.reshape(-1).astype(jnp.int32) for t in (first, last, qmin, qmax, kmin, kmax)])
-    meta = jnp.pad(meta, (0, layout.size - meta.shape[0]))
+    meta = _meta(valid_BT, seg_BS, q_live, bq, bk, layout)
 
     kvalid_B1T = valid_BT.astype(jnp.int32)[:, None, :]
     row_spec = pl.BlockSpec((None, 1, S_pad), lambda b, n, i: (b, 0, 0))
@@ -319,18 +327,16 @@ def _forward(q, k, v, valid_BT, seg_BS, cfg: _Config):
         in_specs += [qrow_spec, row_spec]
     kernel = functools.partial(_attention_kernel, layout=layout, block_q=bq, block_k=bk,
                                has_segments=has_segments, precision=_precision(q.dtype))
-    out, visits = pl.pallas_call(
-        kernel,
-        grid=(B, N, nq),
-        in_specs=in_specs,
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda b, n, i: (b, n, i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, N, S_pad, K), q.dtype),
-                   jax.ShapeDtypeStruct((B, N, S_pad, 1), jnp.int32)],
-        interpret=cfg.interpret,
-        compiler_params=compiler_params,
-        name="e5lite_flash_attention",
-    )(*inputs)
-    return out[:, :, :S], visits[:, :, ::bq, 0]
+    out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct((B, N, S_pad, K), q.dtype)]
+    if cfg.count_visits:
+        out_specs.append(pl.BlockSpec((None, None, bq, 1), lambda b, n, i: (b, n, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, N, S_pad, 1), jnp.int32))
+    outs = pl.pallas_call(kernel, grid=(B, N, nq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=cfg.interpret, compiler_params=compiler_params,
+                          name="e5lite_flash_attention")(*inputs)
+    if cfg.count_visits:
+        return outs[0][:, :, :S], outs[1][:, :, ::bq, 0]
+    return outs[0][:, :, :S]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -399,11 +405,11 @@ def _prepare(q, k, v, key_valid_BT, segment_ids_BS, block_q, block_k, interpret,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, valid_BT, seg_BS, cfg):
-    return _forward(q, k, v, valid_BT, seg_BS, cfg)[0]
+    return _forward(q, k, v, valid_BT, seg_BS, cfg)
 
 
 def _flash_fwd(q, k, v, valid_BT, seg_BS, cfg):
-    return _forward(q, k, v, valid_BT, seg_BS, cfg)[0], (q, k, v, valid_BT, seg_BS)
+    return _forward(q, k, v, valid_BT, seg_BS, cfg), (q, k, v, valid_BT, seg_BS)
 
 
 def _flash_bwd(cfg, residuals, g):
@@ -446,4 +452,4 @@ def flash_attention_visits(q_BNSK, k_BNTK, v_BNTK, *, key_valid_BT=None, segment
     ``block_needed(...).sum(-1)`` per head; without skipping it would be nk everywhere."""
     valid, seg, cfg = _prepare(q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS,
                                block_q, block_k, interpret, backend)
-    return _forward(q_BNSK, k_BNTK, v_BNTK, valid, seg, cfg)
+    return _forward(q_BNSK, k_BNTK, v_BNTK, valid, seg, dataclasses.replace(cfg, count_visits=True))

@@ -9,7 +9,6 @@ import pytest
 
 import e5lite
 from conftest import TEXTS
-from e5lite.batching import seq_bucket
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +108,6 @@ def test_vocab_txt_fallback(tiny_copy, tiny):
     assert [t.tolist() for t in enc.tokenizer(texts)] == [t.tolist() for t in tiny.tokenizer(texts)]
 
 
-def test_bucket_lengths():
-    assert seq_bucket(17, 128) == 32 and seq_bucket(120, 128) == 128 and seq_bucket(300, 300) == 300
-    assert seq_bucket(3, 512) == 16 and seq_bucket(385, 512) == 512
-
-
 def test_dtypes(tiny_dir):
     f32 = e5lite.load(tiny_dir)
     bf16 = e5lite.load(tiny_dir, dtype="bfloat16")
@@ -123,3 +117,52 @@ def test_dtypes(tiny_dir):
     assert (a * b).sum(1).min() > 0.99
     with pytest.raises(ValueError, match="unsupported dtype"):
         e5lite.load(tiny_dir, dtype="int8")
+
+
+def test_embed_ids_equals_encode(minilm):
+    """encode() = tokenize + embed_ids, on real text with E5's prompts, packed and padded batches alike."""
+    texts = TEXTS + [f"sentence number {i} about {'many ' * (7 * i)}things" for i in range(12)]
+    for prompt_name in ("query", "passage"):
+        ids = minilm.tokenize(texts, prompt_name=prompt_name)
+        assert [t.tolist() for t in ids] == [t.tolist() for t in minilm.tokenizer(
+            [minilm.prompts[prompt_name] + t for t in texts])]
+        want = minilm.encode(texts, prompt_name=prompt_name)
+        np.testing.assert_allclose(minilm.embed_ids(ids), want, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(minilm.embed_ids([t.tolist() for t in ids], batch_size=3), want, atol=1e-6,
+                                   rtol=0)
+    raw = minilm.embed_ids(minilm.tokenize(texts[:3]), normalize=False)
+    np.testing.assert_allclose(raw, minilm.encode(texts[:3], normalize=False), atol=1e-6, rtol=0)
+    assert minilm.embed_ids([]).shape == (0, minilm.dim)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ([101, 2054, 102], TypeError, r"ids\[0\] is an int: pass a list of sequences"),
+    ("some text", TypeError, "ids must be a list of token id sequences, got str"),
+    ([[101, 102], None], TypeError, r"ids\[1\] is NoneType"),
+    ([[101, 102], ["a", "b"]], TypeError, r"ids\[1\] must be a flat sequence of ints"),
+    ([[101, 102], [[1, 2]]], TypeError, r"ids\[1\] must be a flat sequence of ints"),
+    ([[101, 102], []], ValueError, r"ids\[1\] has 0 tokens; expected 1 to 128"),
+    ([[101] * 129], ValueError, r"ids\[0\] has 129 tokens"),
+    ([[101, 102], [101, 99999, 102]], ValueError, r"ids\[1\] holds token id 99999, outside the vocabulary"),
+    ([[101, -1]], ValueError, r"ids\[0\] holds token id -1"),
+])
+def test_embed_ids_refuses_bad_ids_naming_the_sequence(tiny, bad, error, message):
+    with pytest.raises(error, match=message):
+        tiny.embed_ids(bad)
+
+
+def test_tokenize_without_truncation_names_the_long_text(tiny):
+    long_text = "word " * 500
+    with pytest.raises(e5lite.errors.TextTooLongError, match="text 1 is longer than the model's maximum of 128") as e:
+        tiny.tokenize(["short", long_text, long_text], truncate=False)
+    assert e.value.index == 1 and e.value.max_length == 128
+    assert [len(t) for t in tiny.tokenize(["short", long_text])] == [3, 128]
+
+
+def test_prompt_prefix(tiny):
+    assert tiny.prompt_prefix() == "" and tiny.prompt_prefix("query") == "query: "
+    assert tiny.prompt_prefix(prompt="Instruct: find it\nQuery: ") == "Instruct: find it\nQuery: "
+    with pytest.raises(ValueError, match="unknown prompt_name 'nope'"):
+        tiny.prompt_prefix("nope")
+    with pytest.raises(ValueError, match="either prompt or prompt_name"):
+        tiny.prompt_prefix("query", prompt="x")

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import e5lite
-from e5lite.config import ConfigError
+from e5lite.errors import ConfigError
 from e5lite.errors import E5LiteError, ModelNotFoundError, WeightsError
 
 

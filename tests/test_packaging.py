@@ -1,4 +1,5 @@
-"""kernels/ ships as e5lite.kernels, never as a top-level `kernels` module (a PyPI name transformers probes)."""
+"""The wheel: every package (the server too), and kernels/ as e5lite.kernels, never as a top-level `kernels`
+module (a PyPI name transformers probes)."""
 
 from __future__ import annotations
 
@@ -25,4 +26,5 @@ def test_wheel_maps_kernels_into_e5lite(tmp_path):
     (wheel,) = tmp_path.glob("e5lite-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "e5lite/kernels/flash_attention.py" in names
+    assert {"e5lite/serve/app.py", "e5lite/serve/protocol.py", "e5lite/attention.py", "e5lite/engine.py"} <= set(names)
     assert not any(n.startswith("kernels/") for n in names)

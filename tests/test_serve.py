@@ -1,5 +1,6 @@
 """``e5lite serve`` end to end: a subprocess on 127.0.0.1 driven by httpx and the official openai client,
-with every answer compared against ``Encoder.encode`` run here."""
+with every answer compared against ``Encoder.encode`` run here. In-process checks of the app are in
+test_serve_app.py, of the request models in test_serve_protocol.py, of the batch worker in test_serve_batcher.py."""
 
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def test_info_and_metrics(server, enc):
     info = httpx.get(server + "/info").json()
     assert info["model_id"] == "tiny-e5" and info["dim"] == 32 and info["max_input_length"] == 128
     assert info["dtype"] == "float32" and info["devices"] and info["max_client_batch_size"] == 64
-    assert info["max_batch_tokens"] == 4 * enc.token_budget
+    assert info["max_batch_tokens"] == 4 * enc.settings.token_budget
     post(server, "/embed", {"inputs": "counted"})
     post(server, "/embed", {"inputs": []})
     r = httpx.get(server + "/metrics")
@@ -275,7 +276,8 @@ def test_full_queue_answers_429(tiny_dir, enc):
 
 
 def test_import_e5lite_does_not_import_the_server_stack():
-    code = "import sys, e5lite; print(any(m in sys.modules for m in ('starlette', 'uvicorn', 'e5lite.serve')))"
+    code = ("import sys, e5lite; "
+            "print(any(m in sys.modules for m in ('starlette', 'uvicorn', 'pydantic', 'e5lite.serve')))")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
@@ -287,38 +289,3 @@ def test_serve_without_the_extra_says_how_to_install(tiny_dir):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("e5lite: error: e5lite serve needs the serve extra (starlette is missing): "
                                   "pip install 'e5lite[serve]'")
-
-
-def in_process_app(enc, **limits):
-    from starlette.testclient import TestClient
-
-    from e5lite.serve import Limits, build_app
-    return TestClient(build_app(enc, model_name="m", limits=Limits(**limits)))
-
-
-def test_no_auto_truncate_refuses_long_texts_on_v1(enc):
-    with in_process_app(enc, auto_truncate=False) as client:
-        r = client.post("/v1/embeddings", json={"input": ["short", TEXTS[2]], "model": "m"})
-        assert r.status_code == 400
-        assert r.json()["error"] == {
-            "message": "input[1] is longer than the model's maximum of 128 tokens (truncation is off)",
-            "type": "invalid_request_error", "param": "input", "code": "context_length_exceeded"}
-        r = client.post("/embed", json={"inputs": TEXTS[2], "truncate": True})  # a TEI request may still ask
-        np.testing.assert_allclose(np.array(r.json(), np.float32), enc.encode([TEXTS[2]]), atol=ATOL, rtol=0)
-
-
-def test_failing_batch_costs_its_requests_not_the_server(enc, monkeypatch):
-    encode = enc.encode
-
-    def flaky(texts, **kw):
-        if any("boom" in t for t in texts):
-            raise RuntimeError("device lost")
-        return encode(texts, **kw)
-
-    monkeypatch.setattr(enc, "encode", flaky)
-    with in_process_app(enc) as client:
-        r = client.post("/v1/embeddings", json={"input": "boom", "model": "m"})
-        assert r.status_code == 500
-        assert r.json()["error"]["message"] == "internal error: RuntimeError: device lost"
-        r = client.post("/embed", json={"inputs": "fine"})
-        assert r.status_code == 200 and client.get("/health").status_code == 200

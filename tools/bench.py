@@ -97,9 +97,9 @@ def worker(args) -> dict:
 
         passes = args.warmup + args.repeats
         out = serve_passes(run, stdout)
-        info = {"compiled_shapes": len(enc.compiled_shapes), "batches": enc.stats["batches"] // passes,
-                "padded_tokens": enc.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
-                "attention_impl": enc.attention_impl,
+        info = {"compiled_shapes": len(enc.engine.compiled_shapes), "batches": enc.engine.stats["batches"] // passes,
+                "padded_tokens": enc.engine.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
+                "attention_impl": enc.settings.attention_impl,
                 "jax": jax.__version__}
     elif peer in ("st", "st-fp16"):
         import torch

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e5lite.model import ATTENTION_IMPLS, AttentionMask, attention_core
+from e5lite.attention import ATTENTION_IMPLS, AttentionMask, attention_core
 
 
 def median_time(f, repeats: int) -> float:
@@ -112,7 +112,7 @@ def main() -> None:
         for impl in ATTENTION_IMPLS:
             try:
                 enc = e5lite.load(tmp, dtype=dtype.name, attention_impl=impl)
-                f = lambda: enc._dispatch(batch, True)  # noqa: E731
+                f = lambda: enc.engine.dispatch(batch, True)  # noqa: E731
                 t = median_time(f, max(3, args.repeats // 3))
             except Exception as e:  # noqa: BLE001
                 print(f"| {impl} | unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |")

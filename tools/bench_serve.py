@@ -103,20 +103,20 @@ def in_process(model: str, requests: list[list[str]], seconds: float) -> tuple[d
         if time.perf_counter() - t0 >= seconds:
             break
         texts = requests[i % len(requests)]
-        before = enc.stats["real_tokens"]
+        before = enc.engine.stats["real_tokens"]
         t = time.perf_counter()
         enc.encode(texts)
         latencies.append(time.perf_counter() - t)
         texts_n += len(texts)
-        tokens += enc.stats["real_tokens"] - before
+        tokens += enc.engine.stats["real_tokens"] - before
     sequential = {"wall": time.perf_counter() - t0, "latencies": latencies, "texts": texts_n, "tokens": tokens,
                   "errors": 0}
     everything = [t for texts in requests for t in texts]
     enc.encode(everything)
-    before, t = enc.stats["real_tokens"], time.perf_counter()
+    before, t = enc.engine.stats["real_tokens"], time.perf_counter()
     enc.encode(everything)
     one_call = {"wall": time.perf_counter() - t, "latencies": [], "texts": len(everything),
-                "tokens": enc.stats["real_tokens"] - before, "errors": 0}
+                "tokens": enc.engine.stats["real_tokens"] - before, "errors": 0}
     return sequential, one_call
 
 

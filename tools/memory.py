@@ -38,7 +38,7 @@ def child(model_dir: str, n: int) -> dict:
     before = _status_mb("VmRSS")
     out = enc.encode(texts)
     peak = _status_mb("VmHWM")  # ru_maxrss would inherit the parent's peak
-    shapes, tokens = len(enc.compiled_shapes), enc.stats["real_tokens"]
+    shapes, tokens = len(enc.engine.compiled_shapes), enc.engine.stats["real_tokens"]
     # Second pass over the same corpus: every shape is compiled already, so what grows now is the stream's.
     del out
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS

@@ -139,7 +139,7 @@ def test_txt_input_and_parquet_shards(tiny_dir, tmp_path):
     (["--output", "{tmp}/dir/", "some text"], "needs --input FILE"),
     (["--input", "-", "--output", "{tmp}/dir"], "needs --input FILE"),
     (["--input", "{tmp}/missing.jsonl", "--output", "{tmp}/dir"], "input file"),
-    (["--input", "{tmp}/bad.jsonl", "--output", "{tmp}/dir"], "bad.jsonl row 1 (byte 14): no field 'text'"),
+    (["--input", "{tmp}/bad.jsonl", "--output", "{tmp}/dir"], "bad.jsonl line 2 (byte 14): no field 'text'"),
     (["--id-field", "id", "--output", "{tmp}/o.npy", "x"], "--id-field needs --output DIR"),
 ])
 def test_errors(tiny_dir, tmp_path, capsys, args, message):

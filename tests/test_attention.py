@@ -12,7 +12,7 @@ from e5lite.errors import E5LiteError
 
 
 def test_auto_is_xla_on_cpu(tiny_dir):
-    assert e5lite.load(tiny_dir).attention_impl == "xla"
+    assert e5lite.load(tiny_dir).settings.attention_impl == "xla"
 
 
 def test_unavailable_or_unknown_impl(tiny_dir):
@@ -34,7 +34,7 @@ def test_pallas_model_matches_transformers(tmp_path, minilm_dir, packing):
     model.set_attn_implementation("eager")
     folder = save_layout(model.eval(), tmp_path / "m", "plain", minilm_dir)
     enc = e5lite.load(folder, attention_impl="pallas", packing=packing)
-    assert enc.attention_impl == "pallas"
+    assert enc.settings.attention_impl == "pallas"
     _, _, want = torch_reference(model, enc.tokenizer(TEXTS))
     np.testing.assert_allclose(enc.encode(TEXTS), want, atol=1e-5, rtol=0)
 
@@ -59,3 +59,23 @@ def test_pallas_e5_base_shape_hidden_states(tmp_path, minilm_dir):
                                       mask.astype(np.int32), attention_impl="pallas"))
     real = mask.astype(bool)
     assert np.abs(got_h[real] - want_h[real]).max() <= 1e-4
+
+
+def test_windows_equal_whole_rows_for_every_impl_that_runs_here():
+    """multi_head_attention on windows of W gives the whole-row result when no sequence crosses a window."""
+    from e5lite.attention import AttentionMask, multi_head_attention
+    rng = np.random.default_rng(0)
+    B, S, N, K, W = 2, 64, 2, 16, 16
+    qkv = rng.standard_normal((B, S, 3, N, K)).astype(np.float32)
+    seg = np.zeros((B, S), np.int32)
+    seg[0, :10], seg[0, 16:30], seg[0, 32:48], seg[0, 48:60] = 1, 2, 3, 4  # none crosses a multiple of 16
+    seg[1, :5] = 1
+    mask = AttentionMask(seg > 0, seg)
+    for impl in ("xla", "pallas"):
+        whole = np.asarray(multi_head_attention(qkv, mask, impl))
+        windowed = np.asarray(multi_head_attention(qkv, mask._replace(window=W), impl))
+        assert whole.shape == (B, S, N, K)
+        np.testing.assert_allclose(windowed[seg > 0], whole[seg > 0], atol=1e-6, rtol=0)
+    crossing = mask._replace(segment_ids_BS=np.where(seg == 4, 3, seg))  # segment 3 now crosses position 48
+    assert not np.allclose(np.asarray(multi_head_attention(qkv, crossing._replace(window=W)))[0, 32:60],
+                           np.asarray(multi_head_attention(qkv, crossing))[0, 32:60], atol=1e-3)

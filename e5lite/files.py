@@ -1,0 +1,91 @@
+"""Files: the one JSON-file reader, the one atomic writer and the one reader of text/JSONL inputs.
+
+Every error names the file (and for inputs the line and byte), so a user knows what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from .errors import E5LiteError, InputError
+
+_MISSING = object()
+
+
+def read_json(path: str | os.PathLike, *, default: Any = _MISSING, error: type[Exception] = E5LiteError) -> Any:
+    """The parsed JSON of a file; ``default`` when the file does not exist (else ``error``, as for bad JSON)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if default is not _MISSING:
+            return default
+        raise error(f"missing {path.name}: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Writes ``data`` (bytes, or a function writing to a binary file) to ``path`` so that a crash or an error
+    leaves either the old file or the new one, never a part: a temporary beside it, fsynced, then renamed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_records(lines, name: str, *, field: str | None = None, id_field: str | None = None, offset: int = 0,
+                 first_row: int = 0, first_line: int | None = 1) -> Iterator[tuple[str, Any, int]]:
+    """(text, id, byte offset after the row) for each row of ``lines`` (an iterable of bytes, e.g. a file
+    opened "rb" and sought to ``offset``). Without ``field`` every line is a row (a trailing ``\\r`` is
+    dropped); with ``field`` lines are JSON records, blank ones skipped. The id is the record's ``id_field``,
+    else the row number. Errors name the file, line (unless ``first_line`` is None: unknown) and byte."""
+    row, line_no = first_row, first_line or 0
+    for raw in lines:
+        start, offset, n = offset, offset + len(raw), line_no
+        line_no += 1
+        where = f"{name} line {n} (byte {start})" if first_line else f"{name} at byte {start}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: not UTF-8 text ({e.reason})") from None
+        if field is None:
+            yield line.rstrip("\n").removesuffix("\r"), row, offset
+            row += 1
+            continue
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or field not in rec:
+            raise InputError(f"{where}: no field {field!r} (set --field)")
+        if not isinstance(rec[field], str):
+            raise InputError(f"{where}: field {field!r} is {type(rec[field]).__name__}, expected a string")
+        if id_field is not None and id_field not in rec:
+            raise InputError(f"{where}: no id field {id_field!r}")
+        yield rec[field], (rec[id_field] if id_field is not None else row), offset
+        row += 1

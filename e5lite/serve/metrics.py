@@ -1,0 +1,81 @@
+"""Prometheus text for ``GET /metrics``: request counts and latencies by route, engine-call sizes, queue depth."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Histogram:
+    """A cumulative Prometheus histogram over fixed bucket bounds."""
+
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        suffix = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.count}"]
+
+
+def _head(name: str, kind: str, text: str) -> list[str]:
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+
+
+@dataclass
+class Metrics:
+    """Counters and histograms for /metrics; updated from the event loop and the batch worker."""
+    requests: Counter = field(default_factory=Counter)  # (route, status) -> count
+    latency: dict = field(default_factory=dict)  # route -> Histogram
+    batch_texts: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    batch_requests: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    texts: int = 0
+    tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[route, status] += 1
+            self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def batch(self, requests: int, texts: int, tokens: int) -> None:
+        with self.lock:
+            self.batch_texts.observe(texts)
+            self.batch_requests.observe(requests)
+            self.texts += texts
+            self.tokens += tokens
+
+    def render(self, queue_depth: int, queue_capacity: int) -> str:
+        with self.lock:
+            out = _head("e5lite_requests_total", "counter", "HTTP requests by route and status code.")
+            out += [f'e5lite_requests_total{{route="{r}",status="{s}"}} {n}'
+                    for (r, s), n in sorted(self.requests.items())]
+            out += _head("e5lite_request_duration_seconds", "histogram", "Request latency by route.")
+            for r, h in sorted(self.latency.items()):
+                out += h.lines("e5lite_request_duration_seconds", f'route="{r}"')
+            out += _head("e5lite_batch_texts", "histogram", "Texts per engine call (one dynamic batch).")
+            out += self.batch_texts.lines("e5lite_batch_texts")
+            out += _head("e5lite_batch_requests", "histogram", "Requests grouped into one engine call.")
+            out += self.batch_requests.lines("e5lite_batch_requests")
+            out += _head("e5lite_texts_embedded_total", "counter", "Texts embedded.") + [
+                f"e5lite_texts_embedded_total {self.texts}"]
+            out += _head("e5lite_tokens_embedded_total", "counter", "Tokens embedded (after truncation).") + [
+                f"e5lite_tokens_embedded_total {self.tokens}"]
+        out += _head("e5lite_queue_depth", "gauge", "Requests waiting for the batch worker.") + [
+            f"e5lite_queue_depth {queue_depth}"]
+        out += _head("e5lite_queue_capacity", "gauge", "Queue size; a full queue answers 429.") + [
+            f"e5lite_queue_capacity {queue_capacity}"]
+        return "\n".join(out) + "\n"

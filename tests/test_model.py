@@ -1,0 +1,55 @@
+"""The forward pass (model.py) on packed rows and attention windows, and its gradients. Parity with
+transformers is in test_parity.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import e5lite
+from e5lite.batching import plan_packed
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return e5lite.load(tiny_dir)
+
+
+def test_packed_forward_equals_separate_forwards(tiny):
+    """Hidden states of packed sequences equal each sequence run on its own."""
+    ids = tiny.tokenizer(["query: a short one", "passage: " + "words " * 30, "x"])
+    (b,) = plan_packed(ids, pack_length=128, max_length=128, token_budget=128, max_segments=4)
+    h = e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask, segment_ids=b.segment_ids,
+                       position_ids=b.position_ids)
+    for g, i in enumerate(b.index):
+        alone = e5lite.forward(tiny.params, tiny.config, ids[i][None], np.ones((1, len(ids[i])), np.int32))
+        np.testing.assert_allclose(np.asarray(h)[0][b.segment_ids[0] == g + 1], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_windowed_forward_equals_whole_rows(tiny):
+    ids = tiny.tokenizer(["query: a short one", "passage: " + "words " * 20, "x", "y z", "passage: more words"])
+    (b,) = plan_packed(ids, pack_length=64, max_length=64, token_budget=128, max_segments=8, min_window=16)
+    assert b.window < 64
+    run = lambda w: np.asarray(e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask,
+                                              segment_ids=b.segment_ids, position_ids=b.position_ids,
+                                              attention_window=w))
+    real = b.segment_ids > 0  # padding positions attend nothing either way; their values are not used
+    np.testing.assert_allclose(run(b.window)[real], run(None)[real], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention_window 24 must divide the sequence length 64"):
+        run(24)
+    with pytest.raises(ValueError, match="attention_window needs segment_ids"):
+        e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask, attention_window=16)
+
+
+def test_forward_is_differentiable(tiny):
+    ids = np.asarray(tiny.tokenizer(["a differentiable forward"])[0])[None]
+
+    def loss(params):
+        h = e5lite.forward(params, tiny.config, ids, np.ones_like(ids))
+        return jnp.sum(e5lite.mean_pool(h, np.ones_like(ids)) ** 2)
+
+    grads = jax.grad(loss)(tiny.params)
+    norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= len(norms) - 1  # token-type row 1 unused

@@ -1,0 +1,111 @@
+"""The server app in process (Starlette's TestClient): what the subprocess tests in test_serve.py cannot reach
+or watch, such as a failing engine call, the calls the server makes on the encoder, and /openapi.json."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TEXTS
+
+import e5lite
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")  # TestClient drives the app through httpx
+
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_dir):
+    return e5lite.load(tiny_dir)
+
+
+def in_process_app(enc, **limits):
+    from starlette.testclient import TestClient
+
+    from e5lite.serve import Limits, build_app
+    return TestClient(build_app(enc, model_name="m", limits=Limits(**limits)))
+
+
+def test_no_auto_truncate_refuses_long_texts_on_v1(enc):
+    with in_process_app(enc, auto_truncate=False) as client:
+        r = client.post("/v1/embeddings", json={"input": ["short", TEXTS[2]], "model": "m"})
+        assert r.status_code == 400
+        assert r.json()["error"] == {
+            "message": "input[1] is longer than the model's maximum of 128 tokens (truncation is off)",
+            "type": "invalid_request_error", "param": "input", "code": "context_length_exceeded"}
+        r = client.post("/embed", json={"inputs": TEXTS[2], "truncate": True})  # a TEI request may still ask
+        np.testing.assert_allclose(np.array(r.json(), np.float32), enc.encode([TEXTS[2]]), atol=ATOL, rtol=0)
+
+
+def test_failing_batch_costs_its_requests_not_the_server(enc, monkeypatch):
+    embed_ids = enc.embed_ids
+    boom = enc.tokenize(["boom"])[0]
+
+    def flaky(ids, **kw):
+        if any(np.array_equal(i, boom) for i in ids):
+            raise RuntimeError("device lost")
+        return embed_ids(ids, **kw)
+
+    monkeypatch.setattr(enc, "embed_ids", flaky)
+    with in_process_app(enc) as client:
+        r = client.post("/v1/embeddings", json={"input": "boom", "model": "m"})
+        assert r.status_code == 500
+        assert r.json()["error"]["message"] == "internal error: RuntimeError: device lost"
+        r = client.post("/embed", json={"inputs": "fine"})
+        assert r.status_code == 200 and client.get("/health").status_code == 200
+
+
+def test_each_request_is_tokenised_once_and_queued_as_token_ids(enc, monkeypatch):
+    tokenize, embed_ids = enc.tokenize, enc.embed_ids
+    tokenized, embedded = [], []
+
+    def counting_tokenize(texts, **kw):
+        tokenized.append(list(texts))
+        return tokenize(texts, **kw)
+
+    def recording_embed_ids(ids, **kw):
+        embedded.append(list(ids))
+        return embed_ids(ids, **kw)
+
+    monkeypatch.setattr(enc, "tokenize", counting_tokenize)
+    monkeypatch.setattr(enc, "embed_ids", recording_embed_ids)
+    monkeypatch.setattr(enc, "encode", None)  # the server must not go through text
+    texts = ["first text", "a second, longer text"]
+    with in_process_app(enc) as client:
+        r = client.post("/embed", json={"inputs": texts, "prompt_name": "query", "normalize": False})
+        assert r.status_code == 200, r.text
+    assert tokenized == [texts]
+    want = tokenize(texts, prompt_name="query")
+    assert len(embedded) == 1 and all(np.array_equal(a, b) for a, b in zip(embedded[0], want, strict=True))
+    np.testing.assert_allclose(np.array(r.json(), np.float32),
+                               embed_ids(want, normalize=False, show_progress_bar=False), atol=ATOL, rtol=0)
+
+
+def test_info_reports_the_engine_settings(enc):
+    with in_process_app(enc, max_batch_tokens=100) as client:
+        info = client.get("/info").json()
+    assert info["attention_impl"] == enc.settings.attention_impl and info["max_batch_tokens"] == 100
+    assert info["devices"] == [str(d) for d in enc.devices] and info["version"] == e5lite.__version__
+
+
+def test_openapi_lists_both_routes_and_request_fields(enc):
+    with in_process_app(enc) as client:
+        r = client.get("/openapi.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["openapi"].startswith("3.") and set(doc["paths"]) == {"/v1/embeddings", "/embed"}
+    schemas = doc["components"]["schemas"]
+
+    def request_schema(path):
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        return schemas[ref.rsplit("/", 1)[1]]
+
+    openai, tei = request_schema("/v1/embeddings"), request_schema("/embed")
+    assert set(openai["properties"]) == {"input", "model", "encoding_format", "dimensions", "user"}
+    assert set(openai["required"]) == {"input", "model"}
+    assert set(tei["properties"]) == {"inputs", "normalize", "truncate", "truncation_direction", "prompt_name"}
+    assert tei["required"] == ["inputs"]
+    for path in doc["paths"]:  # every $ref resolves
+        for response in doc["paths"][path]["post"]["responses"].values():
+            assert response["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1] in schemas
