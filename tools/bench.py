@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAX_PYTHON = ROOT / ".bench-venvs" / "flax" / "bin" / "python"
-PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "st", "torch", "ort", "flax")
+PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "e5lite-baseline", "st", "torch", "ort", "flax")
 MODEL_TEXTS = {"minilm": 1000, "e5-base": 150, "e5-large": 60}  # CPU-sized defaults
 SHAPES = {
     "e5-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -91,16 +91,18 @@ def worker(args) -> dict:
         if impl:
             kw["attention_impl"] = impl
         enc = e5lite.load(model_dir, max_length=args.max_length, **kw)
+        # a --baseline checkout may predate the engine split (Encoder.engine, Encoder.settings)
+        engine = getattr(enc, "engine", enc)
+        impl = getattr(enc, "settings", enc).attention_impl
 
         def run():
             return enc.encode(texts, batch_size=None)
 
         passes = args.warmup + args.repeats
         out = serve_passes(run, stdout)
-        info = {"compiled_shapes": len(enc.engine.compiled_shapes), "batches": enc.engine.stats["batches"] // passes,
-                "padded_tokens": enc.engine.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
-                "attention_impl": enc.settings.attention_impl,
-                "jax": jax.__version__}
+        info = {"compiled_shapes": len(engine.compiled_shapes), "batches": engine.stats["batches"] // passes,
+                "padded_tokens": engine.stats["padded_tokens"] // passes, "device": str(jax.devices()[0]),
+                "attention_impl": impl, "jax": jax.__version__, "e5lite": str(Path(e5lite.__file__).parent)}
     elif peer in ("st", "st-fp16"):
         import torch
         from sentence_transformers import SentenceTransformer
@@ -281,8 +283,11 @@ class Peer:
                    "--scratch", str(scratch), "--max-length", str(args.max_length_of), "--batch-size",
                    str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block
+        env = {**env, "TOKENIZERS_PARALLELISM": "true"}
+        if peer == "e5lite-baseline":  # the same worker, importing e5lite from another checkout
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.baseline, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env={**env, "TOKENIZERS_PARALLELISM": "true"})
+                                     text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.proc.stdout] + [self.lines.put(None)],
                          daemon=True).start()
@@ -379,6 +384,9 @@ def main() -> None:
                     help="one peer at a time (all its passes, then it exits) instead of interleaved rounds: for "
                          "accelerators, where the peers' processes would share the device memory")
     ap.add_argument("--device-note", default="", help="a line describing the machine, for the record")
+    ap.add_argument("--baseline", default=None,
+                    help="another e5lite checkout (e.g. `git worktree add /tmp/base main`), run as the peer "
+                         "e5lite-baseline: a change measured against the code before it, in the same run")
     # worker mode (internal)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--model-dir")
@@ -395,6 +403,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if "e5lite-baseline" in args.peers.split(",") and not (args.baseline and Path(args.baseline, "e5lite").is_dir()):
+        raise SystemExit("the e5lite-baseline peer needs --baseline DIR, a checkout with e5lite/ in it")
     # Every measurement runs in a subprocess on the default backend; this driver only tokenises (on the CPU),
     # so it holds no accelerator memory that the workers would then miss.
     child_env = dict(os.environ)
