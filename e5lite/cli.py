@@ -1,4 +1,4 @@
-"""The ``e5lite`` command: embed, score, info, serve."""
+"""The ``e5lite`` command: embed, score, eval, info, serve."""
 
 from __future__ import annotations
 
@@ -115,6 +115,33 @@ def cmd_score(args) -> None:
         print(f"P{j}: {enc.prompts['passage']}{t[:100]}{'...' if len(t) > 100 else ''}")
 
 
+def _k_values(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise InputError(f"--k must be positive integers separated by commas, got {text!r}")
+    return ks
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate_retrieval, format_table
+    k_values = _k_values(args.k)
+    if args.output is not None and not Path(args.output).parent.is_dir():
+        raise InputError(f"output folder {str(Path(args.output).parent)!r} does not exist")
+    enc = _load(args)
+    report = evaluate_retrieval(enc, args.data, split=args.split, k_values=k_values, query_prompt=args.query_prompt,
+                                passage_prompt=args.passage_prompt, batch_size=args.batch_size,
+                                corpus_embeddings=args.corpus_embeddings, show_progress_bar=True)
+    print(f"{report['data']} ({report['split']}): {report['queries']} queries, {report['corpus']} documents; "
+          f"embedding {report['embed_s']:.1f} s, search {report['search_s']:.2f} s")
+    print(format_table(report))
+    if args.output:
+        write_atomic(Path(args.output), (json.dumps(report, indent=1) + "\n").encode())
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
 def cmd_info(args) -> None:
     import jax
     from .weights import num_params
@@ -155,21 +182,23 @@ def cmd_serve(args) -> None:
     serve(enc, host=args.host, port=args.port, model_name=args.served_model_name or args.model, limits=limits)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _common(p) -> None:
+    """The flags every subcommand takes: the model and the engine."""
+    p.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help=f"tokens per batch (default: {default_help('token_budget')})")
+    p.add_argument("--streams", type=int, default=None,
+                   help=f"batches computed at once (default: {default_help('streams')})")
 
-    def common(p):
-        p.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
-        p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
-        p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
-        p.add_argument("--token-budget", type=int, default=None, help=f"tokens per batch (default: {default_help('token_budget')})")
-        p.add_argument("--streams", type=int, default=None, help=f"batches computed at once (default: {default_help('streams')})")
 
+def _add_embed(sub) -> None:
+    """``e5lite embed``: texts in, embeddings out (one file, or resumable shards)."""
     e = sub.add_parser("embed", help="embed texts; writes .npy / .jsonl, or JSON arrays to stdout")
-    common(e)
+    _common(e)
     e.add_argument("texts", nargs="*", metavar="TEXT")
     e.add_argument("--input", default=None, help="a .txt file (one text per line), a .jsonl file, or - for stdin")
     e.add_argument("--field", default=None, help="the text field of .jsonl records (default: text)")
@@ -186,14 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="--output DIR: discard a previous run there")
     e.set_defaults(func=cmd_embed)
 
+
+def _add_score(sub) -> None:
+    """``e5lite score`` (the model card demo) and ``e5lite info``."""
     s = sub.add_parser("score", help="100 x cosine scores of queries against passages (the E5 model card demo)")
-    common(s)
+    _common(s)
     s.add_argument("--query", action="append", required=True)
     s.add_argument("--passage", action="append", required=True)
     s.set_defaults(func=cmd_score)
 
+    i = sub.add_parser("info", help="config, parameter count, pooling, max length, devices")
+    _common(i)
+    i.set_defaults(func=cmd_info)
+
+
+def _add_serve(sub) -> None:
+    """``e5lite serve``: the HTTP server and its limits."""
     v = sub.add_parser("serve", help="HTTP server: OpenAI /v1/embeddings, TEI /embed, /health, /info, /metrics")
-    common(v)
+    _common(v)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8080)
     v.add_argument("--served-model-name", default=None, help="the model name in responses (default: --model)")
@@ -209,9 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse texts past the max length (TEI requests may still ask for truncate=true)")
     v.set_defaults(func=cmd_serve)
 
-    i = sub.add_parser("info", help="config, parameter count, pooling, max length, devices")
-    common(i)
-    i.set_defaults(func=cmd_info)
+
+def _add_eval(sub) -> None:
+    """``e5lite eval``: retrieval metrics on a BEIR folder."""
+    r = sub.add_parser("eval", help="retrieval metrics (nDCG, MAP, recall, precision, MRR @k) on a BEIR-format folder")
+    _common(r)
+    r.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    r.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
+    r.add_argument("--k", default="1,3,5,10,100", help="cut-offs, comma-separated (default: %(default)s)")
+    r.add_argument("--output", default=None, help="write the report (metrics, counts, timings) as JSON here")
+    r.add_argument("--corpus-embeddings", default=None,
+                   help="an e5lite embed --output DIR run over corpus.jsonl (--id-field _id), used instead of "
+                        "embedding the corpus")
+    r.add_argument("--query-prompt", default=None, help="prefix for queries (default: the model's query prompt)")
+    r.add_argument("--passage-prompt", default=None,
+                   help="prefix for documents (default: the model's passage prompt)")
+    r.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_embed, _add_score, _add_serve, _add_eval):
+        add(sub)
     return parser
 
 

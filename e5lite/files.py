@@ -56,32 +56,51 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     _fsync_dir(path.parent)
 
 
-def read_records(lines, name: str, *, field: str | None = None, id_field: str | None = None, offset: int = 0,
-                 first_row: int = 0, first_line: int | None = 1) -> Iterator[tuple[str, Any, int]]:
-    """(text, id, byte offset after the row) for each row of ``lines`` (an iterable of bytes, e.g. a file
-    opened "rb" and sought to ``offset``). Without ``field`` every line is a row (a trailing ``\\r`` is
-    dropped); with ``field`` lines are JSON records, blank ones skipped. The id is the record's ``id_field``,
-    else the row number. Errors name the file, line (unless ``first_line`` is None: unknown) and byte."""
-    row, line_no = first_row, first_line or 0
-    for raw in lines:
-        start, offset, n = offset, offset + len(raw), line_no
-        line_no += 1
-        where = f"{name} line {n} (byte {start})" if first_line else f"{name} at byte {start}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"{where}: not UTF-8 text ({e.reason})") from None
-        if field is None:
-            yield line.rstrip("\n").removesuffix("\r"), row, offset
-            row += 1
-            continue
+def iter_jsonl(lines, name: str, *, offset: int = 0, first_line: int | None = 1
+               ) -> Iterator[tuple[dict, str, int]]:
+    """(record, where, byte offset after it) for each JSON object line of ``lines`` (an iterable of bytes, e.g. a
+    file opened "rb" and sought to ``offset``); blank lines are skipped. ``where`` names the file, line (unless
+    ``first_line`` is None: unknown) and byte, for errors about the record."""
+    for n, raw in enumerate(lines, first_line or 0):
+        start, offset = offset, offset + len(raw)
+        where = _where(name, n, start, first_line)
+        line = _decode(raw, where)
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or field not in rec:
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        yield rec, where, offset
+
+
+def _where(name: str, line: int, byte: int, first_line: int | None) -> str:
+    return f"{name} line {line} (byte {byte})" if first_line else f"{name} at byte {byte}"
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not UTF-8 text ({e.reason})") from None
+
+
+def read_records(lines, name: str, *, field: str | None = None, id_field: str | None = None, offset: int = 0,
+                 first_row: int = 0, first_line: int | None = 1) -> Iterator[tuple[str, Any, int]]:
+    """(text, id, byte offset after the row) for each row of ``lines`` (an iterable of bytes). Without ``field``
+    every line is a row (a trailing ``\r`` is dropped); with ``field`` lines are JSON records (``iter_jsonl``).
+    The id is the record's ``id_field``, else the row number. Errors name the file, line and byte."""
+    row = first_row
+    if field is None:
+        for n, raw in enumerate(lines, first_line or 0):
+            start, offset = offset, offset + len(raw)
+            yield _decode(raw, _where(name, n, start, first_line)).rstrip("\n").removesuffix("\r"), row, offset
+            row += 1
+        return
+    for rec, where, offset in iter_jsonl(lines, name, offset=offset, first_line=first_line):
+        if field not in rec:
             raise InputError(f"{where}: no field {field!r} (set --field)")
         if not isinstance(rec[field], str):
             raise InputError(f"{where}: field {field!r} is {type(rec[field]).__name__}, expected a string")

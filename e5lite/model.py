@@ -144,7 +144,8 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
     """
     if attention_window is not None:
         if attention_window < 1 or input_ids.shape[1] % attention_window:
-            raise ValueError(f"attention_window {attention_window} must divide the sequence length {input_ids.shape[1]}")
+            raise ValueError(f"attention_window {attention_window} must divide the sequence length "
+                             f"{input_ids.shape[1]}")
         if segment_ids is None:
             raise ValueError("attention_window needs segment_ids: it is for packed rows (see plan_packed)")
     x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)

@@ -152,9 +152,9 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
     return manifest
 
 
-def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = False):
-    """The embeddings of a sharded ``e5lite embed --output DIR`` run as one float32 array [rows, dim] in
-    input order (and the ids, a list, when ``with_ids``). An unfinished run raises unless ``allow_partial``."""
+def open_embeddings(out_dir, *, allow_partial: bool = False) -> dict:
+    """The manifest of a sharded ``e5lite embed --output DIR`` run; an unfinished run raises unless
+    ``allow_partial``."""
     out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
     if manifest is None:
@@ -162,19 +162,34 @@ def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = Fa
     if not manifest["complete"] and not allow_partial:
         raise E5LiteError(f"{out_dir}: the run is unfinished ({manifest['rows']} rows so far); run e5lite embed "
                           "again to resume it, or pass allow_partial=True")
-    parts, ids = [], []
+    return manifest
+
+
+def iter_shards(out_dir, *, allow_partial: bool = False) -> Iterator[tuple[np.ndarray, list]]:
+    """(embeddings float32 [rows, dim], ids) of each shard in input order, one shard in memory at a time."""
+    out_dir = Path(out_dir)
+    manifest = open_embeddings(out_dir, allow_partial=allow_partial)
     for shard in manifest["shards"]:
         if manifest["run"]["shard_format"] == "parquet":
             import pyarrow.parquet as pq
             table = pq.read_table(out_dir / shard["files"][0])
-            parts.append(np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(
-                shard["rows"], -1))
-            ids += table["id"].to_pylist()
+            emb = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(shard["rows"], -1)
+            ids = table["id"].to_pylist()
         else:
-            parts.append(np.load(out_dir / shard["files"][0]))
-            ids += read_json(out_dir / shard["files"][1])
-        if parts[-1].shape != (shard["rows"], manifest["run"]["dim"]) or len(ids) != shard["first_row"] + shard["rows"]:
+            emb, ids = np.load(out_dir / shard["files"][0]), read_json(out_dir / shard["files"][1])
+        if emb.shape != (shard["rows"], manifest["run"]["dim"]) or len(ids) != shard["rows"]:
             raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
                               "records (changed after the run?)")
-    emb = np.concatenate(parts) if parts else np.zeros((0, manifest["run"]["dim"]), np.float32)
+        yield emb, ids
+
+
+def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = False):
+    """The embeddings of a sharded ``e5lite embed --output DIR`` run as one float32 array [rows, dim] in
+    input order (and the ids, a list, when ``with_ids``). An unfinished run raises unless ``allow_partial``."""
+    dim = open_embeddings(out_dir, allow_partial=allow_partial)["run"]["dim"]
+    parts, ids = [np.zeros((0, dim), np.float32)], []
+    for emb, shard_ids in iter_shards(out_dir, allow_partial=allow_partial):
+        parts.append(emb)
+        ids += shard_ids
+    emb = np.concatenate(parts)
     return (emb, ids) if with_ids else emb

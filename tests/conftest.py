@@ -137,3 +137,10 @@ def tiny_dir(tmp_path_factory, minilm_dir) -> Path:
 @pytest.fixture
 def tiny_copy(tiny_dir, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def pydoc_beir(tmp_path_factory) -> Path:
+    """A BEIR folder from Python's documentation (tests/pydoc_beir.py)."""
+    from pydoc_beir import write_pydoc_beir
+    return write_pydoc_beir(tmp_path_factory.mktemp("pydoc-beir"))

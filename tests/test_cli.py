@@ -76,8 +76,10 @@ def test_score_and_info(tiny_dir):
 @pytest.mark.parametrize("args, stdin, message", [
     (["embed", "--model", "/no/such/model", "x"], None, "does not exist"),
     (["embed", "--model", "{tiny}", "--input", "/no/such/file.txt"], None, "input file"),
-    (["embed", "--model", "{tiny}", "--input", "-", "--field", "text"], '{"text": 1}\n', "<stdin> line 1 (byte 0): field 'text' is int"),
-    (["embed", "--model", "{tiny}", "--input", "-", "--field", "t"], '{"text": "a"}\nnot json\n', "<stdin> line 1 (byte 0): no field 't'"),
+    (["embed", "--model", "{tiny}", "--input", "-", "--field", "text"], '{"text": 1}\n',
+     "<stdin> line 1 (byte 0): field 'text' is int"),
+    (["embed", "--model", "{tiny}", "--input", "-", "--field", "t"], '{"text": "a"}\nnot json\n',
+     "<stdin> line 1 (byte 0): no field 't'"),
     (["embed", "--model", "{tiny}", "--output", "out.csv", "x"], None, "use a .npy or .jsonl suffix"),
     (["embed", "--model", "{tiny}"], None, "no texts"),
     (["embed", "--model", "{tiny}", "--prompt-name", "nope", "x"], None, "unknown prompt_name"),

@@ -50,7 +50,7 @@ def test_read_records_text_and_jsonl():
     (b'{"text": "a"}\n{"text": 3}\n', "text", "d.jsonl line 2 (byte 14): field 'text' is int, expected a string"),
     (b'{"text": "a"}\nnot json\n', "text", "d.jsonl line 2 (byte 14): not valid JSON"),
     (b'{"body": "a"}\n', "text", "d.jsonl line 1 (byte 0): no field 'text' (set --field)"),
-    (b'["a"]\n', "text", "d.jsonl line 1 (byte 0): no field 'text'"),
+    (b'["a"]\n', "text", "d.jsonl line 1 (byte 0): expected a JSON object, got list"),
     (b'ok\n\xff\xfe\n', None, "d.jsonl line 2 (byte 3): not UTF-8 text"),
 ])
 def test_read_records_errors_name_line_and_byte(data, field, message):
