@@ -64,15 +64,25 @@ def _step(run_scores, run_idx, q_QD, c_BD, valid_B, offset, *, k_block: int, cos
 
 
 def _blocks(corpus, block_rows: int) -> Iterator[np.ndarray]:
-    """Corpus rows in blocks of at most block_rows: from an array, or shard by shard from an embeddings folder."""
-    if isinstance(corpus, (str, os.PathLike)):
-        from .shards import iter_shards
-        for emb, _ in iter_shards(Path(corpus)):
-            for start in range(0, len(emb), block_rows):
-                yield emb[start:start + block_rows]
+    """Corpus rows in blocks of block_rows (the last may be shorter): from an array, or from an embeddings
+    folder's shards, read one at a time."""
+    if not isinstance(corpus, (str, os.PathLike)):
+        for start in range(0, len(corpus), block_rows):
+            yield corpus[start:start + block_rows]
         return
-    for start in range(0, len(corpus), block_rows):
-        yield corpus[start:start + block_rows]
+    from .shards import iter_shards
+    parts, held = [], 0
+    for emb, _ in iter_shards(Path(corpus)):
+        while len(emb):
+            take = emb[:block_rows - held]
+            parts.append(take)
+            held += len(take)
+            emb = emb[len(take):]
+            if held == block_rows:
+                yield np.concatenate(parts)
+                parts, held = [], 0
+    if held:
+        yield np.concatenate(parts)
 
 
 def corpus_size(corpus) -> tuple[int, int]:
@@ -118,7 +128,7 @@ def search(query_emb, corpus, k: int, *, metric: str = "cosine", block_rows: int
     state = [(jnp.full((len(q), k), -jnp.inf), jnp.zeros((len(q), k), jnp.int32)) for q in q_chunks]
     place = functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec("data")) if mesh
                               else devices[0])
-    offset = 0
+    offset, previous = 0, None
     for block in _blocks(corpus, rows):
         padded = np.zeros((rows, dim), np.float32)
         padded[:len(block)] = block
@@ -127,6 +137,9 @@ def search(query_emb, corpus, k: int, *, metric: str = "cosine", block_rows: int
             state[j] = _step(*state[j], q, c, valid, jnp.int32(offset), k_block=k_block,
                              cosine=metric == "cosine", mesh=mesh)
         offset += len(block)
+        # one block in flight: without a wait, dispatch runs ahead and every block's copy stays alive
+        jax.block_until_ready(previous)
+        previous = state[-1]
     if offset != n:
         raise ValueError(f"the corpus yielded {offset} rows, expected {n}")
     scores = np.concatenate([np.asarray(s) for s, _ in state])
