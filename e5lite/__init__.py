@@ -4,6 +4,7 @@ from .config import BertConfig
 from .encoder import Encoder, load
 from .engine import Engine, embed_batch, embed_packed
 from .evaluate import evaluate_retrieval
+from .export import save_pretrained
 from .errors import E5LiteError, ModelNotFoundError, WeightsError
 from .model import Params, forward
 from .pooling import cls_pool, l2_normalize, mean_pool, pool, pool_segments
@@ -17,4 +18,4 @@ __version__ = "0.1.0"
 __all__ = ["BertConfig", "Encoder", "Engine", "EngineSettings", "E5LiteError", "ModelNotFoundError", "Params",
            "WeightsError", "cls_pool", "embed_batch", "embed_packed", "enable_compilation_cache", "forward",
            "initialize_distributed", "l2_normalize", "load", "load_params", "mean_pool", "pool", "pool_segments",
-           "read_embeddings", "search", "evaluate_retrieval"]
+           "read_embeddings", "save_pretrained", "search", "evaluate_retrieval"]

@@ -63,9 +63,9 @@ class AttentionMask(NamedTuple):
         return allowed
 
 
-def attend(q_BNSK, k_BNTK, v_BNTK, allowed):
+def attend(q_BNSK, k_BNTK, v_BNTK, allowed, dropout=None):
     """softmax(q k^T masked) v, with logits and softmax in float32. q is pre-scaled; ``allowed`` broadcasts
-    to [B, N, S, T]."""
+    to [B, N, S, T]. ``dropout`` (rng, rate): training-time dropout of the attention probabilities."""
     prec = precision(q_BNSK.dtype)
     logits_BNST = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=prec,
                              preferred_element_type=jnp.float32)
@@ -74,33 +74,46 @@ def attend(q_BNSK, k_BNTK, v_BNTK, allowed):
     # softmax(x) v = (exp(x - max) v) / sum(exp(x - max)): dividing the [S, K] context instead of the [S, T]
     # probabilities saves a pass over the scores.
     e_BNST = jnp.exp(logits_BNST - jnp.max(logits_BNST, axis=-1, keepdims=True))
-    ctx_BNSK = jnp.einsum("BNST,BNTK->BNSK", e_BNST.astype(v_BNTK.dtype), v_BNTK, precision=prec,
+    kept_BNST = e_BNST if dropout is None else drop(e_BNST, *dropout)  # dropping before the division is the same
+    ctx_BNSK = jnp.einsum("BNST,BNTK->BNSK", kept_BNST.astype(v_BNTK.dtype), v_BNTK, precision=prec,
                           preferred_element_type=jnp.float32)
     return (ctx_BNSK / jnp.sum(e_BNST, axis=-1, keepdims=True)).astype(v_BNTK.dtype)
 
 
-def attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, block: int = ATTENTION_BLOCK):
+def drop(x, rng, rate: float):
+    """Inverted dropout: each element zeroed with probability ``rate``, the rest scaled by 1 / (1 - rate)."""
+    if not rate:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, block: int = ATTENTION_BLOCK, dropout=None):
     """``attend`` one block of query rows at a time (lax.map) for long sequences."""
     B, N, S, K = q_BNSK.shape
     if S <= block or S % block:
-        return attend(q_BNSK, k_BNTK, v_BNTK, mask.logits_mask())
+        return attend(q_BNSK, k_BNTK, v_BNTK, mask.logits_mask(), dropout)
     nb = S // block
     q_bBNsK = q_BNSK.reshape(B, N, nb, block, K).transpose(2, 0, 1, 3, 4)
 
     def one(args):
         i, q = args
-        return attend(q, k_BNTK, v_BNTK, mask.logits_mask(i * block, block))
+        block_dropout = None if dropout is None else (jax.random.fold_in(dropout[0], i), dropout[1])
+        return attend(q, k_BNTK, v_BNTK, mask.logits_mask(i * block, block), block_dropout)
 
     ctx_bBNsK = lax.map(one, (jnp.arange(nb), q_bBNsK))
     return ctx_bBNsK.transpose(1, 2, 0, 3, 4).reshape(B, N, S, K)
 
 
-def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla"):
+def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla", dropout=None):
     """softmax(q k^T, masked) v by one of ATTENTION_IMPLS; q is pre-scaled. Same masking semantics for all:
     "xla" (plain jnp, blocked), "pallas" (e5lite.kernels flash attention, skips blocks that cannot
-    attend), "cudnn" (jax.nn.dot_product_attention on cuDNN; fp16/bf16 on NVIDIA GPUs only)."""
+    attend), "cudnn" (jax.nn.dot_product_attention on cuDNN; fp16/bf16 on NVIDIA GPUs only). ``dropout``
+    (rng, rate) of the attention probabilities: "xla" only."""
     if impl == "xla":
-        return attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask)
+        return attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask, dropout=dropout)
+    if dropout is not None and dropout[1]:
+        raise ValueError(f"attention dropout runs with attention_impl='xla' only, not {impl!r}")
     if impl == "pallas":
         from .kernels.flash_attention import flash_attention
         return flash_attention(q_BNSK, k_BNTK, v_BNTK, key_valid_BT=mask.key_valid_BT,
@@ -118,7 +131,7 @@ def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla
     raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
-def multi_head_attention(qkv_BSCNK, mask: AttentionMask, impl: str = "xla"):
+def multi_head_attention(qkv_BSCNK, mask: AttentionMask, impl: str = "xla", dropout=None):
     """Fused projections [B, S, 3, N, K] -> context [B, S, N, K].
 
     With ``mask.window`` W < S, rows of S are first cut into S // W rows of W: a free reshape (no sequence
@@ -129,7 +142,7 @@ def multi_head_attention(qkv_BSCNK, mask: AttentionMask, impl: str = "xla"):
         qkv_BSCNK = qkv_BSCNK.reshape(B * S // mask.window, mask.window, *qkv_BSCNK.shape[2:])
         mask = mask.windowed()
     q_BNSK, k_BNTK, v_BNTK = (qkv_BSCNK[:, :, c].transpose(0, 2, 1, 3) for c in range(3))
-    ctx_BNSK = attention_core(q_BNSK, k_BNTK, v_BNTK, mask, impl)
+    ctx_BNSK = attention_core(q_BNSK, k_BNTK, v_BNTK, mask, impl, dropout)
     return ctx_BNSK.transpose(0, 2, 1, 3).reshape(B, S, N, K)
 
 

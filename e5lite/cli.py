@@ -1,4 +1,4 @@
-"""The ``e5lite`` command: embed, score, eval, info, serve."""
+"""The ``e5lite`` command: embed, score, eval, train, info, serve."""
 
 from __future__ import annotations
 
@@ -142,6 +142,29 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.output}", file=sys.stderr)
 
 
+def cmd_train(args) -> None:
+    try:
+        import optax  # noqa: F401
+    except ImportError:
+        raise InputError("e5lite train needs the train extra (optax is missing): pip install 'e5lite[train]'") from None
+    from .encoder import load
+    from .train import TrainSettings, fit
+    settings = TrainSettings(
+        batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, epochs=args.epochs, max_steps=args.max_steps,
+        temperature=args.temperature, seed=args.seed, shuffle=not args.no_shuffle, dropout=args.dropout,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size)
+    enc = load(args.model, revision=args.revision, max_length=args.max_length)
+    summary = fit(enc, args.train, args.output, settings=settings, eval_data=args.eval, eval_every=args.eval_every,
+                  save_every=args.save_every, resume=args.resume, query_field=args.query_field,
+                  positive_field=args.positive_field, negative_field=args.negative_field)
+    print(f"trained {summary['steps']} steps (loss {summary['loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s); "
+          f"wrote the model to {args.output}", file=sys.stderr)
+    if summary["eval"]:
+        from .evaluate import format_table
+        print(format_table(summary["eval"]))
+
+
 def cmd_info(args) -> None:
     import jax
     from .weights import num_params
@@ -266,10 +289,39 @@ def _add_eval(sub) -> None:
     r.set_defaults(func=cmd_eval)
 
 
+def _add_train(sub) -> None:
+    """``e5lite train``: contrastive fine-tuning; defaults come from ``TrainSettings``."""
+    import dataclasses
+
+    from .train import TrainSettings
+    d = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    t = sub.add_parser("train", help="fine-tune on (query, positive[, negatives]) JSONL records with InfoNCE")
+    t.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    t.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    t.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    t.add_argument("--train", required=True, help="JSONL training records")
+    t.add_argument("--output", required=True, help="the model folder to write (checkpoints and log in training/)")
+    for field in ("query", "positive", "negative"):
+        t.add_argument(f"--{field}-field", default=field, help=f"the records' {field} field (default: %(default)s)")
+    for name, kind in (("batch_size", int), ("learning_rate", float), ("weight_decay", float),
+                       ("warmup_steps", int), ("epochs", int), ("max_steps", int), ("temperature", float),
+                       ("seed", int), ("dropout", float), ("chunk_size", int)):
+        t.add_argument(f"--{name.replace('_', '-')}", type=kind, default=d[name], help="default: %(default)s")
+    t.add_argument("--optimizer", default=d["optimizer"], choices=["adamw", "sgd"])
+    t.add_argument("--dtype", default=d["dtype"], choices=["float32", "bfloat16"], help="compute dtype")
+    t.add_argument("--no-shuffle", action="store_true", help="records in file order every epoch")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward")
+    t.add_argument("--eval", default=None, help="a BEIR folder evaluated during and after training")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: end only)")
+    t.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_embed, _add_score, _add_serve, _add_eval):
+    for add in (_add_embed, _add_score, _add_serve, _add_eval, _add_train):
         add(sub)
     return parser
 

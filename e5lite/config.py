@@ -33,6 +33,8 @@ class BertConfig:
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
     model_type: str = "bert"
+    hidden_dropout_prob: float = 0.1  # training only (e5lite.train); inference never drops
+    attention_probs_dropout_prob: float = 0.1
 
     def __post_init__(self):
         if self.model_type != "bert":

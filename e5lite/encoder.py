@@ -105,6 +105,10 @@ class Encoder:
     def devices(self) -> list:
         return self.engine.devices
 
+    def set_params(self, params: Params) -> None:
+        """Embeds with these weights from now on (same shapes; e.g. fine-tuned ones from ``e5lite.train``)."""
+        self.engine.set_params(params)
+
     def configure(self, **changes) -> EngineSettings:
         """Changes engine settings between calls, e.g. ``configure(token_budget=4096, packing=False)``."""
         return self.engine.configure(**changes)

@@ -71,13 +71,17 @@ class Engine:
         if len(self.devices) > 1:
             mesh = Mesh(np.array(self.devices), ("data",))
             self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))  # replicated
+            self._param_sharding = NamedSharding(mesh, PartitionSpec())  # replicated
         else:
-            self._batch_sharding = self.devices[0]
-            params = jax.device_put(params, self.devices[0])
-        self.params = params
+            self._batch_sharding = self._param_sharding = self.devices[0]
+        self.set_params(params)
         self.compiled_shapes: set[tuple] = set()
         self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
+
+    def set_params(self, params: Params) -> None:
+        """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
+        like the originals; the compiled shapes stay valid."""
+        self.params = jax.device_put(jax.tree.map(lambda x: x.astype(self.dtype), params), self._param_sharding)
 
     def _resolve(self, settings: EngineSettings) -> EngineSettings:
         s = settings.for_platform(self.platform)

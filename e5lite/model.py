@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .attention import AttentionMask, multi_head_attention, precision
+from .attention import AttentionMask, drop, multi_head_attention, precision
 from .config import BertConfig
 
 
@@ -55,6 +55,17 @@ class Params(NamedTuple):
     layers: LayerParams  # stacked: leaves are [L, ...]
 
 
+class Dropout(NamedTuple):
+    """Training-time dropout where BERT has it: ``hidden`` on the embeddings and on each sublayer's output
+    before its residual, ``attention`` on the attention probabilities. Rates are Python floats (static)."""
+    rng: jax.Array
+    hidden: float = 0.1
+    attention: float = 0.1
+
+    def split(self, n: int) -> list["Dropout"]:
+        return [self._replace(rng=k) for k in jax.random.split(self.rng, n)]
+
+
 def layer_norm(x, scale, bias, eps: float):
     """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
     x32 = x.astype(jnp.float32)
@@ -88,8 +99,9 @@ def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_B
     return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
 
 
-def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla"):
-    """Multi-head self-attention; returns [B, S, D] before the residual."""
+def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
+                   dropout: Dropout | None = None):
+    """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout)."""
     prec = precision(x_BSD.dtype)
     # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs. The 1/sqrt(K) query scale is
     # folded into the query weights and bias.
@@ -97,7 +109,8 @@ def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMas
     qkv_DCNK = jnp.stack([p.q_DNK * scale, p.k_DNK, p.v_DNK], axis=1)
     qkv_bias_CNK = jnp.stack([p.q_bias_NK * scale, p.k_bias_NK, p.v_bias_NK])
     qkv_BSCNK = jnp.einsum("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK, precision=prec) + qkv_bias_CNK
-    ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl)
+    ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
+                                    None if dropout is None else (dropout.rng, dropout.attention))
     return jnp.einsum("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, precision=prec) + p.o_bias_D
 
 
@@ -108,31 +121,39 @@ def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
     return jnp.einsum("BSF,FD->BSD", h_BSF, p.ffn_out_FD, precision=prec) + p.ffn_out_bias_D
 
 
-def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla"):
-    """One post-LayerNorm BERT layer: attention -> add & norm -> FFN -> add & norm."""
+def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
+          dropout: Dropout | None = None):
+    """One post-LayerNorm BERT layer: attention -> (dropout) add & norm -> FFN -> (dropout) add & norm."""
     eps = config.layer_norm_eps
-    x_BSD = layer_norm(x_BSD + self_attention(p, config, x_BSD, mask, attention_impl),
-                       p.attn_ln_scale_D, p.attn_ln_bias_D, eps)
-    return layer_norm(x_BSD + feed_forward(p, config, x_BSD), p.ffn_ln_scale_D, p.ffn_ln_bias_D, eps)
+    d_attn, d_out, d_ffn = dropout.split(3) if dropout is not None else (None, None, None)
+    h_BSD = self_attention(p, config, x_BSD, mask, attention_impl, d_attn)
+    h_BSD = h_BSD if d_out is None else drop(h_BSD, d_out.rng, d_out.hidden)
+    x_BSD = layer_norm(x_BSD + h_BSD, p.attn_ln_scale_D, p.attn_ln_bias_D, eps)
+    h_BSD = feed_forward(p, config, x_BSD)
+    h_BSD = h_BSD if d_ffn is None else drop(h_BSD, d_ffn.rng, d_ffn.hidden)
+    return layer_norm(x_BSD + h_BSD, p.ffn_ln_scale_D, p.ffn_ln_bias_D, eps)
 
 
 def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False,
-            attention_impl: str = "xla"):
+            attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False):
     """Runs the stacked layers with lax.scan (one layer is compiled, not L).
 
-    Returns the last hidden state [B, S, D] and, when asked, every layer's output [L, B, S, D].
+    Returns the last hidden state [B, S, D] and, when asked, every layer's output [L, B, S, D]. ``remat``
+    (gradient checkpointing): keep only each layer's input for the backward pass and recompute the rest.
     """
-    def step(x, p):
-        y = layer(p, config, x, mask, attention_impl)
+    def step(x, p_and_key):
+        p, key = p_and_key
+        y = layer(p, config, x, mask, attention_impl, None if dropout is None else dropout._replace(rng=key))
         return y, (y if output_hidden_states else None)
 
-    x_BSD, hidden_LBSD = lax.scan(step, x_BSD, layers)
+    keys = None if dropout is None else jax.random.split(dropout.rng, config.num_hidden_layers)
+    x_BSD, hidden_LBSD = lax.scan(jax.checkpoint(step) if remat else step, x_BSD, (layers, keys))
     return x_BSD, hidden_LBSD
 
 
 def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
             segment_ids=None, position_ids=None, output_hidden_states=False, attention_impl="xla",
-            attention_window: int | None = None):
+            attention_window: int | None = None, dropout: Dropout | None = None, remat: bool = False):
     """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
 
     Packed rows (several sequences in one row) pass ``segment_ids`` [B, S] (0 = padding, 1.. = sequence) and
@@ -141,6 +162,7 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
     ``hidden[0]`` is the embedding output and ``hidden[i]`` layer i's output, as transformers' tuple.
     ``attention_impl`` is "xla", "pallas" or "cudnn" (see ``attention.attention_core``). ``attention_window`` W (packed
     rows): no sequence crosses a multiple of W positions, so attention runs on windows of W (S must divide by W).
+    Training: ``dropout`` (a ``Dropout``, None in inference) and ``remat`` (gradient checkpointing per layer).
     """
     if attention_window is not None:
         if attention_window < 1 or input_ids.shape[1] % attention_window:
@@ -149,9 +171,12 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
         if segment_ids is None:
             raise ValueError("attention_window needs segment_ids: it is for packed rows (see plan_packed)")
     x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)
+    if dropout is not None:
+        d_embed, dropout = dropout.split(2)
+        x_BSD = drop(x_BSD, d_embed.rng, d_embed.hidden)
     mask = AttentionMask(attention_mask > 0, segment_ids, attention_window)
     last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states,
-                                    attention_impl=attention_impl)
+                                    attention_impl=attention_impl, dropout=dropout, remat=remat)
     if output_hidden_states:
         return last_BSD, jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0)
     return last_BSD

@@ -2,6 +2,7 @@
 
 Strict both ways: every checkpoint key is used or explicitly ignored, every param is filled, every shape
 is checked; each error names the key and the file. Reads with safetensors' numpy API (no torch).
+``to_state_dict`` goes back (Params -> BertModel tensors) through the same table, for the export.
 """
 
 from __future__ import annotations
@@ -198,3 +199,55 @@ def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
 
 def num_params(params: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# -- the way back: Params -> transformers' BertModel tensors (the export, e5lite/export.py) --
+
+def _to_stored(entry: Entry, arr: np.ndarray, dims: dict) -> np.ndarray:
+    """Undoes ``load_params``' step for one field: reshape to the stored shape (for a Linear weight, first to
+    [in, out], then transposed back to torch's [out, in])."""
+    stored = tuple(dims[d] for d in entry.stored)
+    return np.ascontiguousarray(arr.reshape(stored[::-1]).T if entry.linear else arr.reshape(stored))
+
+
+def to_state_dict(params: Params, config: BertConfig, dtype="float32") -> dict[str, np.ndarray]:
+    """``Params`` -> BertModel tensors by key, as ``BertModel.save_pretrained`` names them (no `bert.` prefix).
+
+    The exact inverse of ``load_params``, through the same table. Leaves may be jax arrays of any float dtype
+    (e.g. bf16 training weights); the result is contiguous numpy arrays of ``dtype`` (float32 by default).
+    """
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be e5lite Params, got {type(params).__name__}")
+    dtype = np.dtype(resolve_dtype(dtype))
+    dims, L = _dims(config), config.num_hidden_layers
+    out: dict[str, np.ndarray] = {}
+    for part, table, lead in (("embeddings", EMBEDDINGS, ()), ("layers", LAYER, (L,))):
+        for entry in table:
+            # device_get brings a (replicated) jax array to host; astype copies it out of the device buffer.
+            arr = np.asarray(jax.device_get(getattr(getattr(params, part), entry.field)))
+            want = lead + _field_shape(entry.field, dims)
+            if arr.shape != want:
+                raise WeightsError(f"params.{part}.{entry.field} has shape {list(arr.shape)}, expected "
+                                   f"{list(want)} from the config ({L} layers)")
+            arr = arr.astype(dtype)
+            if lead:
+                out.update({entry.key.format(i=i): _to_stored(entry, arr[i], dims) for i in range(L)})
+            else:
+                out[entry.key] = _to_stored(entry, arr, dims)
+    return out
+
+
+POOLER = re.compile(r"^pooler\.dense\.(weight|bias)$")
+
+
+def read_pooler(model_dir) -> dict[str, np.ndarray]:
+    """A checkpoint's ``pooler.dense`` tensors (float32; {} when it has none). ``load_params`` skips them, as
+    embeddings never use the pooler; an export carries them through so transformers does not initialise
+    BertModel's pooler at random (and warn about it)."""
+    out = {}
+    for path in checkpoint_files(model_dir):
+        handle = _open(path)
+        for raw in handle.keys():
+            if POOLER.match(normalize_key(raw)):
+                out[normalize_key(raw)] = np.ascontiguousarray(handle.get_tensor(raw), dtype=np.float32)
+    return out

@@ -68,3 +68,16 @@ def write_pydoc_beir(folder: Path) -> Path:
         rows = [f"{q}\t{doc}\t{grade}" for q, _, rel, s in QUERIES if s == split for doc, grade in rel.items()]
         (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
     return folder
+
+
+def training_records() -> list[dict]:
+    """Real-text training pairs from the same documentation: a topic's heading as the query, its opening as
+    the positive, and the next topic's opening as a hard negative (every third record has none)."""
+    docs = documents()
+    out = []
+    for i, d in enumerate(docs):
+        rec = {"query": d["title"], "positive": d["text"][:600]}
+        if i % 3:
+            rec["negative"] = docs[(i + 1) % len(docs)]["text"][:600]
+        out.append(rec)
+    return out

@@ -1,0 +1,148 @@
+"""e5lite train end to end: one SGD step equals torch's, the saved folder loads in sentence-transformers, a
+killed run resumes bit-identically, evaluation during training, and one-line errors for bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from pydoc_beir import training_records
+from safetensors.numpy import load_file
+
+import e5lite
+from e5lite.cli import main
+from e5lite.train_data import TokenisedPairs, read_pairs
+
+
+
+def write_records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def records_file(tmp_path_factory):
+    return write_records(tmp_path_factory.mktemp("train") / "pairs.jsonl", training_records())
+
+
+def test_one_sgd_step_equals_torch(minilm_dir, tmp_path):
+    """The records of test_train_step (with hard negatives, some rows padded), one step of plain SGD."""
+    from test_train_step import PAIRS
+    records_file = write_records(tmp_path / "pairs.jsonl", [
+        {"query": q, "positive": p, "negative": n} for q, p, n in zip(PAIRS.queries, PAIRS.positives, PAIRS.negatives)])
+    out = tmp_path / "model"
+    assert main(["train", "--model", str(minilm_dir), "--train", str(records_file), "--output", str(out),
+                 "--optimizer", "sgd", "--learning-rate", "0.05", "--weight-decay", "0", "--dropout", "0",
+                 "--no-shuffle", "--batch-size", "4", "--max-steps", "1"]) == 0
+    import transformers
+    model = transformers.AutoModel.from_pretrained(minilm_dir, attn_implementation="eager").float().eval()
+    batch, _ = TokenisedPairs(e5lite.load(minilm_dir), read_pairs(records_file)).batch(np.arange(4))
+
+    def embed(ids, mask):
+        h = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+        m = torch.tensor(mask, dtype=torch.float32)[..., None]
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+    logits = embed(batch.q_ids, batch.q_mask) @ embed(batch.p_ids, batch.p_mask).T / 0.01
+    logits = logits.masked_fill(~torch.tensor(batch.p_valid)[None, :], float("-inf"))
+    torch.nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    saved = load_file(str(out / "model.safetensors"))
+    moved = 0.0
+    for name, p in model.named_parameters():
+        if p.grad is None:  # the pooler: not part of the embedding
+            continue
+        want = p.detach().numpy()
+        moved = max(moved, float(np.abs(p.grad.numpy()).max()) * 0.05)
+        assert np.abs(saved[name] - want).max() <= 1e-5, (name, np.abs(saved[name] - want).max())
+    assert moved > 1e-3  # the step changed the weights well beyond the tolerance
+
+
+def test_the_trained_folder_loads_in_sentence_transformers(minilm_dir, records_file, tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "--model", str(minilm_dir), "--train", str(records_file), "--output", str(out),
+                 "--batch-size", "8", "--max-steps", "2", "--learning-rate", "1e-4"]) == 0
+    from sentence_transformers import SentenceTransformer
+    texts = [r["query"] for r in training_records()[:6]]
+    ours = e5lite.load(out).encode(texts, prompt_name="query")
+    theirs = SentenceTransformer(str(out), device="cpu").encode(texts, prompt_name="query", normalize_embeddings=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    assert np.abs(ours - e5lite.load(minilm_dir).encode(texts, prompt_name="query")).max() > 1e-4  # it trained
+    log = [json.loads(line) for line in (out / "training" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 and r["tokens"] > 0 for r in log)
+
+
+def train_cmd(model, records, out, *extra):
+    return [sys.executable, "-m", "e5lite.cli", "train", "--model", str(model), "--train", str(records), "--output",
+            str(out), "--batch-size", "8", "--epochs", "3", "--learning-rate", "1e-3", "--save-every", "3", *extra]
+
+
+def test_a_killed_run_resumes_bit_identically(tiny_dir, records_file, tmp_path):
+    """Dropout on (the checkpoint's 0.1), shuffled epochs: kill -9 after a checkpoint, resume, and the final
+    weights equal an uninterrupted run's exactly."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    whole = subprocess.run(train_cmd(tiny_dir, records_file, tmp_path / "whole"), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(train_cmd(tiny_dir, records_file, tmp_path / "cut"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "cut" / "training" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(checkpoint.read_text())["step"]
+    assert 0 < step < 27 and not (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = subprocess.run(train_cmd(tiny_dir, records_file, tmp_path / "cut", "--resume"), env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "training" / "train_log.jsonl").read_text().splitlines()]
+    whole_log = [json.loads(line) for line in (tmp_path / "whole" / "training" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 28)) and [r["loss"] for r in log] == [r["loss"] for r in whole_log]
+
+
+def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["train", "--model", str(tiny_dir), "--train", str(records_file), "--output", str(out),
+                 "--batch-size", "8", "--max-steps", "4", "--eval", str(pydoc_beir), "--eval-every", "2"]) == 0
+    log = [json.loads(line) for line in (out / "training" / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval"]["ndcg_at_10"] <= 1 for r in evals)
+    assert "| 10 |" in capsys.readouterr().out  # the final evaluation's table
+
+
+@pytest.mark.parametrize("records, args, message", [
+    ([{"query": "q", "positive": "p"}, {"query": "q2"}], [], "pairs.jsonl line 2 (byte 32): no field 'positive'"),
+    ([{"query": 3, "positive": "p"}], [], "line 1 (byte 0): field 'query' is int, expected a string"),
+    ([{"query": "q", "positive": "p", "negative": [1]}], [], "field 'negative' must be a string or a list"),
+    ([{"question": "q", "positive": "p"}], ["--query-field", "question", "--batch-size", "2"],
+     "1 training records do not fill one batch of 2"),
+    ([{"query": "q", "positive": "p"}] * 4, ["--batch-size", "4", "--chunk-size", "3"],
+     "batch_size 4 must be a multiple of chunk_size 3"),
+])
+def test_bad_training_data_is_one_line(tiny_dir, tmp_path, capsys, records, args, message):
+    path = write_records(tmp_path / "pairs.jsonl", records)
+    assert main(["train", "--model", str(tiny_dir), "--train", str(path), "--output", str(tmp_path / "o"),
+                 *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("e5lite: error:") and message in err and "\n" not in err, err
+
+
+def test_output_and_resume_are_checked(tiny_dir, records_file, tmp_path, capsys):
+    out = tmp_path / "model"
+    base = ["train", "--model", str(tiny_dir), "--train", str(records_file), "--output", str(out), "--batch-size",
+            "8", "--max-steps", "4", "--save-every", "2"]
+    assert main(base) == 0
+    assert main(base) == 1 and "is not empty; pass --resume" in capsys.readouterr().err
+    assert main([*base, "--resume", "--learning-rate", "1e-3"]) == 1
+    assert "holds a run with other settings" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""train_step.py and loss.py: the InfoNCE loss and its gradient equal torch on transformers' BertModel (the
+real all-MiniLM-L6-v2, dropout off); GradCache chunks give the whole batch's gradient; dropout is BERT's."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import e5lite
+from e5lite.train_data import Pairs, TokenisedPairs
+from e5lite.train_step import StepConfig, loss_and_grads
+from e5lite.weights import to_state_dict
+
+PAIRS = Pairs(
+    queries=["how do I catch an exception and still run cleanup code", "exit a loop early",
+             "define a small anonymous function inline", "format a number with two decimal places"],
+    positives=[
+        'The "try" statement specifies exception handlers and/or cleanup code for a group of statements.',
+        '"break" may only occur syntactically nested in a "for" or "while" loop; it terminates the nearest loop.',
+        "Lambda expressions (sometimes called lambda forms) are used to create anonymous functions.",
+        "The string format() method formats a number; the precision is how many digits follow the decimal point.",
+    ],
+    negatives=[['The "raise" statement: if no expressions are present, raise re-raises the exception.'],
+               ['"continue" continues with the next cycle of the nearest enclosing loop.'], [], []],
+)
+
+
+def step_config(enc, dropout=0.0, chunk_size=None, remat=False, dtype="float32"):
+    return StepConfig(enc.config, enc.pooling, 0.01, dropout, dropout, dtype, remat, chunk_size)
+
+
+@pytest.fixture(scope="module")
+def setup(minilm_dir):
+    enc = e5lite.load(minilm_dir)
+    batch, _ = TokenisedPairs(enc, PAIRS).batch(np.arange(4))
+    return enc, batch
+
+
+def torch_loss_and_grads(minilm_dir, batch):
+    import transformers
+    model = transformers.AutoModel.from_pretrained(minilm_dir, attn_implementation="eager").float().eval()
+
+    def embed(ids, mask):
+        h = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+        m = torch.tensor(mask, dtype=torch.float32)[..., None]
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+    q, p = embed(batch.q_ids, batch.q_mask), embed(batch.p_ids, batch.p_mask)
+    logits = (q @ p.T) / 0.01
+    logits = logits.masked_fill(~torch.tensor(batch.p_valid)[None, :], float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(q)))
+    loss.backward()
+    return loss.item(), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_and_gradient_equal_torch(minilm_dir, setup):
+    enc, batch = setup
+    assert batch.p_valid.tolist() == [True] * 4 + [True, True, False, False]  # padded negative rows
+    want_loss, want = torch_loss_and_grads(minilm_dir, batch)
+    loss, grads = loss_and_grads(enc.params, batch, jax.random.PRNGKey(0), step_config(enc))
+    assert abs(float(loss) - want_loss) <= 1e-4 * abs(want_loss), (float(loss), want_loss)
+    got = to_state_dict(grads, enc.config)
+    assert set(want) <= set(got)
+    # fp32 rounding, amplified by the 1/0.01 logit scale, measured against the largest gradient (some leaves,
+    # e.g. key biases, have a true gradient of 0 and only rounding noise)
+    scale = max(np.abs(g).max() for g in want.values())
+    for name, g in want.items():
+        assert np.abs(got[name] - g).max() <= 2e-5 * scale, (name, np.abs(got[name] - g).max(), scale)
+
+
+@pytest.mark.parametrize("chunk_size, remat", [(2, False), (1, True)])
+def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
+    enc, batch = setup
+    key = jax.random.PRNGKey(0)
+    loss, grads = loss_and_grads(enc.params, batch, key, step_config(enc))
+    c_loss, c_grads = loss_and_grads(enc.params, batch, key, step_config(enc, chunk_size=chunk_size, remat=remat))
+    assert abs(float(c_loss) - float(loss)) <= 1e-5 * abs(float(loss))  # fp32 rounding of other GEMM shapes
+    scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads))
+    for a, b in zip(jax.tree.leaves(c_grads), jax.tree.leaves(grads)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale
+
+
+def test_dropout_is_random_per_key_and_off_at_zero(setup):
+    enc, batch = setup
+    sc = step_config(enc, dropout=0.1)
+    a, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(1), sc)
+    b, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(1), sc)
+    c, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(2), sc)
+    off, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(1), step_config(enc))
+    assert float(a) == float(b) and float(a) != float(c) and float(a) != float(off)
+
+
+def test_bf16_compute_keeps_float32_gradients(setup):
+    enc, batch = setup
+    loss, grads = loss_and_grads(enc.params, batch, jax.random.PRNGKey(0), step_config(enc, dtype="bfloat16"))
+    ref, ref_grads = loss_and_grads(enc.params, batch, jax.random.PRNGKey(0), step_config(enc))
+    assert all(g.dtype == np.float32 for g in jax.tree.leaves(grads))
+    assert abs(float(loss) - float(ref)) < 0.05 * abs(float(ref))
