@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from .config import BertConfig
 from .errors import ConfigError, E5LiteError
-from .files import read_json, write_atomic
+from .files import fsync, read_json, write_atomic
 from .model import Params
 from .pooling import MODES
 from .weights import read_pooler, to_state_dict
@@ -89,7 +89,7 @@ def save_model(out_dir, *, source_dir, config: BertConfig, params: Params, max_l
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # transformers requires format=pt
-        _fsync(tmp / WEIGHTS)
+        fsync(tmp / WEIGHTS)
         write_atomic(tmp / "config.json", _json_bytes(hf_config))
         for name, data in {**tokenizer, **st_files}.items():
             (tmp / name).parent.mkdir(exist_ok=True)
@@ -145,21 +145,12 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _fsync(path: Path) -> None:
-    """Flushes a file's or folder's contents (a folder: its entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, out: Path, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
     """Moves the finished folder to ``out`` by renames: ``out`` is the old folder or the new one, never a part.
 
     An old non-empty folder (``overwrite``) is renamed aside first and deleted once the new one is in place.
     """
-    _fsync(tmp)
+    fsync(tmp)
     old = None
     if out.is_dir() and any(out.iterdir()):
         _check_target(out, overwrite)  # again: the folder may have been filled while we wrote
@@ -173,7 +164,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool, keep: tuple[str, ...] = ()) 
         if old is not None:
             os.rename(old, out)
         raise
-    _fsync(out.parent)
+    fsync(out.parent)
     if old is not None:
         for name in keep:
             if (old / name).exists():

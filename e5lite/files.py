@@ -30,7 +30,8 @@ def read_json(path: str | os.PathLike, *, default: Any = _MISSING, error: type[E
         raise error(f"{path} is not valid JSON: {e}") from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flushes a file's contents, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,7 +54,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def iter_jsonl(lines, name: str, *, offset: int = 0, first_line: int | None = 1

@@ -135,8 +135,9 @@ def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attent
 
 
 def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False,
-            attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False):
-    """Runs the stacked layers with lax.scan (one layer is compiled, not L).
+            attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False, unroll: bool = False):
+    """Runs the stacked layers with lax.scan (one layer is compiled, not L; ``unroll`` compiles all L, which
+    XLA:CPU runs faster in the backward pass).
 
     Returns the last hidden state [B, S, D] and, when asked, every layer's output [L, B, S, D]. ``remat``
     (gradient checkpointing): keep only each layer's input for the backward pass and recompute the rest.
@@ -147,13 +148,15 @@ def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
         return y, (y if output_hidden_states else None)
 
     keys = None if dropout is None else jax.random.split(dropout.rng, config.num_hidden_layers)
-    x_BSD, hidden_LBSD = lax.scan(jax.checkpoint(step) if remat else step, x_BSD, (layers, keys))
+    x_BSD, hidden_LBSD = lax.scan(jax.checkpoint(step) if remat else step, x_BSD, (layers, keys),
+                                  unroll=True if unroll else 1)
     return x_BSD, hidden_LBSD
 
 
 def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
             segment_ids=None, position_ids=None, output_hidden_states=False, attention_impl="xla",
-            attention_window: int | None = None, dropout: Dropout | None = None, remat: bool = False):
+            attention_window: int | None = None, dropout: Dropout | None = None, remat: bool = False,
+            unroll: bool = False):
     """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
 
     Packed rows (several sequences in one row) pass ``segment_ids`` [B, S] (0 = padding, 1.. = sequence) and
@@ -162,7 +165,8 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
     ``hidden[0]`` is the embedding output and ``hidden[i]`` layer i's output, as transformers' tuple.
     ``attention_impl`` is "xla", "pallas" or "cudnn" (see ``attention.attention_core``). ``attention_window`` W (packed
     rows): no sequence crosses a multiple of W positions, so attention runs on windows of W (S must divide by W).
-    Training: ``dropout`` (a ``Dropout``, None in inference) and ``remat`` (gradient checkpointing per layer).
+    Training: ``dropout`` (a ``Dropout``, None in inference), ``remat`` (gradient checkpointing per layer) and
+    ``unroll`` (see ``encoder``).
     """
     if attention_window is not None:
         if attention_window < 1 or input_ids.shape[1] % attention_window:
@@ -176,7 +180,7 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
         x_BSD = drop(x_BSD, d_embed.rng, d_embed.hidden)
     mask = AttentionMask(attention_mask > 0, segment_ids, attention_window)
     last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states,
-                                    attention_impl=attention_impl, dropout=dropout, remat=remat)
+                                    attention_impl=attention_impl, dropout=dropout, remat=remat, unroll=unroll)
     if output_hidden_states:
         return last_BSD, jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0)
     return last_BSD

@@ -92,16 +92,18 @@ def _check_output(out: Path, resume: bool) -> None:
 
 class _Log:
     """The JSONL log of steps and evaluations; on resume, lines past the checkpoint (steps that will run
-    again) are dropped, so the log reads as one uninterrupted run."""
+    again) are dropped, so the log reads as one uninterrupted run. Only the writing process (0) writes."""
 
-    def __init__(self, path: Path, start: int):
-        self.path = path
-        if path.is_file():
+    def __init__(self, path: Path, start: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and path.is_file():
             lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
             keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
             write_atomic(path, "".join(ln + "\n" for ln in keep).encode())
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -120,6 +122,7 @@ def _meta(enc, train: Path, s: TrainSettings, fields: tuple) -> dict:
 
 
 def _evaluate(enc, params, eval_data, step: int, log: _Log) -> dict:
+    """Every process evaluates (encode is collective under jax.distributed); ``params`` are host arrays."""
     from .evaluate import evaluate_retrieval
     enc.set_params(params)
     report = evaluate_retrieval(enc, eval_data, show_progress_bar=False)
@@ -152,15 +155,17 @@ class _Run:
         from .train_step import StepConfig, decay_mask
         self.s, self.out = s, Path(output)
         _check_output(self.out, resume)
+        self.place = _Placement(s)
+        self.place.barrier("checked the output folder")  # before process 0 creates anything there
         pairs = read_pairs(train, **dict(zip(("query_field", "positive_field", "negative_field"), fields)))
         self.enc = model if isinstance(model, Encoder) else load(model)
         self.data = TokenisedPairs(self.enc, pairs)
         self.steps = total_steps(len(self.data), s)
-        self.place = _placement(self.enc.devices, s)
-        self.params = self.place.params(jax.tree.map(lambda x: x.astype("float32"), self.enc.params))
+        self.params = self.place.params(jax.tree.map(lambda x: np.asarray(x, np.float32), self.enc.params))
         self.optimizer, self.schedule = make_optimizer(s, self.steps, decay_mask(self.params))
         self.opt_state, self.start = self.optimizer.init(self.params), 0
-        (self.out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        if self.place.writer:
+            (self.out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         self.meta = _meta(self.enc, Path(train), s, fields)
         found = load_checkpoint(self.out / STATE_DIR, (self.params, self.opt_state)) if resume else None
         if found is not None:
@@ -173,7 +178,7 @@ class _Run:
         hidden, attention = _dropout_rates(self.enc.config, s)
         self.sc = StepConfig(self.enc.config, self.enc.pooling, s.temperature, hidden, attention, s.dtype,
                              s.gradient_checkpointing, s.chunk_size)
-        self.log = _Log(self.out / STATE_DIR / LOG, self.start)
+        self.log = _Log(self.out / STATE_DIR / LOG, self.start, self.place.writer)
 
     def loop(self, eval_data, eval_every, save_every, show_progress) -> dict:
         import jax
@@ -189,19 +194,23 @@ class _Run:
                 self.params, self.opt_state, loss = train_step(
                     self.params, self.opt_state, self.place.batch(batch), jax.random.fold_in(key, step), sc=self.sc,
                     optimizer=self.optimizer)
-                loss, tokens, lr = float(loss), tokens + n, float(self.schedule(step))
+                loss, tokens, lr = float(self.place.host(loss)), tokens + n, float(self.schedule(step))
                 rate = tokens / (time.perf_counter() - t0)
                 self.log.write({"step": step + 1, "loss": loss, "learning_rate": lr, "tokens": n,
                                 "tokens_per_s": round(rate, 1)})
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {rate:,.0f} tokens/s")
                 done = step + 1
-                if save_every and done % save_every == 0 and done < self.steps:
-                    save_checkpoint(self.out / STATE_DIR, done, (self.params, self.opt_state), self.meta)
+                if save_every and done % save_every == 0 and done < self.steps and self.place.writer:
+                    save_checkpoint(self.out / STATE_DIR, done, self.place.host((self.params, self.opt_state)),
+                                    self.meta)
                 if eval_data is not None and eval_every and done % eval_every == 0 and done < self.steps:
-                    _evaluate(self.enc, self.params, eval_data, done, self.log)
-        final = _evaluate(self.enc, self.params, eval_data, self.steps, self.log) if eval_data is not None else None
-        save_pretrained(self.enc, self.out, params=self.params, overwrite=True, keep=(STATE_DIR,))
+                    _evaluate(self.enc, self.place.host(self.params), eval_data, done, self.log)
+        params = self.place.host(self.params)
+        final = _evaluate(self.enc, params, eval_data, self.steps, self.log) if eval_data is not None else None
+        if self.place.writer:
+            save_pretrained(self.enc, self.out, params=params, overwrite=True, keep=(STATE_DIR,))
+        self.place.barrier("wrote the model")
         return {"steps": self.steps, "resumed_at": self.start, "loss": loss, "tokens": tokens,
                 "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "eval": final, "output": str(self.out)}
 
@@ -212,12 +221,15 @@ def _bar(total: int, initial: int, show: bool):
                 dynamic_ncols=True)
 
 
-class _placement:
-    """Data parallel over local devices: parameters and optimiser state replicated, batch rows split."""
+class _Placement:
+    """Data parallel: parameters and optimiser state replicated, batch rows split over every device — the
+    local ones, or under jax.distributed all processes' (each process builds the same global batch and
+    places its own rows). Process 0 writes the files."""
 
-    def __init__(self, devices, s: TrainSettings):
+    def __init__(self, s: TrainSettings):
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        devices = jax.devices()
         n = len(devices)
         if s.batch_size % n or (s.chunk_size and s.chunk_size % n):
             raise ValueError(f"batch_size {s.batch_size} (and chunk_size) must be a multiple of the {n} devices")
@@ -225,9 +237,21 @@ class _placement:
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._rows = NamedSharding(mesh, PartitionSpec("data"))
         self._put = jax.device_put
+        self.writer = jax.process_index() == 0
+        self._multi = jax.process_count() > 1
 
     def params(self, tree):
         return self._put(tree, self._replicated)
 
     def batch(self, batch):
         return self._put(batch, self._rows)
+
+    def host(self, tree):
+        """Numpy values of replicated arrays (each process holds a whole copy: no gather needed)."""
+        import jax
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+    def barrier(self, what: str) -> None:
+        if self._multi:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"e5lite train: {what}")

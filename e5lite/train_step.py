@@ -57,7 +57,8 @@ def embed(params: Params, ids, mask, key, sc: StepConfig):
     dropout = None
     if sc.hidden_dropout or sc.attention_dropout:
         dropout = Dropout(key, sc.hidden_dropout, sc.attention_dropout)
-    hidden = forward(p, sc.config, ids, mask, dropout=dropout, remat=sc.remat)
+    # unrolled layers: the backward pass runs 1.2x faster on CPU than through the scan (BENCHMARKS.md)
+    hidden = forward(p, sc.config, ids, mask, dropout=dropout, remat=sc.remat, unroll=True)
     return l2_normalize(pool(hidden, mask, sc.pooling))
 
 

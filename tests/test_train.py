@@ -146,3 +146,45 @@ def test_output_and_resume_are_checked(tiny_dir, records_file, tmp_path, capsys)
     assert main(base) == 1 and "is not empty; pass --resume" in capsys.readouterr().err
     assert main([*base, "--resume", "--learning-rate", "1e-3"]) == 1
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+def _two_step_run(model, records, out, env_extra, *argv_prefix, rank=None):
+    script = f"""
+        import sys, e5lite
+        from e5lite.train import TrainSettings, fit
+        if {rank is not None}:
+            e5lite.initialize_distributed(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+        fit({str(model)!r}, {str(records)!r}, {str(out)!r}, show_progress=False,
+            settings=TrainSettings(batch_size=8, max_steps=2, dropout=0.0, optimizer="sgd", learning_rate=0.1,
+                                   shuffle=False))
+    """
+    import textwrap
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *argv_prefix],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", **env_extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_data_parallel_over_devices_and_processes(tiny_dir, records_file, tmp_path):
+    """The same two SGD steps on 1 device, on 4 host devices, and on two processes under jax.distributed (gloo)
+    give the same weights (the batch's rows split across devices; rounding of the split reductions aside).
+    SGD, because Adam turns the rounding noise of zero gradients (key biases) into full-size steps."""
+    import socket
+    one = _two_step_run(tiny_dir, records_file, tmp_path / "one", {})
+    assert one.wait(timeout=300) == 0, one.stderr.read()[-2000:]
+    four = _two_step_run(tiny_dir, records_file, tmp_path / "four",
+                         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert four.wait(timeout=300) == 0, four.stderr.read()[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [_two_step_run(tiny_dir, records_file, tmp_path / "two", {}, f"127.0.0.1:{port}", str(r), rank=r)
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    ref = load_file(str(tmp_path / "one" / "model.safetensors"))
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    for run in ("four", "two"):
+        got = load_file(str(tmp_path / run / "model.safetensors"))
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], atol=2e-5, rtol=0, err_msg=f"{run}: {k}")
+    assert max(np.abs(ref[k] - base[k]).max() for k in ref if k in base) > 1e-3  # 50x the tolerance
