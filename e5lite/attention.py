@@ -80,6 +80,16 @@ def attend(q_BNSK, k_BNTK, v_BNTK, allowed, dropout=None):
     return (ctx_BNSK / jnp.sum(e_BNST, axis=-1, keepdims=True)).astype(v_BNTK.dtype)
 
 
+def attention_probs(qkv_BSCNK, mask: AttentionMask):
+    """The attention probabilities [B, N, S, T] float32: softmax over the allowed keys of the scaled scores,
+    the same softmax ``attend`` folds into its context (for teaching and ``output_attentions``)."""
+    q_BNSK, k_BNTK = (qkv_BSCNK[:, :, c].transpose(0, 2, 1, 3) for c in range(2))
+    logits_BNST = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=precision(q_BNSK.dtype),
+                             preferred_element_type=jnp.float32)
+    logits_BNST = jnp.where(mask.logits_mask(), logits_BNST, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits_BNST, axis=-1)
+
+
 def drop(x, rng, rate: float):
     """Inverted dropout: each element zeroed with probability ``rate``, the rest scaled by 1 / (1 - rate)."""
     if not rate:

@@ -1,4 +1,4 @@
-"""The ``e5lite`` command: embed, score, eval, train, info, serve."""
+"""The ``e5lite`` command: embed, score, eval, train, attention, info, serve."""
 
 from __future__ import annotations
 
@@ -140,6 +140,46 @@ def cmd_eval(args) -> None:
     if args.output:
         write_atomic(Path(args.output), (json.dumps(report, indent=1) + "\n").encode())
         print(f"wrote {args.output}", file=sys.stderr)
+
+
+def cmd_attention(args) -> None:
+    from . import viz
+    from .encoder import load
+    suffix = Path(args.output).suffix if args.output else None
+    if suffix not in (None, ".png", ".json"):
+        raise InputError(f"output {args.output!r}: use a .png or .json suffix")
+    if suffix == ".png":
+        viz._pyplot()  # a missing extra fails before the model loads
+    enc = load(args.model, revision=args.revision, max_length=args.max_length)
+    if args.compare is not None:
+        rows = viz.layer_similarity(enc, args.text, args.compare, prompt_name=args.prompt_name)
+        if suffix == ".png":
+            viz.plot_similarity(args.output, rows, args.text, args.compare)
+        elif suffix == ".json":
+            write_atomic(Path(args.output), json.dumps(rows, indent=1).encode())
+        print("| layer | cosine (mean-pooled) | cosine ([CLS]) |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['layer']} | {r['cosine_mean']:.4f} | {r['cosine_cls']:.4f} |")
+        return
+    L, N = enc.config.num_hidden_layers, enc.config.num_attention_heads
+    if not -L <= args.layer < L:
+        raise InputError(f"--layer {args.layer}: this model has layers 0..{L - 1}")
+    if args.head is not None and not 0 <= args.head < N:
+        raise InputError(f"--head {args.head}: this model has heads 0..{N - 1}")
+    layer = args.layer % L
+    heads = list(range(N)) if args.head is None else [args.head]
+    tokens, probs = viz.attention_maps(enc, args.text, prompt_name=args.prompt_name)
+    if suffix == ".png":
+        viz.plot_attention(args.output, tokens, probs[layer], layer, heads)
+        print(f"wrote layer {layer}'s attention ({len(heads)} heads, {len(tokens)} tokens) to {args.output}",
+              file=sys.stderr)
+        return
+    report = json.dumps({"tokens": tokens, "layer": layer, "heads": heads,
+                         "attentions": [probs[layer, h].round(6).tolist() for h in heads]})
+    if suffix == ".json":
+        write_atomic(Path(args.output), report.encode())
+    else:
+        print(report)
 
 
 def cmd_train(args) -> None:
@@ -289,6 +329,25 @@ def _add_eval(sub) -> None:
     r.set_defaults(func=cmd_eval)
 
 
+def _add_attention(sub) -> None:
+    """``e5lite attention``: attention maps of one text, or layer-by-layer similarity of two."""
+    a = sub.add_parser("attention", help="attention heat maps of a text (PNG or JSON), or --compare: two texts' "
+                                         "similarity layer by layer")
+    a.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    a.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    a.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    a.add_argument("--text", required=True)
+    a.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
+    a.add_argument("--layer", type=int, default=-1, help="0-based layer; negative counts from the last "
+                                                         "(default: the last)")
+    a.add_argument("--head", type=int, default=None, help="one head (default: every head, one panel each)")
+    a.add_argument("--compare", default=None, metavar="TEXT2",
+                   help="instead of maps: cosine similarity of --text and TEXT2 after each layer")
+    a.add_argument("--output", default=None, help="a .png (needs the viz extra) or .json file (default: JSON on "
+                                                  "stdout, or the --compare table)")
+    a.set_defaults(func=cmd_attention)
+
+
 def _add_train(sub) -> None:
     """``e5lite train``: contrastive fine-tuning; defaults come from ``TrainSettings``."""
     import dataclasses
@@ -321,7 +380,7 @@ def _add_train(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_embed, _add_score, _add_serve, _add_eval, _add_train):
+    for add in (_add_embed, _add_score, _add_serve, _add_eval, _add_train, _add_attention):
         add(sub)
     return parser
 

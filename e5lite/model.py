@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .attention import AttentionMask, drop, multi_head_attention, precision
+from .attention import AttentionMask, attention_probs, drop, multi_head_attention, precision
 from .config import BertConfig
 
 
@@ -100,8 +100,9 @@ def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_B
 
 
 def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
-                   dropout: Dropout | None = None):
-    """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout)."""
+                   dropout: Dropout | None = None, output_attentions: bool = False):
+    """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout), and with
+    ``output_attentions`` also the probabilities [B, N, S, T]."""
     prec = precision(x_BSD.dtype)
     # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs. The 1/sqrt(K) query scale is
     # folded into the query weights and bias.
@@ -111,7 +112,8 @@ def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMas
     qkv_BSCNK = jnp.einsum("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK, precision=prec) + qkv_bias_CNK
     ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
                                     None if dropout is None else (dropout.rng, dropout.attention))
-    return jnp.einsum("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, precision=prec) + p.o_bias_D
+    out_BSD = jnp.einsum("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, precision=prec) + p.o_bias_D
+    return (out_BSD, attention_probs(qkv_BSCNK, mask)) if output_attentions else out_BSD
 
 
 def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
@@ -122,41 +124,48 @@ def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
 
 
 def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
-          dropout: Dropout | None = None):
-    """One post-LayerNorm BERT layer: attention -> (dropout) add & norm -> FFN -> (dropout) add & norm."""
+          dropout: Dropout | None = None, output_attentions: bool = False):
+    """One post-LayerNorm BERT layer: attention -> (dropout) add & norm -> FFN -> (dropout) add & norm.
+    With ``output_attentions`` returns (output, attention probabilities)."""
     eps = config.layer_norm_eps
     d_attn, d_out, d_ffn = dropout.split(3) if dropout is not None else (None, None, None)
-    h_BSD = self_attention(p, config, x_BSD, mask, attention_impl, d_attn)
+    h_BSD = self_attention(p, config, x_BSD, mask, attention_impl, d_attn, output_attentions)
+    h_BSD, probs_BNST = h_BSD if output_attentions else (h_BSD, None)
     h_BSD = h_BSD if d_out is None else drop(h_BSD, d_out.rng, d_out.hidden)
     x_BSD = layer_norm(x_BSD + h_BSD, p.attn_ln_scale_D, p.attn_ln_bias_D, eps)
     h_BSD = feed_forward(p, config, x_BSD)
     h_BSD = h_BSD if d_ffn is None else drop(h_BSD, d_ffn.rng, d_ffn.hidden)
-    return layer_norm(x_BSD + h_BSD, p.ffn_ln_scale_D, p.ffn_ln_bias_D, eps)
+    y_BSD = layer_norm(x_BSD + h_BSD, p.ffn_ln_scale_D, p.ffn_ln_bias_D, eps)
+    return (y_BSD, probs_BNST) if output_attentions else y_BSD
 
 
 def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False,
-            attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False, unroll: bool = False):
+            attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False, unroll: bool = False,
+            output_attentions: bool = False):
     """Runs the stacked layers with lax.scan (one layer is compiled, not L; ``unroll`` compiles all L, which
     XLA:CPU runs faster in the backward pass).
 
-    Returns the last hidden state [B, S, D] and, when asked, every layer's output [L, B, S, D]. ``remat``
+    Returns the last hidden state [B, S, D], every layer's output [L, B, S, D] (or None) and every layer's
+    attention probabilities [L, B, N, S, T] (or None). ``remat``
     (gradient checkpointing): keep only each layer's input for the backward pass and recompute the rest.
     """
     def step(x, p_and_key):
         p, key = p_and_key
-        y = layer(p, config, x, mask, attention_impl, None if dropout is None else dropout._replace(rng=key))
-        return y, (y if output_hidden_states else None)
+        y = layer(p, config, x, mask, attention_impl, None if dropout is None else dropout._replace(rng=key),
+                  output_attentions)
+        y, probs = y if output_attentions else (y, None)
+        return y, (y if output_hidden_states else None, probs)
 
     keys = None if dropout is None else jax.random.split(dropout.rng, config.num_hidden_layers)
-    x_BSD, hidden_LBSD = lax.scan(jax.checkpoint(step) if remat else step, x_BSD, (layers, keys),
-                                  unroll=True if unroll else 1)
-    return x_BSD, hidden_LBSD
+    x_BSD, (hidden_LBSD, probs_LBNST) = lax.scan(jax.checkpoint(step) if remat else step, x_BSD, (layers, keys),
+                                                 unroll=True if unroll else 1)
+    return x_BSD, hidden_LBSD, probs_LBNST
 
 
 def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
             segment_ids=None, position_ids=None, output_hidden_states=False, attention_impl="xla",
             attention_window: int | None = None, dropout: Dropout | None = None, remat: bool = False,
-            unroll: bool = False):
+            unroll: bool = False, output_attentions: bool = False):
     """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
 
     Packed rows (several sequences in one row) pass ``segment_ids`` [B, S] (0 = padding, 1.. = sequence) and
@@ -165,22 +174,35 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
     ``hidden[0]`` is the embedding output and ``hidden[i]`` layer i's output, as transformers' tuple.
     ``attention_impl`` is "xla", "pallas" or "cudnn" (see ``attention.attention_core``). ``attention_window`` W (packed
     rows): no sequence crosses a multiple of W positions, so attention runs on windows of W (S must divide by W).
+    With ``output_attentions=True`` the attention probabilities [L, B, N, S, T] float32 come last in the
+    tuple: ``(last, attentions)`` or ``(last, hidden, attentions)`` (plain XLA attention, whole rows only).
     Training: ``dropout`` (a ``Dropout``, None in inference), ``remat`` (gradient checkpointing per layer) and
     ``unroll`` (see ``encoder``).
     """
+    _check_forward_args(input_ids, segment_ids, attention_window, attention_impl, output_attentions)
+    x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)
+    if dropout is not None:
+        d_embed, dropout = dropout.split(2)
+        x_BSD = drop(x_BSD, d_embed.rng, d_embed.hidden)
+    mask = AttentionMask(attention_mask > 0, segment_ids, attention_window)
+    last_BSD, hidden_LBSD, probs_LBNST = encoder(
+        params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states, attention_impl=attention_impl,
+        dropout=dropout, remat=remat, unroll=unroll, output_attentions=output_attentions)
+    out = (last_BSD,)
+    if output_hidden_states:
+        out += (jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0),)
+    if output_attentions:
+        out += (probs_LBNST,)
+    return out if len(out) > 1 else last_BSD
+
+
+def _check_forward_args(input_ids, segment_ids, attention_window, attention_impl, output_attentions) -> None:
     if attention_window is not None:
         if attention_window < 1 or input_ids.shape[1] % attention_window:
             raise ValueError(f"attention_window {attention_window} must divide the sequence length "
                              f"{input_ids.shape[1]}")
         if segment_ids is None:
             raise ValueError("attention_window needs segment_ids: it is for packed rows (see plan_packed)")
-    x_BSD = embed(params.embeddings, config, input_ids, token_type_ids, position_ids)
-    if dropout is not None:
-        d_embed, dropout = dropout.split(2)
-        x_BSD = drop(x_BSD, d_embed.rng, d_embed.hidden)
-    mask = AttentionMask(attention_mask > 0, segment_ids, attention_window)
-    last_BSD, hidden_LBSD = encoder(params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states,
-                                    attention_impl=attention_impl, dropout=dropout, remat=remat, unroll=unroll)
-    if output_hidden_states:
-        return last_BSD, jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0)
-    return last_BSD
+    if output_attentions and (attention_impl != "xla" or attention_window is not None):
+        raise ValueError("output_attentions needs attention_impl='xla' on whole rows: the fused kernels "
+                         f"(here {attention_impl!r}) and attention windows never form the [S, T] probabilities")

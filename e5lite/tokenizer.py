@@ -88,6 +88,10 @@ class WordPieceTokenizer:
                     raise TextTooLongError(i, self.max_length)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
+    def tokens(self, ids) -> list[str]:
+        """The token strings of ids ("[CLS]", "token", "##izer", ...), e.g. for axis labels."""
+        return [self._tok.id_to_token(int(i)) or f"<{int(i)}>" for i in ids]
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

@@ -79,3 +79,51 @@ def test_windows_equal_whole_rows_for_every_impl_that_runs_here():
     crossing = mask._replace(segment_ids_BS=np.where(seg == 4, 3, seg))  # segment 3 now crosses position 48
     assert not np.allclose(np.asarray(multi_head_attention(qkv, crossing._replace(window=W)))[0, 32:60],
                            np.asarray(multi_head_attention(qkv, crossing))[0, 32:60], atol=1e-3)
+
+
+def _padded(ids):
+    S = max(len(t) for t in ids)
+    arr, mask = np.zeros((len(ids), S), np.int32), np.zeros((len(ids), S), np.int32)
+    for i, t in enumerate(ids):
+        arr[i, :len(t)], mask[i, :len(t)] = t, 1
+    return arr, mask
+
+
+@pytest.mark.parametrize("which", ["minilm", "e5-base"])
+def test_attention_probabilities_equal_transformers(which, minilm_dir, tmp_path):
+    """forward(output_attentions=True) against transformers' eager attentions, real tokens, a padded batch."""
+    import torch
+    if which == "minilm":
+        import transformers
+        folder = minilm_dir
+        model = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    else:
+        model = random_bert("e5-base")
+        model.set_attn_implementation("eager")
+        folder = save_layout(model.eval(), tmp_path / "base", "plain", minilm_dir)
+    enc = e5lite.load(folder)
+    ids, mask = _padded(enc.tokenizer([TEXTS[0], TEXTS[1], "a short one"]))
+    last, hidden, probs = e5lite.forward(enc.params, enc.config, ids, mask, output_hidden_states=True,
+                                         output_attentions=True)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                     output_attentions=True).attentions
+    want = np.stack([a.numpy() for a in want])  # [L, B, N, S, T]
+    probs = np.asarray(probs)
+    assert probs.shape == want.shape == (enc.config.num_hidden_layers, 3, enc.config.num_attention_heads,
+                                         ids.shape[1], ids.shape[1]) and probs.dtype == np.float32
+    for b in range(3):
+        real = mask[b].astype(bool)
+        np.testing.assert_allclose(probs[:, b][:, :, real][..., real], want[:, b][:, :, real][..., real],
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(probs[:, b][:, :, real].sum(-1), 1.0, atol=1e-5)
+    assert np.asarray(hidden).shape[0] == enc.config.num_hidden_layers + 1  # the tuple keeps its order
+
+
+def test_output_attentions_needs_whole_rows_and_xla(tiny_dir):
+    enc = e5lite.load(tiny_dir)
+    ids = np.ones((1, 16), np.int32)
+    with pytest.raises(ValueError, match="output_attentions needs attention_impl='xla'.*'pallas'"):
+        e5lite.forward(enc.params, enc.config, ids, ids, output_attentions=True, attention_impl="pallas")
+    with pytest.raises(ValueError, match="attention windows never form"):
+        e5lite.forward(enc.params, enc.config, ids, ids, segment_ids=ids, attention_window=8, output_attentions=True)
