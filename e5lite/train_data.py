@@ -71,7 +71,8 @@ class TokenisedPairs:
         for negs in pairs.negatives:
             self.negatives.append(rest[start:start + len(negs)])
             start += len(negs)
-        self.max_negatives, self.max_length, self.pad_id = pairs.max_negatives, enc.max_length, enc.tokenizer.pad_token_id
+        self.max_negatives, self.max_length = pairs.max_negatives, enc.max_length
+        self.pad_id = enc.tokenizer.pad_token_id
 
     def __len__(self) -> int:
         return len(self.queries)

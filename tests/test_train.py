@@ -104,10 +104,11 @@ def test_a_killed_run_resumes_bit_identically(tiny_dir, records_file, tmp_path):
     resumed = subprocess.run(train_cmd(tiny_dir, records_file, tmp_path / "cut", "--resume"), env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    log = [json.loads(line) for line in (tmp_path / "cut" / "training" / "train_log.jsonl").read_text().splitlines()]
-    whole_log = [json.loads(line) for line in (tmp_path / "whole" / "training" / "train_log.jsonl").read_text().splitlines()]
+    log, whole_log = ([json.loads(line) for line in (tmp_path / run / "training" / "train_log.jsonl").read_text()
+                       .splitlines()] for run in ("cut", "whole"))
     assert [r["step"] for r in log] == list(range(1, 28)) and [r["loss"] for r in log] == [r["loss"] for r in whole_log]
 
 
