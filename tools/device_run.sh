@@ -4,7 +4,9 @@
 #     bash tools/device_run.sh tests attn bench-smoke      # stages in order; logs land in $OUT (or /tmp/out)
 # Stages: tests (Pallas kernel + attention_impl tests compiled for the GPU), attn (tools/bench_attention.py),
 # bench-smoke (small e5-base run), bench-base / bench-large (the recorded GPU benchmark; env vars
-# BASE_TEXTS, BASE_PEERS, LARGE_TEXTS, LARGE_PEERS, PEER_TIMEOUT override the defaults).
+# BASE_TEXTS, BASE_PEERS, LARGE_TEXTS, LARGE_PEERS, PEER_TIMEOUT override the defaults), bench-train
+# (tools/bench_train.py at the e5-base shape: e5lite bf16 against sentence-transformers fp16; the trainer needs
+# accelerate in the image).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -21,7 +23,7 @@ $PY -c "import jax, torch, transformers, sentence_transformers as st; print('jax
 for stage in "$@"; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    tests) $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention_impl.py 2>&1 \
+    tests) $PY -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_attention.py 2>&1 \
              | tee "$OUT/tests.log" | tail -25 ;;
     attn) $PY tools/bench_attention.py --batch "${ATTN_BATCH:-32}" 2>&1 | tee "$OUT/attn.log" ;;
     bench-smoke) $PY tools/bench.py --sequential --models e5-base --texts 20000 --repeats 2 --json "$OUT/smoke.json" \
@@ -33,6 +35,9 @@ for stage in "$@"; do
     bench-large) $PY tools/bench.py --sequential --models e5-large --texts "${LARGE_TEXTS:-10000}" --repeats 2 \
              --peer-timeout "${PEER_TIMEOUT:-100}" --json "$OUT/large.json" \
              --peers "${LARGE_PEERS:-e5lite-bf16:cudnn,e5lite-bf16:pallas,st-fp16}" 2>&1 | tee "$OUT/large.log" ;;
+    bench-train) $PY tools/bench_train.py --model e5-base --batch-size "${TRAIN_BATCH:-64}" --steps 10 \
+             --peers "${TRAIN_PEERS:-e5lite-bf16,e5lite-bf16-cached,st-fp16,st-fp16-cached}" --json "$OUT/train.json" \
+             2>&1 | tee "$OUT/train.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
