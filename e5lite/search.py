@@ -32,27 +32,28 @@ def _normalize(x):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _block_top_k(q_QD, c_BD, valid_B, offset, *, k: int, cosine: bool):
+_normalize_rows = jax.jit(_normalize)  # keeps the block's sharding
+
+
+def _block_top_k(q_QD, c_BD, valid_B, offset, *, k: int):
     """Top k (scores, corpus indices) of one corpus block for each query; rows past the corpus end score -inf."""
-    if cosine:
-        c_BD = _normalize(c_BD)
     s_QB = jnp.einsum("QD,BD->QB", q_QD, c_BD, precision=lax.Precision.HIGHEST)
     s_QB = jnp.where(valid_B[None, :], s_QB, -jnp.inf)
     scores, idx = lax.top_k(s_QB, k)
     return scores, idx + offset
 
 
-@functools.partial(jax.jit, static_argnames=("k_block", "cosine", "mesh"))
-def _step(run_scores, run_idx, q_QD, c_BD, valid_B, offset, *, k_block: int, cosine: bool, mesh):
+@functools.partial(jax.jit, static_argnames=("k_block", "mesh"))
+def _step(run_scores, run_idx, q_QD, c_BD, valid_B, offset, *, k_block: int, mesh):
     """Merges one block's top k_block (per device) into the running top k [Q, k] (running first: it holds the
     lower indices)."""
     if mesh is None:
-        scores, idx = _block_top_k(q_QD, c_BD, valid_B, offset, k=k_block, cosine=cosine)
+        scores, idx = _block_top_k(q_QD, c_BD, valid_B, offset, k=k_block)
     else:  # each device takes the top k of its rows; the shares, in device order, are merged below
         rows = c_BD.shape[0] // mesh.size
 
         def local(q, c, valid, off):
-            return _block_top_k(q, c, valid, off + lax.axis_index("data") * rows, k=k_block, cosine=cosine)
+            return _block_top_k(q, c, valid, off + lax.axis_index("data") * rows, k=k_block)
 
         spec = PartitionSpec("data")
         scores, idx = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, PartitionSpec()),
@@ -133,9 +134,10 @@ def search(query_emb, corpus, k: int, *, metric: str = "cosine", block_rows: int
         padded = np.zeros((rows, dim), np.float32)
         padded[:len(block)] = block
         c, valid = place(padded), place(np.arange(rows) < len(block))
+        if metric == "cosine":  # once per block, not once per query chunk
+            c = _normalize_rows(c)
         for j, q in enumerate(q_chunks):
-            state[j] = _step(*state[j], q, c, valid, jnp.int32(offset), k_block=k_block,
-                             cosine=metric == "cosine", mesh=mesh)
+            state[j] = _step(*state[j], q, c, valid, jnp.int32(offset), k_block=k_block, mesh=mesh)
         offset += len(block)
         # one block in flight: without a wait, dispatch runs ahead and every block's copy stays alive
         jax.block_until_ready(previous)
