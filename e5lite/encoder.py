@@ -135,6 +135,11 @@ class Encoder:
             raise ValueError(f"unknown prompt_name {prompt_name!r}; known: {', '.join(sorted(self.prompts))}")
         return self.prompts[prompt_name]
 
+    def prompt_for(self, name: str | None) -> str:
+        """The model's prompt called ``name`` (E5: "query" -> "query: "), or "" when it has none: the rule of
+        ``e5lite eval``, ``e5lite train`` and the MTEB adapter for the query and passage sides."""
+        return self.prompts[name] if name in self.prompts else ""
+
     def tokenize(self, texts: Sequence[str], *, prompt_name=None, prompt=None, truncate: bool = True
                  ) -> list[np.ndarray]:
         """Token ids per text (int32 arrays), with the prompt prepended and truncation to max_length applied;

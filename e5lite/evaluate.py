@@ -17,18 +17,11 @@ from .search import search
 DEFAULT_K = (1, 3, 5, 10, 100)
 
 
-def _prefix(encoder, prompt: str | None, name: str) -> str:
-    """An explicit prompt, else the model's prompt of that name (E5: "query: " / "passage: "), else none."""
-    if prompt is not None:
-        return prompt
-    return encoder.prompt_prefix(name) if name in encoder.prompts else ""
-
-
 def _corpus_from_folder(folder, doc_ids: list[str]):
     """An ``e5lite embed --output DIR`` run over this corpus: its row order must be the corpus order, its ids
     the corpus ``_id``s (``--id-field _id``)."""
     from .shards import iter_shards
-    ids = [str(i) for _, shard_ids in iter_shards(folder) for i in shard_ids]
+    ids = [str(i) for _, shard_ids in iter_shards(folder, embeddings=False) for i in shard_ids]
     if ids != doc_ids:
         where = next((i for i, (a, b) in enumerate(zip(ids, doc_ids)) if a != b), min(len(ids), len(doc_ids)))
         raise InputError(f"--corpus-embeddings {folder}: its rows are not corpus.jsonl's documents in order "
@@ -53,7 +46,8 @@ def evaluate_retrieval(encoder, data_dir: str | os.PathLike, *, split: str = "te
     if not k_values or k_values[0] < 1:
         raise ValueError(f"k values must be positive ints, got {k_values}")
     data = load_retrieval_data(data_dir, split)
-    qp, pp = _prefix(encoder, query_prompt, "query"), _prefix(encoder, passage_prompt, "passage")
+    qp = encoder.prompt_for("query") if query_prompt is None else query_prompt
+    pp = encoder.prompt_for("passage") if passage_prompt is None else passage_prompt
     t0 = time.perf_counter()
     q_emb = encoder.encode(data.query_texts, prompt=qp, batch_size=batch_size, show_progress_bar=show_progress_bar)
     if corpus_embeddings is not None:

@@ -81,11 +81,11 @@ class MTEBEncoder:
         name, task_type = getattr(task_metadata, "name", None), getattr(task_metadata, "type", None)
         for key in (f"{name}-{kind}" if kind else None, name, f"{task_type}-{kind}" if kind else None, task_type):
             if key and key in enc.prompts:
-                return enc.prompt_prefix(key)
+                return enc.prompt_for(key)
         if kind is None:
             return enc.prompt_prefix()  # the model's default prompt, or ""
         wanted = {"query": self.query_prompt_name, "document": self.passage_prompt_name}.get(kind)
-        return enc.prompt_prefix(wanted) if wanted in enc.prompts else ""
+        return enc.prompt_for(wanted)
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs):
         """``inputs``: mteb's DataLoader of batches, each a dict whose ``"text"`` is a list of str.

@@ -165,19 +165,28 @@ def open_embeddings(out_dir, *, allow_partial: bool = False) -> dict:
     return manifest
 
 
-def iter_shards(out_dir, *, allow_partial: bool = False) -> Iterator[tuple[np.ndarray, list]]:
-    """(embeddings float32 [rows, dim], ids) of each shard in input order, one shard in memory at a time."""
+def iter_shards(out_dir, *, allow_partial: bool = False, embeddings: bool = True
+                ) -> Iterator[tuple[np.ndarray | None, list]]:
+    """(embeddings float32 [rows, dim], ids) of each shard in input order, one shard in memory at a time;
+    ``embeddings=False`` reads the ids alone (None in place of the embeddings)."""
     out_dir = Path(out_dir)
-    manifest = open_embeddings(out_dir, allow_partial=allow_partial)
+    yield from _shards(out_dir, open_embeddings(out_dir, allow_partial=allow_partial), embeddings)
+
+
+def _shards(out_dir: Path, manifest: dict, embeddings: bool = True):
     for shard in manifest["shards"]:
+        emb = None
         if manifest["run"]["shard_format"] == "parquet":
             import pyarrow.parquet as pq
-            table = pq.read_table(out_dir / shard["files"][0])
-            emb = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(shard["rows"], -1)
+            table = pq.read_table(out_dir / shard["files"][0], columns=None if embeddings else ["id"])
+            if embeddings:
+                emb = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(
+                    shard["rows"], -1)
             ids = table["id"].to_pylist()
         else:
-            emb, ids = np.load(out_dir / shard["files"][0]), read_json(out_dir / shard["files"][1])
-        if emb.shape != (shard["rows"], manifest["run"]["dim"]) or len(ids) != shard["rows"]:
+            emb = np.load(out_dir / shard["files"][0]) if embeddings else None
+            ids = read_json(out_dir / shard["files"][1])
+        if (emb is not None and emb.shape != (shard["rows"], manifest["run"]["dim"])) or len(ids) != shard["rows"]:
             raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
                               "records (changed after the run?)")
         yield emb, ids
@@ -186,9 +195,10 @@ def iter_shards(out_dir, *, allow_partial: bool = False) -> Iterator[tuple[np.nd
 def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = False):
     """The embeddings of a sharded ``e5lite embed --output DIR`` run as one float32 array [rows, dim] in
     input order (and the ids, a list, when ``with_ids``). An unfinished run raises unless ``allow_partial``."""
-    dim = open_embeddings(out_dir, allow_partial=allow_partial)["run"]["dim"]
-    parts, ids = [np.zeros((0, dim), np.float32)], []
-    for emb, shard_ids in iter_shards(out_dir, allow_partial=allow_partial):
+    out_dir = Path(out_dir)
+    manifest = open_embeddings(out_dir, allow_partial=allow_partial)
+    parts, ids = [np.zeros((0, manifest["run"]["dim"]), np.float32)], []
+    for emb, shard_ids in _shards(out_dir, manifest):
         parts.append(emb)
         ids += shard_ids
     emb = np.concatenate(parts)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import seq_bucket
+from .batching import padded_batch, seq_bucket
 from .errors import InputError
 from .files import iter_jsonl
 
@@ -63,9 +63,9 @@ class TokenisedPairs:
     """The records as token ids, ready to be cut into padded batches."""
 
     def __init__(self, enc, pairs: Pairs):
-        self.queries = enc.tokenize(pairs.queries, prompt_name="query" if "query" in enc.prompts else None)
+        self.queries = enc.tokenize(pairs.queries, prompt=enc.prompt_for("query"))
         passages = pairs.positives + [n for negs in pairs.negatives for n in negs]
-        ids = enc.tokenize(passages, prompt_name="passage" if "passage" in enc.prompts else None)
+        ids = enc.tokenize(passages, prompt=enc.prompt_for("passage"))
         self.positives, rest = ids[:len(pairs)], ids[len(pairs):]
         self.negatives, start = [], 0
         for negs in pairs.negatives:
@@ -79,11 +79,8 @@ class TokenisedPairs:
 
     def _pad(self, seqs, rows: int):
         length = seq_bucket(max((len(s) for s in seqs), default=1), self.max_length)
-        ids = np.full((rows, length), self.pad_id, np.int32)
-        mask = np.zeros((rows, length), np.int32)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)], mask[r, :len(s)] = s, 1
-        return ids, mask
+        b = padded_batch(seqs, np.arange(len(seqs)), rows, length, self.pad_id)
+        return b.input_ids, b.attention_mask
 
     def batch(self, index: np.ndarray):
         """The StepBatch of these records and its real token count: positives first, then each record's hard

@@ -166,3 +166,4 @@ def test_prompt_prefix(tiny):
         tiny.prompt_prefix("nope")
     with pytest.raises(ValueError, match="either prompt or prompt_name"):
         tiny.prompt_prefix("query", prompt="x")
+    assert tiny.prompt_for("passage") == "passage: " and tiny.prompt_for("search") == "" == tiny.prompt_for(None)
