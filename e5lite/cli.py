@@ -76,7 +76,8 @@ def cmd_embed_dir(args) -> None:
     settings = {"model": args.model, "revision": args.revision, "dtype": args.dtype, "max_length": enc.max_length}
     jsonl = path.name.endswith(".jsonl") or args.field_given
     manifest = embed_corpus(enc, path, Path(args.output), settings=settings, field=args.field if jsonl else None,
-                            id_field=args.id_field, prompt_name=args.prompt_name, normalize=not args.no_normalize,
+                            id_field=args.id_field, prompt_name=args.prompt_name, task=args.task,
+                            normalize=not args.no_normalize,
                             rows_per_shard=args.rows_per_shard, shard_format=args.shard_format,
                             batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"wrote {manifest['rows']} x {enc.dim} embeddings in {len(manifest['shards'])} shards to {args.output}",
@@ -92,7 +93,7 @@ def cmd_embed(args) -> None:
     if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
         raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix, or a folder (no suffix)")
     enc = _load(args)
-    emb = enc.encode(texts, prompt_name=args.prompt_name, normalize=not args.no_normalize,
+    emb = enc.encode(texts, prompt_name=args.prompt_name, task=args.task, normalize=not args.no_normalize,
                      batch_size=args.batch_size, show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
     _write_output(emb, args.output)
     if args.output:
@@ -101,7 +102,7 @@ def cmd_embed(args) -> None:
 
 def cmd_score(args) -> None:
     enc = _load(args)
-    q = enc.encode(args.query, prompt_name="query", batch_size=args.batch_size)
+    q = enc.encode_queries(args.query, task=args.task, batch_size=args.batch_size)
     p = enc.encode(args.passage, prompt_name="passage", batch_size=args.batch_size)
     scores = 100.0 * q @ p.T
     width = 8
@@ -110,7 +111,7 @@ def cmd_score(args) -> None:
         print(f"{'Q' + str(i):<6}" + "".join(f"{s:>{width}.2f}" for s in row))
     print()
     for i, t in enumerate(args.query):
-        print(f"Q{i}: {enc.prompts['query']}{t}")
+        print(f"Q{i}: {enc.prompt_prefix(task=args.task) if args.task else enc.prompts['query']}{t}")
     for j, t in enumerate(args.passage):
         print(f"P{j}: {enc.prompts['passage']}{t[:100]}{'...' if len(t) > 100 else ''}")
 
@@ -211,6 +212,8 @@ def cmd_info(args) -> None:
     enc = _load(args)
     info = {
         "model_dir": str(enc.model_dir),
+        "architecture": enc.config.model_type,
+        "tokenizer": enc.tokenizer.kind,
         "config": enc.config.to_dict(),
         "parameters": num_params(enc.params),
         "dim": enc.dim,
@@ -258,6 +261,10 @@ def _common(p) -> None:
                    help=f"batches computed at once (default: {default_help('streams')})")
 
 
+TASK_HELP = ("-instruct models: a one-sentence task description; queries get \"Instruct: TASK\\nQuery: \" "
+             "(instead of --prompt-name)")
+
+
 def _add_embed(sub) -> None:
     """``e5lite embed``: texts in, embeddings out (one file, or resumable shards)."""
     e = sub.add_parser("embed", help="embed texts; writes .npy / .jsonl, or JSON arrays to stdout")
@@ -269,6 +276,7 @@ def _add_embed(sub) -> None:
                    help="a .npy or .jsonl file, or a folder (trailing /, existing, or no suffix) for resumable "
                         "sharded output (default: JSON arrays on stdout)")
     e.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
+    e.add_argument("--task", default=None, help=TASK_HELP)
     e.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     e.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD, help="--output DIR: rows per shard")
     e.add_argument("--shard-format", default="npy", choices=["npy", "parquet"],
@@ -285,6 +293,7 @@ def _add_score(sub) -> None:
     _common(s)
     s.add_argument("--query", action="append", required=True)
     s.add_argument("--passage", action="append", required=True)
+    s.add_argument("--task", default=None, help=TASK_HELP)
     s.set_defaults(func=cmd_score)
 
     i = sub.add_parser("info", help="config, parameter count, pooling, max length, devices")

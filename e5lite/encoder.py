@@ -21,10 +21,19 @@ from .model import Params
 from .pooling import read_pooling_mode
 from .runtime import CACHE_ENV, enable_compilation_cache
 from .settings import EngineSettings
-from .tokenizer import WordPieceTokenizer, read_prompts, resolve_max_length
+from .tokenizer import TextTokenizer, read_prompts, resolve_max_length
 from .weights import load_params, resolve_dtype
 
 logger = logging.getLogger("e5lite")
+
+INSTRUCT_TEMPLATE = "Instruct: {task}\nQuery: "
+
+
+def instruct_prompt(task: str) -> str:
+    """The query prefix of the -instruct E5 models for a one-sentence task description."""
+    if not isinstance(task, str) or not task.strip():
+        raise ValueError(f"task must be a non-empty str (a one-sentence task description), got {task!r}")
+    return INSTRUCT_TEMPLATE.format(task=task)
 
 
 def _check_texts(texts) -> tuple[list[str], bool]:
@@ -69,7 +78,7 @@ class Encoder:
     Batches are sharded over ``devices`` (default: all local devices).
     """
 
-    def __init__(self, model_dir, config: BertConfig, params: Params, tokenizer: WordPieceTokenizer, *,
+    def __init__(self, model_dir, config: BertConfig, params: Params, tokenizer: TextTokenizer, *,
                  pooling: str = "mean", prompts: dict[str, str] | None = None,
                  default_prompt_name: str | None = None, dtype="float32", settings: EngineSettings | None = None,
                  devices=None, **knobs):
@@ -118,15 +127,19 @@ class Encoder:
                 f"max_length={self.max_length}, pooling={self.pooling!r}, dtype={self.dtype.name}, "
                 f"devices={len(self.devices)}, attention={self.settings.attention_impl!r})")
 
-    def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
-        """The text put before each input: ``prompt`` as given, else the named prompt (``prompts[prompt_name]``),
-        else the default prompt's, else ""."""
-        if prompt is not None and prompt_name is not None:
-            raise ValueError("pass either prompt or prompt_name, not both")
+    def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None
+                      ) -> str:
+        """The text put before each input: ``prompt`` as given; for a ``task`` (the -instruct models' queries)
+        "Instruct: {task}\nQuery: "; else the named prompt (``prompts[prompt_name]``), else the default
+        prompt's, else ""."""
+        if sum(x is not None for x in (prompt, prompt_name, task)) > 1:
+            raise ValueError("pass one of prompt, prompt_name and task, not several")
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
             return prompt
+        if task is not None:
+            return instruct_prompt(task)
         if prompt_name is None:
             prompt_name = self.default_prompt_name
             if prompt_name is None:
@@ -140,12 +153,12 @@ class Encoder:
         ``e5lite eval``, ``e5lite train`` and the MTEB adapter for the query and passage sides."""
         return self.prompts[name] if name in self.prompts else ""
 
-    def tokenize(self, texts: Sequence[str], *, prompt_name=None, prompt=None, truncate: bool = True
+    def tokenize(self, texts: Sequence[str], *, prompt_name=None, prompt=None, task=None, truncate: bool = True
                  ) -> list[np.ndarray]:
         """Token ids per text (int32 arrays), with the prompt prepended and truncation to max_length applied;
         ``truncate=False`` raises TextTooLongError (its ``index`` names the text) instead of cutting."""
         texts, _ = _check_texts(texts)
-        return self._tokenizer_for(self.prompt_prefix(prompt_name, prompt), truncate)(texts)
+        return self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task), truncate)(texts)
 
     def _tokenizer_for(self, prefix: str, truncate: bool = True):
         return lambda texts: self.tokenizer([prefix + t for t in texts] if prefix else texts, truncate=truncate)
@@ -159,16 +172,21 @@ class Encoder:
         return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), **self._run_kw(normalize, batch_size,
                                                                                     show_progress_bar))
 
-    def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, normalize: bool = True,
-               batch_size: int | None = None, show_progress_bar: bool | None = None) -> np.ndarray:
+    def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
+               normalize: bool = True, batch_size: int | None = None, show_progress_bar: bool | None = None
+               ) -> np.ndarray:
         """Embeds texts: a list -> float32 [n, dim] in input order; a single str -> [dim].
+
+        The prefix: ``prompt`` as given, or the model's prompt ``prompt_name`` ("query", "passage"), or for
+        the -instruct models' queries a ``task`` description ("Instruct: {task}\nQuery: "; their documents
+        take no prefix, ``prompt_name="passage"``).
 
         The same as ``embed_ids(tokenize(texts, ...))``, except that texts are tokenised chunk by chunk while
         the device works. ``batch_size`` caps the texts (rows) per batch; by default batches are filled up to
         the token budget.
         """
         texts, single = _check_texts(texts)
-        tokenize = self._tokenizer_for(self.prompt_prefix(prompt_name, prompt))
+        tokenize = self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task))
         out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi]), len(texts),
                               **self._run_kw(normalize, batch_size, show_progress_bar))
         return out[0] if single else out
@@ -181,9 +199,9 @@ class Encoder:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         return dict(normalize=bool(normalize), batch_size=batch_size, show_progress_bar=show_progress_bar)
 
-    def encode_queries(self, texts, **kw) -> np.ndarray:
-        """``encode`` with prompt_name="query" (E5's "query: " prefix)."""
-        return self.encode(texts, prompt_name="query", **kw)
+    def encode_queries(self, texts, *, task: str | None = None, **kw) -> np.ndarray:
+        """``encode`` with prompt_name="query" (E5's "query: " prefix), or with the instruct prefix of ``task``."""
+        return self.encode(texts, task=task, **kw) if task is not None else self.encode(texts, prompt_name="query", **kw)
 
     def encode_passages(self, texts, **kw) -> np.ndarray:
         """``encode`` with prompt_name="passage" (E5's "passage: " prefix)."""
@@ -205,11 +223,11 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
     config = BertConfig.from_json(model_dir / "config.json")
     pooling = read_pooling_mode(model_dir)
     max_len = resolve_max_length(model_dir, config, max_length)
-    tokenizer = WordPieceTokenizer.from_dir(model_dir, max_len)
+    tokenizer = TextTokenizer.from_dir(model_dir, max_len, config.pad_token_id)
     if tokenizer.vocab_size > config.vocab_size:
         raise E5LiteError(f"tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but config.json's "
                           f"vocab_size is {config.vocab_size}")
-    prompts, default_prompt = read_prompts(model_dir)
+    prompts, default_prompt = read_prompts(model_dir, name=str(model))
     params = load_params(model_dir, config, dtype)
     return Encoder(model_dir, config, params, tokenizer, pooling=pooling, prompts=prompts,
                    default_prompt_name=default_prompt, dtype=dtype, settings=settings, devices=devices)

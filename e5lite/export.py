@@ -3,7 +3,7 @@
 The folder holds what ``transformers.AutoModel``, ``sentence_transformers.SentenceTransformer`` and
 ``e5lite.load`` each read, and all three embed with the same vectors:
 
-- ``config.json``: the source checkpoint's, as ``BertModel`` in float32;
+- ``config.json``: the source checkpoint's, as ``BertModel`` (``XLMRobertaModel``) in float32;
 - ``model.safetensors``: ``weights.to_state_dict`` (transformers' key names) plus the source's pooler;
 - the tokenizer files, copied from the source folder;
 - ``modules.json`` (Transformer -> Pooling -> Normalize), ``sentence_bert_config.json`` (max length),
@@ -80,7 +80,7 @@ def save_model(out_dir, *, source_dir, config: BertConfig, params: Params, max_l
         raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts "
                          f"{sorted(prompts or {})}")
     # Everything that can fail on bad input is read before the first file is written.
-    tensors = {**to_state_dict(params, config), **read_pooler(source)}
+    tensors = {**to_state_dict(params, config), **read_pooler(source, config)}
     hf_config = _hf_config(source, config)
     tokenizer = _tokenizer_files(source)
     st_files = _sentence_transformers_files(config, max_length, pooling, prompts or {}, default_prompt_name)
@@ -110,13 +110,14 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def _hf_config(source: Path, config: BertConfig) -> dict:
-    """The source's config.json with every field kept, the values e5lite ran with, as a float32 BertModel."""
+    """The source's config.json with every field kept, the values e5lite ran with, as a float32 base model."""
     cfg = read_json(source / "config.json", error=ConfigError)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source / 'config.json'}: expected a JSON object")
-    # The weights are BertModel's keys (no `bert.` prefix, no heads) in float32, whatever the source was.
-    # `dtype` is transformers >= 4.56's name, `torch_dtype` the one older versions read.
-    return {**cfg, **config.to_dict(), "architectures": ["BertModel"], "torch_dtype": "float32", "dtype": "float32"}
+    # The weights are the base model's keys (no `bert.`/`roberta.` prefix, no heads) in float32, whatever the
+    # source was. `dtype` is transformers >= 4.56's name, `torch_dtype` the one older versions read.
+    arch = {"bert": "BertModel", "xlm-roberta": "XLMRobertaModel"}[config.model_type]
+    return {**cfg, **config.to_dict(), "architectures": [arch], "torch_dtype": "float32", "dtype": "float32"}
 
 
 def _tokenizer_files(source: Path) -> dict[str, bytes]:

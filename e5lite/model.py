@@ -85,16 +85,20 @@ def activation(x, kind: str):
 
 
 def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_BS=None, position_ids_BS=None):
-    """Token ids [B, S] -> embeddings [B, S, D] (word + position + token type, then LayerNorm)."""
+    """Token ids [B, S] -> embeddings [B, S, D] (word + position + token type, then LayerNorm).
+
+    ``position_ids`` count from 0 at each sequence's first token, whatever the architecture; the position
+    table is read from ``config.position_offset`` on (XLM-R: pad_token_id + 1, as transformers computes)."""
     S = input_ids_BS.shape[1]
-    if S > config.max_position_embeddings:
-        raise ValueError(f"sequence length {S} exceeds max_position_embeddings {config.max_position_embeddings}")
+    if S > config.max_tokens:
+        raise ValueError(f"sequence length {S} exceeds the {config.max_tokens} positions of the model "
+                         f"(max_position_embeddings {config.max_position_embeddings}, offset {config.position_offset})")
     if position_ids_BS is None:
         position_ids_BS = jnp.arange(S)[None, :]
     if token_type_ids_BS is None:
         token_type_ids_BS = jnp.zeros_like(input_ids_BS)
     x_BSD = (jnp.take(p.word_VD, input_ids_BS, axis=0)
-             + jnp.take(p.position_PD, position_ids_BS, axis=0)
+             + jnp.take(p.position_PD, position_ids_BS + config.position_offset, axis=0)
              + jnp.take(p.token_type_YD, token_type_ids_BS, axis=0))
     return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
 

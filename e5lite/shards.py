@@ -91,8 +91,8 @@ def _clean(out_dir: Path, manifest: dict) -> None:
 
 
 def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field: str | None = None,
-                 id_field: str | None = None, prompt_name: str | None = None, normalize: bool = True,
-                 rows_per_shard: int = ROWS_PER_SHARD, shard_format: str = "npy", batch_size: int | None = None,
+                 id_field: str | None = None, prompt_name: str | None = None, task: str | None = None,
+                 normalize: bool = True, rows_per_shard: int = ROWS_PER_SHARD, shard_format: str = "npy", batch_size: int | None = None,
                  overwrite: bool = False, show_progress: bool = True) -> dict:
     """Embeds every row of ``input_path`` into shards under ``out_dir``, resuming a previous run there.
 
@@ -111,7 +111,8 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
             raise E5LiteError("--shard-format parquet needs pyarrow: pip install pyarrow") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = input_identity(input_path, jsonl=field is not None)
-    run = {"input": identity, "field": field, "id_field": id_field, "prompt_name": prompt_name,
+    prompt = enc.prompt_prefix(prompt_name, None, task)  # bad names fail before anything is written
+    run = {"input": identity, "field": field, "id_field": id_field, "prompt_name": prompt_name, "prompt": prompt,
            "normalize": normalize, "pooling": enc.pooling, "dim": enc.dim, "rows_per_shard": rows_per_shard,
            "shard_format": shard_format, **settings}
     manifest = None if overwrite else _read_manifest(out_dir)
@@ -135,7 +136,7 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
             shard = list(itertools.islice(rows, rows_per_shard))
             if shard:
                 texts, ids, offsets = (list(c) for c in zip(*shard))
-                token_ids = enc.tokenize(texts, prompt_name=prompt_name)
+                token_ids = enc.tokenize(texts, prompt=prompt)
                 tokens += sum(len(t) for t in token_ids)
                 emb = enc.embed_ids(token_ids, normalize=normalize, batch_size=batch_size, show_progress_bar=False)
                 names = _shard_names(len(manifest["shards"]), shard_format)

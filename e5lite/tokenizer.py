@@ -1,12 +1,20 @@
-"""WordPiece tokenisation (tokenizer.json, or vocab.txt), max length and prompts of a model folder."""
+"""Tokenisation (tokenizer.json, or vocab.txt), max length and prompts of a model folder.
+
+BERT checkpoints (E5, multilingual-e5-small's weights aside) carry a WordPiece ``tokenizer.json`` that runs as
+it is. multilingual-e5 carries XLM-R's sentencepiece Unigram; transformers' ``XLMRobertaTokenizer`` does not
+run that file's pipeline but rebuilds one around its vocabulary (see ``_as_transformers_xlmr``), and the
+reference is what transformers produces, so e5lite rebuilds the same."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
+import base64
+
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
 
 from .config import BertConfig
 from .errors import E5LiteError, TextTooLongError
@@ -16,15 +24,16 @@ DEFAULT_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 def resolve_max_length(model_dir, config: BertConfig, max_length: int | None = None) -> int:
-    """sentence_bert_config.json's max_seq_length, else min(model_max_length, max_position_embeddings).
+    """sentence_bert_config.json's max_seq_length, else min(model_max_length, the model's positions).
 
-    An explicit ``max_length`` wins but may not exceed max_position_embeddings.
+    An explicit ``max_length`` wins but may not exceed the positions (``config.max_tokens``: XLM-R's 514
+    position rows hold 512 tokens).
     """
     d = Path(model_dir)
-    limit = config.max_position_embeddings
+    limit = config.max_tokens
     if max_length is not None:
-        if not isinstance(max_length, int) or max_length < 2 or max_length > limit:
-            raise ValueError(f"max_length must be an int in [2, {limit}] (max_position_embeddings), "
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2 or max_length > limit:
+            raise ValueError(f"max_length must be an int in [2, {limit}] (the model's positions), "
                              f"got {max_length!r}")
         return max_length
     st = read_json(d / "sentence_bert_config.json", default={}).get("max_seq_length")
@@ -36,45 +45,126 @@ def resolve_max_length(model_dir, config: BertConfig, max_length: int | None = N
     return limit
 
 
-def read_prompts(model_dir) -> tuple[dict[str, str], str | None]:
-    """Prompts from config_sentence_transformers.json when it defines any, else E5's query/passage."""
-    cfg = read_json(Path(model_dir) / "config_sentence_transformers.json", default={})
+# The -instruct E5 models: queries carry a task description, documents nothing. Without a task, retrieval's
+# (the one their model card gives for web search).
+DEFAULT_INSTRUCT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+INSTRUCT_PROMPTS = {"query": f"Instruct: {DEFAULT_INSTRUCT_TASK}\nQuery: ", "passage": ""}
+
+
+def is_instruct(name: str, model_dir) -> bool:
+    """An -instruct E5 model: its hub id or folder (the hub cache's models--intfloat--...-instruct) says so."""
+    parts = [str(name).rstrip("/\\")] + list(Path(model_dir).resolve().parts)
+    return any(p.lower().endswith("-instruct") for p in parts)
+
+
+def read_prompts(model_dir, name: str = "") -> tuple[dict[str, str], str | None]:
+    """Prompts from config_sentence_transformers.json when it defines any, else the -instruct models' (a query
+    task, no document prefix) when the model is one, else E5's query/passage."""
+    path = Path(model_dir) / "config_sentence_transformers.json"
+    cfg = read_json(path, default={})
+    if not isinstance(cfg, dict):
+        raise E5LiteError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     prompts = cfg.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
-        raise E5LiteError(f"{model_dir}/config_sentence_transformers.json: 'prompts' must map names to strings")
+        raise E5LiteError(f"{path}: 'prompts' must map names to strings")
     default = cfg.get("default_prompt_name") or None
-    prompts = dict(prompts) if prompts else dict(DEFAULT_PROMPTS)
+    if prompts:
+        prompts = dict(prompts)
+    else:
+        prompts = dict(INSTRUCT_PROMPTS if is_instruct(name, model_dir) else DEFAULT_PROMPTS)
     if default is not None and default not in prompts:
-        raise E5LiteError(f"default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
+        raise E5LiteError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
     return prompts, default
 
 
-class WordPieceTokenizer:
-    """Wraps ``tokenizers.Tokenizer``: adds [CLS]/[SEP], truncates to ``max_length``, never pads."""
+XLMR_CLASSES = ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast")
+XLMR_UNK_ID = 3  # transformers' XLMRobertaTokenizer builds its Unigram with unk_id=3, whatever the file says
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int):
+
+def _token_name(value) -> str | None:
+    """A special token in tokenizer_config.json: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_transformers_xlmr(tok: Tokenizer, raw: dict, tok_config: dict) -> Tokenizer:
+    """The pipeline transformers' XLMRobertaTokenizer runs for this tokenizer.json: the file's vocabulary and
+    added tokens, only its Precompiled (sentencepiece) normaliser, WhitespaceSplit + Metaspace pre-tokenisation
+    and ``<s> $A </s>``. The file's own pipeline (Metaspace alone, a Replace normaliser) differs on whitespace:
+    it gives "query: " a trailing "▁" token where transformers gives none."""
+    model = raw.get("model", {})
+    if model.get("unk_id") != XLMR_UNK_ID or model.get("byte_fallback"):
+        tok.model = Unigram([tuple(v) for v in model["vocab"]], unk_id=XLMR_UNK_ID, byte_fallback=False)
+    norm = raw.get("normalizer") or {}
+    parts = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    charsmap = next((n["precompiled_charsmap"] for n in parts
+                     if n.get("type") == "Precompiled" and n.get("precompiled_charsmap")), None)
+    tok.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else normalizers.Sequence([])
+    scheme = "always" if tok_config.get("add_prefix_space", True) else "never"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+    bos = _token_name(tok_config.get("bos_token")) or "<s>"
+    eos = _token_name(tok_config.get("eos_token")) or "</s>"
+    for t in (bos, eos):
+        if tok.token_to_id(t) is None:
+            raise E5LiteError(f"XLM-R tokenizer has no special token {t!r}")
+    tok.post_processor = processors.TemplateProcessing(
+        single=[bos, "$A", eos], pair=[bos, "$A", eos, eos, "$B", eos],
+        special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
+    return tok
+
+
+def _pad_id(tok: Tokenizer, tok_config: dict, config_pad: int) -> int:
+    """The tokenizer's own pad id: tokenizer_config.json's pad_token, the file's padding, [PAD] or <pad>;
+    else config.json's pad_token_id. (multilingual-e5-small is a BERT whose XLM-R tokenizer pads with 1.)"""
+    name = _token_name(tok_config.get("pad_token"))
+    if name is not None and tok.token_to_id(name) is not None:
+        return tok.token_to_id(name)
+    if tok.padding:
+        return int(tok.padding["pad_id"])
+    for name in ("[PAD]", "<pad>"):
+        if tok.token_to_id(name) is not None:
+            return tok.token_to_id(name)
+    return config_pad
+
+
+class TextTokenizer:
+    """Wraps ``tokenizers.Tokenizer``: adds the model's specials ([CLS] ... [SEP], or <s> ... </s>), truncates
+    to ``max_length``, never pads (``pad_token_id`` is for the batches)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int = 0):
         self.max_length = max_length
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
-        pad = self._tok.token_to_id("[PAD]")
-        self.pad_token_id = 0 if pad is None else pad
+        self.pad_token_id = pad_token_id
 
     @classmethod
-    def from_dir(cls, model_dir, max_length: int) -> "WordPieceTokenizer":
+    def from_dir(cls, model_dir, max_length: int, config_pad_token_id: int = 0) -> "TextTokenizer":
         d = Path(model_dir)
+        tok_config = read_json(d / "tokenizer_config.json", default={})
+        if not isinstance(tok_config, dict):
+            raise E5LiteError(f"{d / 'tokenizer_config.json'}: expected a JSON object, got {type(tok_config).__name__}")
         if (d / "tokenizer.json").is_file():
             try:
                 tok = Tokenizer.from_file(str(d / "tokenizer.json"))
             except Exception as e:
                 raise E5LiteError(f"cannot read {d / 'tokenizer.json'}: {e}") from None
+            if tok_config.get("tokenizer_class") in XLMR_CLASSES:
+                raw = read_json(d / "tokenizer.json")
+                if raw.get("model", {}).get("type") != "Unigram":
+                    raise E5LiteError(f"{d / 'tokenizer.json'}: tokenizer_class {tok_config['tokenizer_class']} "
+                                      f"needs a Unigram model, found {raw.get('model', {}).get('type')!r}")
+                tok = _as_transformers_xlmr(tok, raw, tok_config)
         elif (d / "vocab.txt").is_file():
             from tokenizers import BertWordPieceTokenizer
-            lower = read_json(d / "tokenizer_config.json", default={}).get("do_lower_case", True)
+            lower = tok_config.get("do_lower_case", True)
             tok = BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=bool(lower))
         else:
             raise E5LiteError(f"no tokenizer in {d}: expected tokenizer.json or vocab.txt")
-        return cls(tok, max_length)
+        return cls(tok, max_length, _pad_id(tok, tok_config, config_pad_token_id))
 
     def __call__(self, texts: Sequence[str], truncate: bool = True) -> list[np.ndarray]:
         """Token ids per text (variable lengths, at most max_length), as int32 arrays. ``truncate=False``
@@ -89,9 +179,15 @@ class WordPieceTokenizer:
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def tokens(self, ids) -> list[str]:
-        """The token strings of ids ("[CLS]", "token", "##izer", ...), e.g. for axis labels."""
+        """The token strings of ids ("[CLS]", "token", "##izer", or "<s>", "\u2581token", ...), e.g. for axis
+        labels."""
         return [self._tok.id_to_token(int(i)) or f"<{int(i)}>" for i in ids]
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    @property
+    def kind(self) -> str:
+        """The tokenizer's model: "WordPiece" (BERT, E5) or "Unigram" (XLM-R's sentencepiece)."""
+        return type(self._tok.model).__name__

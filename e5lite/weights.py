@@ -1,4 +1,4 @@
-"""Hugging Face BERT safetensors -> e5lite ``Params``, through one strict name table.
+"""Hugging Face BERT / XLM-RoBERTa safetensors -> e5lite ``Params``, through one strict table per architecture.
 
 Strict both ways: every checkpoint key is used or explicitly ignored, every param is filled, every shape
 is checked; each error names the key and the file. Reads with safetensors' numpy API (no torch).
@@ -25,7 +25,7 @@ from .model import EmbeddingParams, LayerParams, Params
 
 class Entry(NamedTuple):
     field: str     # name in EmbeddingParams / LayerParams
-    key: str       # HF key, after the `bert.` prefix is dropped; `{i}` is the layer index
+    key: str       # HF key, after the architecture's prefix (`bert.`, `roberta.`) is dropped; `{i}`: layer index
     stored: tuple  # stored shape, in config dims (see _dims)
     linear: bool   # torch Linear weight stored [out, in]: transposed before the reshape
 
@@ -60,9 +60,29 @@ LAYER = (
 assert [e.field for e in EMBEDDINGS] == list(EmbeddingParams._fields)
 assert [e.field for e in LAYER] == list(LayerParams._fields)
 
-# Keys that checkpoints carry but the encoder does not use (matched after the `bert.` prefix is dropped,
-# except `cls.`, the pre-training heads, which sit beside `bert.`).
-IGNORED = re.compile(r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|cls\.)")
+
+# XLMRobertaModel names its modules as BertModel does (transformers copies the BERT code), so its table has
+# the same keys; it is its own table so that either can change without the other.
+XLMR_EMBEDDINGS = EMBEDDINGS
+XLMR_LAYER = LAYER
+
+
+class Architecture(NamedTuple):
+    prefix: str           # the base model's prefix in checkpoints saved from a task model
+    embeddings: tuple     # Entries of EmbeddingParams
+    layer: tuple          # Entries of LayerParams
+    ignored: re.Pattern   # keys carried but not used by the encoder (matched with and without the prefix)
+
+
+ARCHITECTURES = {
+    # the pooler, position/token-type buffers, and `cls.` (BERT's pre-training heads, beside `bert.`)
+    "bert": Architecture("bert.", EMBEDDINGS, LAYER, re.compile(
+        r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|cls\.)")),
+    # the pooler, the buffers, and `lm_head.` (XLMRobertaForMaskedLM's head, beside `roberta.`)
+    "xlm-roberta": Architecture("roberta.", XLMR_EMBEDDINGS, XLMR_LAYER, re.compile(
+        r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|lm_head\.)")),
+}
+IGNORED = ARCHITECTURES["bert"].ignored
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -80,10 +100,14 @@ def _field_shape(field: str, dims: dict) -> tuple:
     return tuple(dims[d] for d in field.rsplit("_", 1)[1])
 
 
-def normalize_key(key: str) -> str:
-    """Drops a leading `bert.` and maps legacy LayerNorm `gamma`/`beta` to `weight`/`bias`."""
-    if key.startswith("bert."):
-        key = key[len("bert."):]
+def architecture(config: BertConfig) -> Architecture:
+    return ARCHITECTURES[config.model_type]
+
+
+def normalize_key(key: str, prefix: str = "bert.") -> str:
+    """Drops a leading ``prefix`` and maps legacy LayerNorm `gamma`/`beta` to `weight`/`bias`."""
+    if key.startswith(prefix):
+        key = key[len(prefix):]
     if "LayerNorm." in key:
         key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
         key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
@@ -136,15 +160,15 @@ def _open(path: Path):
         raise WeightsError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
 
 
-def read_checkpoint(model_dir) -> dict[str, tuple[Path, object, str]]:
+def read_checkpoint(model_dir, arch: Architecture = ARCHITECTURES["bert"]) -> dict[str, tuple[Path, object, str]]:
     """Maps each normalised key to (file, open handle, stored key); raises on duplicated keys."""
     found: dict[str, tuple[Path, object, str]] = {}
     for path in checkpoint_files(model_dir):
         handle = _open(path)
         for raw in handle.keys():
-            if IGNORED.match(raw) or IGNORED.match(normalize_key(raw)):
+            key = normalize_key(raw, arch.prefix)
+            if arch.ignored.match(raw) or arch.ignored.match(key):
                 continue
-            key = normalize_key(raw)
             if key in found:
                 raise WeightsError(f"key {raw!r} in {path.name} duplicates one in {found[key][0].name}")
             found[key] = (path, handle, raw)
@@ -152,15 +176,16 @@ def read_checkpoint(model_dir) -> dict[str, tuple[Path, object, str]]:
 
 
 def expected_keys(config: BertConfig) -> list[str]:
-    return [e.key for e in EMBEDDINGS] + [e.key.format(i=i) for i in range(config.num_hidden_layers)
-                                          for e in LAYER]
+    arch = architecture(config)
+    return [e.key for e in arch.embeddings] + [e.key.format(i=i) for i in range(config.num_hidden_layers)
+                                               for e in arch.layer]
 
 
 def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
     """Reads a model folder's safetensors into ``Params`` of ``dtype`` (fp16/bf16 storage is cast)."""
     dtype = resolve_dtype(dtype)
-    dims = _dims(config)
-    found = read_checkpoint(model_dir)
+    dims, arch = _dims(config), architecture(config)
+    found = read_checkpoint(model_dir, arch)
     expected = expected_keys(config)
 
     # Check names both ways before reading any tensor, so a wrong checkpoint fails fast.
@@ -169,7 +194,7 @@ def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
         path, _, raw = found[unexpected[0]]
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise WeightsError(f"unexpected key {raw!r} in {path.name}{more}: not part of a "
-                           f"{config.num_hidden_layers}-layer BERT encoder as config.json describes")
+                           f"{config.num_hidden_layers}-layer {config.model_type} encoder as config.json describes")
     missing = [k for k in expected if k not in found]
     if missing:
         files = ", ".join(sorted({p.name for p, _, _ in found.values()})) or "no tensors"
@@ -192,8 +217,8 @@ def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
             arr = arr.T
         return arr.reshape(_field_shape(entry.field, dims)).astype(dtype)
 
-    emb = EmbeddingParams(*(get(e) for e in EMBEDDINGS))
-    layers = LayerParams(*(np.stack([get(e, i) for i in range(config.num_hidden_layers)]) for e in LAYER))
+    emb = EmbeddingParams(*(get(e) for e in arch.embeddings))
+    layers = LayerParams(*(np.stack([get(e, i) for i in range(config.num_hidden_layers)]) for e in arch.layer))
     return jax.tree.map(jnp.asarray, Params(emb, layers))
 
 
@@ -201,7 +226,7 @@ def num_params(params: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-# -- the way back: Params -> transformers' BertModel tensors (the export, e5lite/export.py) --
+# -- the way back: Params -> transformers' BertModel / XLMRobertaModel tensors (the export, e5lite/export.py) --
 
 def _to_stored(entry: Entry, arr: np.ndarray, dims: dict) -> np.ndarray:
     """Undoes ``load_params``' step for one field: reshape to the stored shape (for a Linear weight, first to
@@ -211,7 +236,7 @@ def _to_stored(entry: Entry, arr: np.ndarray, dims: dict) -> np.ndarray:
 
 
 def to_state_dict(params: Params, config: BertConfig, dtype="float32") -> dict[str, np.ndarray]:
-    """``Params`` -> BertModel tensors by key, as ``BertModel.save_pretrained`` names them (no `bert.` prefix).
+    """``Params`` -> BertModel (XLMRobertaModel) tensors by key, as its ``save_pretrained`` names them (no prefix).
 
     The exact inverse of ``load_params``, through the same table. Leaves may be jax arrays of any float dtype
     (e.g. bf16 training weights); the result is contiguous numpy arrays of ``dtype`` (float32 by default).
@@ -221,7 +246,8 @@ def to_state_dict(params: Params, config: BertConfig, dtype="float32") -> dict[s
     dtype = np.dtype(resolve_dtype(dtype))
     dims, L = _dims(config), config.num_hidden_layers
     out: dict[str, np.ndarray] = {}
-    for part, table, lead in (("embeddings", EMBEDDINGS, ()), ("layers", LAYER, (L,))):
+    arch = architecture(config)
+    for part, table, lead in (("embeddings", arch.embeddings, ()), ("layers", arch.layer, (L,))):
         for entry in table:
             # device_get brings a (replicated) jax array to host; astype copies it out of the device buffer.
             arr = np.asarray(jax.device_get(getattr(getattr(params, part), entry.field)))
@@ -240,14 +266,16 @@ def to_state_dict(params: Params, config: BertConfig, dtype="float32") -> dict[s
 POOLER = re.compile(r"^pooler\.dense\.(weight|bias)$")
 
 
-def read_pooler(model_dir) -> dict[str, np.ndarray]:
+def read_pooler(model_dir, config: BertConfig | None = None) -> dict[str, np.ndarray]:
     """A checkpoint's ``pooler.dense`` tensors (float32; {} when it has none). ``load_params`` skips them, as
     embeddings never use the pooler; an export carries them through so transformers does not initialise
-    BertModel's pooler at random (and warn about it)."""
+    the model's pooler at random (and warn about it)."""
+    prefix = architecture(config).prefix if config is not None else "bert."
     out = {}
     for path in checkpoint_files(model_dir):
         handle = _open(path)
         for raw in handle.keys():
-            if POOLER.match(normalize_key(raw)):
-                out[normalize_key(raw)] = np.ascontiguousarray(handle.get_tensor(raw), dtype=np.float32)
+            key = normalize_key(raw, prefix)
+            if POOLER.match(key):
+                out[key] = np.ascontiguousarray(handle.get_tensor(raw), dtype=np.float32)
     return out

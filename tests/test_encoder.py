@@ -74,7 +74,7 @@ def test_prompts(tiny):
     np.testing.assert_array_equal(tiny.encode_queries(["cats"]), tiny.encode(["query: cats"]))
     np.testing.assert_array_equal(tiny.encode_passages(["cats"]), tiny.encode(["cats"], prompt="passage: "))
     np.testing.assert_array_equal(tiny.encode(["cats"], prompt_name="passage"), tiny.encode(["passage: cats"]))
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one of prompt, prompt_name and task"):
         tiny.encode(["cats"], prompt="query: ", prompt_name="query")
     with pytest.raises(ValueError, match="unknown prompt_name 'q'.*passage, query"):
         tiny.encode(["cats"], prompt_name="q")
@@ -164,6 +164,6 @@ def test_prompt_prefix(tiny):
     assert tiny.prompt_prefix(prompt="Instruct: find it\nQuery: ") == "Instruct: find it\nQuery: "
     with pytest.raises(ValueError, match="unknown prompt_name 'nope'"):
         tiny.prompt_prefix("nope")
-    with pytest.raises(ValueError, match="either prompt or prompt_name"):
+    with pytest.raises(ValueError, match="one of prompt, prompt_name and task"):
         tiny.prompt_prefix("query", prompt="x")
     assert tiny.prompt_for("passage") == "passage: " and tiny.prompt_for("search") == "" == tiny.prompt_for(None)
