@@ -91,7 +91,7 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "BertConfig":
-        d = read_json(path, error=ConfigError)
+        d = read_json(path, error=ConfigError, expect=dict)
         try:
             return cls.from_dict(d)
         except ConfigError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import AbstractSet, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,8 +39,14 @@ def instruct_prompt(task: str) -> str:
 def _check_texts(texts) -> tuple[list[str], bool]:
     if isinstance(texts, str):
         return [texts], True
+    if isinstance(texts, Mapping):
+        raise TypeError(f"texts must be a str or a sequence of str, got a mapping ({type(texts).__name__}): "
+                        "pass list(d.values()) or list(d) explicitly")
+    if isinstance(texts, AbstractSet):
+        raise TypeError(f"texts must be a str or a sequence of str, got a {type(texts).__name__}, which has no "
+                        "order for the results to follow: pass sorted(...) or a list")
     if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -161,7 +167,9 @@ class Encoder:
         return self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task), truncate)(texts)
 
     def _tokenizer_for(self, prefix: str, truncate: bool = True):
-        return lambda texts: self.tokenizer([prefix + t for t in texts] if prefix else texts, truncate=truncate)
+        """texts, offset (of texts[0] in the caller's list, for error messages) -> token ids."""
+        return lambda texts, offset=0: self.tokenizer([prefix + t for t in texts] if prefix else texts,
+                                                      truncate=truncate, offset=offset)
 
     def embed_ids(self, ids: Sequence[Sequence[int]], *, normalize: bool = True, batch_size: int | None = None,
                   show_progress_bar: bool | None = None) -> np.ndarray:
@@ -187,7 +195,7 @@ class Encoder:
         """
         texts, single = _check_texts(texts)
         tokenize = self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task))
-        out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi]), len(texts),
+        out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts),
                               **self._run_kw(normalize, batch_size, show_progress_bar))
         return out[0] if single else out
 
@@ -195,6 +203,8 @@ class Encoder:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r:.40}")
         if show_progress_bar is None:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         return dict(normalize=bool(normalize), batch_size=batch_size, show_progress_bar=show_progress_bar)

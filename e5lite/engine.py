@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import functools
 import sys
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -77,6 +78,7 @@ class Engine:
         self.set_params(params)
         self.compiled_shapes: set[tuple] = set()
         self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
+        self._stats_lock = threading.Lock()  # calls may run from several threads at once (each has its own out)
 
     def set_params(self, params: Params) -> None:
         """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
@@ -200,8 +202,9 @@ class Engine:
         if isinstance(result, concurrent.futures.Future):
             result = result.result()
         out[start + batch.index] = np.asarray(result)[batch.slot]
-        self.stats["texts"] += len(batch.index)
-        self.stats["real_tokens"] += batch.real_tokens
-        self.stats["padded_tokens"] += batch.input_ids.size
-        self.stats["batches"] += 1
+        with self._stats_lock:
+            self.stats["texts"] += len(batch.index)
+            self.stats["real_tokens"] += batch.real_tokens
+            self.stats["padded_tokens"] += batch.input_ids.size
+            self.stats["batches"] += 1
         bar.update(len(batch.index))

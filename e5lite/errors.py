@@ -30,6 +30,14 @@ class TextTooLongError(InputError):
         self.index, self.max_length = index, max_length
 
 
+class TextEncodingError(InputError):
+    """A text the tokenizer cannot take (e.g. one holding a lone surrogate); ``index`` is its position in the call."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"text {index} cannot be tokenised: {reason}")
+        self.index = index
+
+
 class ApiError(Exception):
     """A request the server refuses: HTTP status, one-line message, and the offending field (OpenAI ``param``)."""
 

@@ -16,18 +16,43 @@ from .errors import E5LiteError, InputError
 _MISSING = object()
 
 
-def read_json(path: str | os.PathLike, *, default: Any = _MISSING, error: type[Exception] = E5LiteError) -> Any:
-    """The parsed JSON of a file; ``default`` when the file does not exist (else ``error``, as for bad JSON)."""
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+def json_type(value) -> str:
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_json(path: str | os.PathLike, *, default: Any = _MISSING, error: type[Exception] = E5LiteError,
+              expect: type | None = None) -> Any:
+    """The parsed JSON of a file; ``default`` when the file does not exist (else ``error``, as for bad JSON).
+    ``expect`` (dict, list): the top-level type the file must have, else ``error`` naming the file."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         if default is not _MISSING:
             return default
         raise error(f"missing {path.name}: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise error(f"{path} is not valid JSON: {e}") from None
+    if expect is not None and not isinstance(value, expect):
+        raise error(f"{path}: expected {JSON_TYPES[expect]} at the top level, got {json_type(value)}")
+    return value
+
+
+def json_field(path, obj: dict, field: str, kinds: tuple, default=None, error: type[Exception] = E5LiteError):
+    """``obj[field]`` when it has one of the JSON ``kinds`` (bools are not ints here), ``default`` when absent
+    or null; else ``error`` naming the file and the field."""
+    value = obj.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        want = " or ".join(JSON_TYPES.get(k, k.__name__) for k in kinds)
+        raise error(f"{path}: field {field!r} must be {want}, got {json_type(value)} {value!r:.60}")
+    return value
 
 
 def fsync(path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from .errors import E5LiteError
-from .files import read_json
+from .files import json_field, json_type, read_json
 
 MODES = ("mean", "cls", "max", "mean_sqrt_len")
 
@@ -82,9 +82,12 @@ def read_pooling_mode(model_dir) -> str:
     pooling_dir = d / "1_Pooling"
     modules = d / "modules.json"
     if modules.is_file():
-        entries = read_json(modules)
+        entries = read_json(modules, expect=list)
         known = {"Transformer", "Pooling", "Normalize"}
-        for m in entries:
+        for i, m in enumerate(entries):
+            if not isinstance(m, dict):
+                raise E5LiteError(f"{modules}: entry {i} must be an object, got {json_type(m)}")
+            json_field(modules, m, "path", (str,))
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
             if kind not in known:
                 raise E5LiteError(f"{modules}: module {m.get('name')!r} of type {m.get('type')!r} is not "
@@ -94,8 +97,12 @@ def read_pooling_mode(model_dir) -> str:
     cfg_path = pooling_dir / "config.json"
     if not cfg_path.is_file():
         return "mean"
-    cfg = read_json(cfg_path)
-    if "pooling_mode" in cfg:  # newer sentence-transformers write the mode(s) by name
+    cfg = read_json(cfg_path, expect=dict)
+    for field, value in cfg.items():
+        if field.startswith("pooling_mode_") or field == "include_prompt":
+            json_field(cfg_path, cfg, field, (bool,))
+    if "pooling_mode" in cfg:
+        json_field(cfg_path, cfg, "pooling_mode", (str, list))  # newer sentence-transformers write the mode(s) by name
         named = cfg["pooling_mode"] if isinstance(cfg["pooling_mode"], list) else [cfg["pooling_mode"]]
         modes = [{"mean_tokens": "mean", "mean_sqrt_len_tokens": "mean_sqrt_len"}.get(str(m), str(m)) for m in named]
     else:

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import Unigram
 
 from .config import BertConfig
-from .errors import E5LiteError, TextTooLongError
-from .files import read_json
+from .errors import E5LiteError, TextEncodingError, TextTooLongError
+from .files import json_field, json_type, read_json
 
 DEFAULT_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
@@ -36,11 +36,14 @@ def resolve_max_length(model_dir, config: BertConfig, max_length: int | None = N
             raise ValueError(f"max_length must be an int in [2, {limit}] (the model's positions), "
                              f"got {max_length!r}")
         return max_length
-    st = read_json(d / "sentence_bert_config.json", default={}).get("max_seq_length")
+    st_path, tok_path = d / "sentence_bert_config.json", d / "tokenizer_config.json"
+    st = json_field(st_path, read_json(st_path, default={}, expect=dict), "max_seq_length", (int,))
+    if st is not None and st < 1:
+        raise E5LiteError(f"{st_path}: field 'max_seq_length' must be a positive integer, got {st}")
     if st:
-        return min(int(st), limit)
-    tok = read_json(d / "tokenizer_config.json", default={}).get("model_max_length")
-    if isinstance(tok, (int, float)) and tok > 0:
+        return min(st, limit)
+    tok = json_field(tok_path, read_json(tok_path, default={}, expect=dict), "model_max_length", (int, float))
+    if tok is not None and tok > 0:
         return int(min(tok, limit))
     return limit
 
@@ -61,13 +64,12 @@ def read_prompts(model_dir, name: str = "") -> tuple[dict[str, str], str | None]
     """Prompts from config_sentence_transformers.json when it defines any, else the -instruct models' (a query
     task, no document prefix) when the model is one, else E5's query/passage."""
     path = Path(model_dir) / "config_sentence_transformers.json"
-    cfg = read_json(path, default={})
-    if not isinstance(cfg, dict):
-        raise E5LiteError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    prompts = cfg.get("prompts") or {}
-    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
-        raise E5LiteError(f"{path}: 'prompts' must map names to strings")
-    default = cfg.get("default_prompt_name") or None
+    cfg = read_json(path, default={}, expect=dict)
+    prompts = json_field(path, cfg, "prompts", (dict,), default={})
+    for name, value in prompts.items():
+        if not isinstance(value, str):
+            raise E5LiteError(f"{path}: field 'prompts.{name}' must be a string, got {json_type(value)}")
+    default = json_field(path, cfg, "default_prompt_name", (str,)) or None
     if prompts:
         prompts = dict(prompts)
     else:
@@ -144,9 +146,7 @@ class TextTokenizer:
     @classmethod
     def from_dir(cls, model_dir, max_length: int, config_pad_token_id: int = 0) -> "TextTokenizer":
         d = Path(model_dir)
-        tok_config = read_json(d / "tokenizer_config.json", default={})
-        if not isinstance(tok_config, dict):
-            raise E5LiteError(f"{d / 'tokenizer_config.json'}: expected a JSON object, got {type(tok_config).__name__}")
+        tok_config = read_json(d / "tokenizer_config.json", default={}, expect=dict)
         if (d / "tokenizer.json").is_file():
             try:
                 tok = Tokenizer.from_file(str(d / "tokenizer.json"))
@@ -166,17 +166,37 @@ class TextTokenizer:
             raise E5LiteError(f"no tokenizer in {d}: expected tokenizer.json or vocab.txt")
         return cls(tok, max_length, _pad_id(tok, tok_config, config_pad_token_id))
 
-    def __call__(self, texts: Sequence[str], truncate: bool = True) -> list[np.ndarray]:
+    def __call__(self, texts: Sequence[str], truncate: bool = True, offset: int = 0) -> list[np.ndarray]:
         """Token ids per text (variable lengths, at most max_length), as int32 arrays. ``truncate=False``
-        raises TextTooLongError naming the first text that does not fit."""
+        raises TextTooLongError naming the first text that does not fit; a text that cannot be tokenised
+        (e.g. a lone surrogate, which is not Unicode text) raises TextEncodingError naming it. ``offset``: the
+        index of texts[0] in the caller's list, for those errors."""
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use, which is faster.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        encodings = encode(list(texts))
+        texts = list(texts)
+        try:
+            encodings = encode(texts)
+        except Exception as e:
+            raise self._failure(texts, offset, e) from None
         if not truncate:
             for i, e in enumerate(encodings):
                 if e.overflowing:
-                    raise TextTooLongError(i, self.max_length)
+                    raise TextTooLongError(offset + i, self.max_length)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def _failure(self, texts: list[str], offset: int, error: Exception) -> TextEncodingError:
+        """The first text that fails alone, as an error naming its index (the batch call does not say)."""
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return TextEncodingError(offset + i, f"it is not valid Unicode text ({e.reason} at character "
+                                                     f"{e.start}: {t[e.start]!r})")
+            try:
+                self._tok.encode(t)
+            except Exception as e:
+                return TextEncodingError(offset + i, f"{type(e).__name__}: {e}")
+        return TextEncodingError(offset, f"the batch failed ({type(error).__name__}: {error})")
 
     def tokens(self, ids) -> list[str]:
         """The token strings of ids ("[CLS]", "token", "##izer", or "<s>", "\u2581token", ...), e.g. for axis

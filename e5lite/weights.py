@@ -213,6 +213,10 @@ def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
                                f"expected {list(want)} from config.json")
         if arr.dtype.kind != "f" and arr.dtype != jnp.bfloat16:
             raise WeightsError(f"key {raw!r} in {path.name} has dtype {arr.dtype}, expected a float type")
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise WeightsError(f"key {raw!r} in {path.name} holds {bad} non-finite values (NaN or inf): the "
+                               "checkpoint is corrupt or was saved after a diverged training step")
         if entry.linear:
             arr = arr.T
         return arr.reshape(_field_shape(entry.field, dims)).astype(dtype)

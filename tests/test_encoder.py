@@ -167,3 +167,62 @@ def test_prompt_prefix(tiny):
     with pytest.raises(ValueError, match="one of prompt, prompt_name and task"):
         tiny.prompt_prefix("query", prompt="x")
     assert tiny.prompt_for("passage") == "passage: " and tiny.prompt_for("search") == "" == tiny.prompt_for(None)
+
+
+@pytest.mark.parametrize("texts, match", [
+    ({"a": "x", "b": "y"}, "got a mapping"), ({"x", "y"}, "got a set, which has no order"),
+    (frozenset({"x"}), "got a frozenset"), (b"raw", "got bytes"), (None, "got NoneType")])
+def test_wrong_kind_of_texts(tiny, texts, match):
+    with pytest.raises(TypeError, match=match):
+        tiny.encode(texts)
+    with pytest.raises(TypeError, match=match):
+        tiny.tokenize(texts)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(batch_size=True), ValueError, "batch_size must be a positive int"),
+    (dict(normalize="yes"), TypeError, "normalize must be a bool, got str"),
+    (dict(normalize=1), TypeError, "normalize must be a bool, got int"),
+    (dict(normalize=None), TypeError, "normalize must be a bool, got NoneType")])
+def test_wrong_kind_of_arguments(tiny, kw, error, match):
+    with pytest.raises(error, match=match):
+        tiny.encode(["a"], **kw)
+    with pytest.raises(error, match=match):
+        tiny.embed_ids([[101, 102]], **kw)
+
+
+def test_bools_are_not_sizes(tiny_dir):
+    with pytest.raises(ValueError, match="token_budget"):
+        e5lite.load(tiny_dir, token_budget=True)
+    with pytest.raises(ValueError, match="max_length must be an int"):
+        e5lite.load(tiny_dir, max_length=True)
+
+
+def test_untokenisable_text_names_its_index(tiny):
+    """A lone surrogate is not Unicode text: the error names the text, also past the first chunk of encode()."""
+    from e5lite.errors import TextEncodingError
+    texts = ["fine"] * 5 + ["bad \ud800 half"] + ["fine"]
+    with pytest.raises(TextEncodingError, match=r"text 5 cannot be tokenised: it is not valid Unicode") as e:
+        tiny.encode(texts)
+    assert e.value.index == 5
+    with pytest.raises(TextEncodingError, match="text 5 "):
+        tiny.tokenize(texts)
+    before = tiny.settings
+    tiny.configure(first_chunk_texts=2, chunk_texts=2)
+    try:
+        with pytest.raises(TextEncodingError, match="text 5 "):
+            tiny.encode(texts)
+    finally:
+        tiny.configure(first_chunk_texts=before.first_chunk_texts, chunk_texts=before.chunk_texts)
+
+
+def test_many_threads_share_one_encoder(minilm):
+    """encode() from 8 threads at once on one Encoder: each gets its own texts' embeddings, as if alone."""
+    import concurrent.futures
+    texts = TEXTS + [f"thread test sentence {i} " + "word " * (i % 40) for i in range(40)]
+    want = minilm.encode(texts, batch_size=8)
+    jobs = [(texts[k::5], dict(prompt_name=None)) for k in range(5)] * 2
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: minilm.encode(job[0], batch_size=4, **job[1]), jobs))
+    for k, got in enumerate(results):
+        np.testing.assert_allclose(got, want[k % 5::5], atol=1e-6, rtol=0)

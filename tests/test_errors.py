@@ -131,3 +131,41 @@ def test_unsupported_module(tiny_copy):
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
     with pytest.raises(E5LiteError, match="2_Dense|Dense"):
         e5lite.load(tiny_copy)
+
+
+@pytest.mark.parametrize("file, content, match", [
+    ("config.json", "[1, 2]", r"config.json: expected an object at the top level, got an array"),
+    ("1_Pooling/config.json", "[]", r"1_Pooling/config.json: expected an object at the top level, got an array"),
+    ("1_Pooling/config.json", '{"pooling_mode_mean_tokens": "yes"}',
+     r"1_Pooling/config.json: field 'pooling_mode_mean_tokens' must be true/false, got a string"),
+    ("sentence_bert_config.json", '{"max_seq_length": "128"}',
+     r"sentence_bert_config.json: field 'max_seq_length' must be an integer, got a string"),
+    ("sentence_bert_config.json", '{"max_seq_length": true}',
+     r"sentence_bert_config.json: field 'max_seq_length' must be an integer, got true/false"),
+    ("sentence_bert_config.json", '"text"', r"sentence_bert_config.json: expected an object"),
+    ("config_sentence_transformers.json", '{"prompts": ["query: "]}',
+     r"config_sentence_transformers.json: field 'prompts' must be an object, got an array"),
+    ("config_sentence_transformers.json", '{"prompts": {"query": 5}}',
+     r"config_sentence_transformers.json: field 'prompts.query' must be a string, got an integer"),
+    ("config_sentence_transformers.json", '{"prompts": {"q": "q: "}, "default_prompt_name": 3}',
+     r"config_sentence_transformers.json: field 'default_prompt_name' must be a string"),
+    ("tokenizer_config.json", "7", r"tokenizer_config.json: expected an object"),
+    ("modules.json", '{"0": "Transformer"}', r"modules.json: expected an array at the top level, got an object"),
+    ("modules.json", '["Transformer"]', r"modules.json: entry 0 must be an object, got a string"),
+])
+def test_json_files_of_the_wrong_shape_name_file_and_field(tiny_copy, file, content, match):
+    (tiny_copy / file).parent.mkdir(exist_ok=True)
+    (tiny_copy / file).write_text(content)
+    with pytest.raises(E5LiteError, match=match):
+        e5lite.load(tiny_copy)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_key(tiny_copy, value):
+    def poison(sd):
+        sd["encoder.layer.1.output.dense.weight"][3, 5] = value
+        return sd
+    edit_weights(tiny_copy, poison)
+    with pytest.raises(WeightsError, match=r"key 'encoder.layer.1.output.dense.weight' in model.safetensors holds "
+                                           r"1 non-finite values"):
+        e5lite.load(tiny_copy)
