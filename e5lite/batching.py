@@ -78,19 +78,67 @@ class Batch:
         return self.segment_ids is not None
 
 
-def _scatter_plan(seqs: Sequence[np.ndarray]):
-    """For sequences laid end to end: (all tokens, which sequence each token is from, its position in it,
-    where each sequence starts)."""
-    lens = np.fromiter((len(t) for t in seqs), np.int64, len(seqs))
-    starts = np.cumsum(lens) - lens
-    of = np.repeat(np.arange(len(seqs)), lens)
-    tokens = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int32)
-    return tokens, of, np.arange(len(tokens)) - starts[of], starts
+class Ragged:
+    """Token sequences laid end to end, with no Python object per sequence: ``ids`` [N] int32 and ``lengths``
+    [n]; sequence i is ``ids[starts[i]:starts[i] + lengths[i]]``. Indexing gives that view (a slice gives a
+    Ragged), ``take`` gathers a subset in one vectorised copy. The tokenizer produces them and the planner
+    consumes them, so a corpus never becomes a list of millions of small arrays on its way to the device."""
+    __slots__ = ("ids", "lengths", "starts")
+
+    def __init__(self, ids, lengths):
+        self.ids = np.asarray(ids, dtype=np.int32)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+
+    @classmethod
+    def of(cls, seqs) -> "Ragged":
+        """A Ragged of any sequence of token id sequences (a Ragged is returned as is)."""
+        if isinstance(seqs, Ragged):
+            return seqs
+        lengths = np.fromiter((len(t) for t in seqs), np.int64, len(seqs))
+        return cls(np.concatenate([np.asarray(t, np.int32) for t in seqs]) if len(seqs) else np.zeros(0, np.int32),
+                   lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                return self.take(np.arange(lo, hi, step))
+            end = self.starts[hi - 1] + self.lengths[hi - 1] if hi > lo else 0
+            return Ragged(self.ids[self.starts[lo] if hi > lo else 0:end], self.lengths[lo:hi])
+        start = self.starts[i]
+        return self.ids[start:start + self.lengths[i]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, index) -> "Ragged":
+        """The sequences at these positions, in this order, as a new (contiguous) Ragged."""
+        index = np.asarray(index, dtype=np.int64)
+        lengths = self.lengths[index]
+        out_starts = np.cumsum(lengths) - lengths
+        src = np.repeat(self.starts[index] - out_starts, lengths) + np.arange(int(lengths.sum()))
+        return Ragged(self.ids[src], lengths)
+
+    def tolist(self) -> list[np.ndarray]:
+        """One int32 array (a view) per sequence."""
+        return np.split(self.ids, np.cumsum(self.lengths)[:-1]) if len(self) else []
 
 
-def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_id: int) -> Batch:
+def _scatter_plan(seqs: Ragged):
+    """For sequences laid end to end: (all tokens, which sequence each token is from, its position in it)."""
+    tokens = seqs.ids[seqs.starts[0]:seqs.starts[-1] + seqs.lengths[-1]] if len(seqs) else seqs.ids[:0]
+    of = np.repeat(np.arange(len(seqs)), seqs.lengths)
+    return tokens, of, np.arange(len(tokens)) - (seqs.starts - seqs.starts[:1])[of]
+
+
+def padded_batch(ids, index, rows: int, length: int, pad_id: int) -> Batch:
     # One vectorised scatter rather than a Python loop per text: the host must keep up with a GPU.
-    tokens, of, pos, _ = _scatter_plan(ids)
+    ids = Ragged.of(ids)
+    tokens, of, pos = _scatter_plan(ids)
     dest = of * length + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     mask = np.zeros((rows, length), dtype=np.int32)
@@ -100,25 +148,23 @@ def padded_batch(ids: Sequence[np.ndarray], index, rows: int, length: int, pad_i
                  real_tokens=len(tokens))
 
 
-def packed_batch(rows_of_ids: Sequence[Sequence[np.ndarray]], rows_of_index, rows_of_offsets, rows: int,
-                 length: int, num_segments: int, pad_id: int, window: int) -> Batch:
-    """Texts laid out in rows, each at its offset in ``rows_of_offsets`` (where it starts in its row)."""
-    per_row = np.fromiter((len(r) for r in rows_of_ids), np.int64, len(rows_of_ids))
-    tokens, of, pos, _ = _scatter_plan([t for row in rows_of_ids for t in row])
-    first = np.cumsum(per_row) - per_row            # flat index of each row's first text
-    row_of = np.repeat(np.arange(len(per_row)), per_row)
-    seg_of = np.arange(len(row_of)) - first[row_of]  # 0-based segment within its row
-    offset = np.fromiter((o for row in rows_of_offsets for o in row), np.int64, len(row_of))
-    dest = row_of[of] * length + offset[of] + pos
+def packed_batch(seqs: Ragged, index, row_of: np.ndarray, offset: np.ndarray, rows: int, length: int,
+                 num_segments: int, pad_id: int, window: int) -> Batch:
+    """Texts laid out in rows: ``seqs`` in row order, text j in row ``row_of[j]`` (non-decreasing) starting at
+    position ``offset[j]`` of it."""
+    row_of = np.asarray(row_of, np.int64)
+    tokens, of, pos = _scatter_plan(seqs)
+    first = np.searchsorted(row_of, np.arange(rows))  # index of each row's first text
+    seg_of = np.arange(len(row_of)) - first[row_of]   # 0-based segment within its row
+    dest = row_of[of] * length + np.asarray(offset, np.int64)[of] + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     seg = np.zeros((rows, length), dtype=np.int32)
     position = np.zeros((rows, length), dtype=np.int32)
     input_ids.flat[dest] = tokens
     seg.flat[dest] = seg_of[of] + 1
     position.flat[dest] = pos
-    index = np.fromiter((i for row in rows_of_index for i in row), np.int64, len(row_of))
-    return Batch(input_ids, (seg > 0).astype(np.int32), index, row_of * num_segments + seg_of, seg, position,
-                 num_segments, len(tokens), window)
+    return Batch(input_ids, (seg > 0).astype(np.int32), np.asarray(index, np.int64), row_of * num_segments + seg_of,
+                 seg, position, num_segments, len(tokens), window)
 
 
 def _split(n: int, full: int, multiple: int) -> Iterator[tuple[int, int, int]]:
@@ -135,16 +181,17 @@ def _buckets(lengths: np.ndarray, max_length: int):
     return [(length, order[buckets == length]) for length in sorted(set(buckets.tolist()), reverse=True)]
 
 
-def plan_padded(ids: Sequence[np.ndarray], *, max_length: int, token_budget: int, max_rows: int | None = None,
+def plan_padded(ids, *, max_length: int, token_budget: int, max_rows: int | None = None,
                 multiple: int = 1, pad_id: int = 0, index=None) -> Iterator[Batch]:
-    """Padded batches, longest texts first; each length bucket fills rows up to the token budget."""
+    """Padded batches, longest texts first; each length bucket fills rows up to the token budget. ``ids``: a
+    Ragged or any sequence of token id sequences."""
+    ids = Ragged.of(ids)
     index = np.arange(len(ids)) if index is None else np.asarray(index)
-    lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
-    for length, members in _buckets(lengths, max_length):
+    for length, members in _buckets(ids.lengths, max_length):
         full = full_rows(length, token_budget, max_rows, multiple)
         for start, count, rows in _split(len(members), full, multiple):
             part = members[start:start + count]
-            yield padded_batch([ids[i] for i in part], index[part], rows, length, pad_id)
+            yield padded_batch(ids.take(part), index[part], rows, length, pad_id)
 
 
 def planned_shapes(lengths: np.ndarray, *, pack_length: int, max_length: int, token_budget: int,
@@ -223,18 +270,19 @@ def pack_windows(lengths: np.ndarray, capacity: int, max_segments: int, windows:
     return [sorted(row, key=lambda m: m[1]) for row in rows], row_windows
 
 
-def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int, token_budget: int,
-                max_segments: int, max_rows: int | None = None, multiple: int = 1, pad_id: int = 0,
-                min_window: int | None = None) -> Iterator[Batch]:
+def plan_packed(ids, *, pack_length: int, max_length: int, token_budget: int, max_segments: int,
+                max_rows: int | None = None, multiple: int = 1, pad_id: int = 0, min_window: int | None = None
+                ) -> Iterator[Batch]:
     """Packed batches of rows of ``pack_length`` tokens; texts longer than that go in padded batches.
 
     ``min_window``: pack short texts into aligned windows of pack_length / 2^k >= min_window positions
     (None: whole rows); each batch's ``window`` is the largest of its rows'.
     """
-    lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
+    ids = Ragged.of(ids)
+    lengths = ids.lengths
     long_ = np.flatnonzero(lengths > pack_length)
     if len(long_):
-        yield from plan_padded([ids[i] for i in long_], max_length=max_length, token_budget=token_budget,
+        yield from plan_padded(ids.take(long_), max_length=max_length, token_budget=token_budget,
                                max_rows=max_rows, multiple=multiple, pad_id=pad_id, index=long_)
     short = np.flatnonzero(lengths <= pack_length)
     if not len(short):
@@ -242,10 +290,12 @@ def plan_packed(ids: Sequence[np.ndarray], *, pack_length: int, max_length: int,
     rows, row_windows = pack_windows(lengths[short], pack_length, max_segments, windows_for(pack_length, min_window))
     full = full_rows(pack_length, token_budget, max_rows, multiple)
     for start, count, n_rows in _split(len(rows), full, multiple):
-        part = [[int(short[i]) for i, _ in row] for row in rows[start:start + count]]
-        offsets = [[o for _, o in row] for row in rows[start:start + count]]
-        yield packed_batch([[ids[i] for i in row] for row in part], part, offsets, n_rows, pack_length,
-                           max_segments, pad_id, max(row_windows[start:start + count]))
+        part = rows[start:start + count]
+        members = short[np.fromiter((i for row in part for i, _ in row), np.int64)]
+        offsets = np.fromiter((o for row in part for _, o in row), np.int64, len(members))
+        row_of = np.repeat(np.arange(len(part)), [len(row) for row in part])
+        yield packed_batch(ids.take(members), members, row_of, offsets, n_rows, pack_length, max_segments, pad_id,
+                           max(row_windows[start:start + count]))
 
 
 # ------------------------------------------------------------------------------------------- layout costing

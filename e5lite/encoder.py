@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import AbstractSet, Iterable, Mapping, Sequence
+from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import hub
+from .batching import Batch
 from .config import BertConfig
 from .engine import Engine
 from .errors import E5LiteError
@@ -164,12 +165,29 @@ class Encoder:
         """Token ids per text (int32 arrays), with the prompt prepended and truncation to max_length applied;
         ``truncate=False`` raises TextTooLongError (its ``index`` names the text) instead of cutting."""
         texts, _ = _check_texts(texts)
-        return self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task), truncate)(texts)
+        return self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task), truncate)(texts).tolist()
 
     def _tokenizer_for(self, prefix: str, truncate: bool = True):
         """texts, offset (of texts[0] in the caller's list, for error messages) -> token ids."""
-        return lambda texts, offset=0: self.tokenizer([prefix + t for t in texts] if prefix else texts,
-                                                      truncate=truncate, offset=offset)
+        return lambda texts, offset=0: self.tokenizer.encode_ragged([prefix + t for t in texts] if prefix else texts,
+                                                                    truncate=truncate, offset=offset)
+
+    def iter_batches(self, texts, *, prompt_name: str | None = None, prompt: str | None = None,
+                     task: str | None = None, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches ``encode`` runs for these texts, as numpy arrays, for a function or device loop of your own.
+
+        Each ``batching.Batch`` has ``input_ids`` and ``attention_mask`` [R, S] int32; packed rows (``packed``)
+        also ``segment_ids`` (1.. per text, 0 = padding) and ``position_ids`` (0 at each text's first token;
+        ``model.forward`` adds XLM-R's offset itself), ``num_segments`` and ``window``. Text ``index[j]`` of the
+        call has its embedding at flat slot ``slot[j]`` of the batch's pooled output ([R] rows padded,
+        [R * num_segments] packed; see ``engine.embed_batch`` / ``embed_packed``). Rows are a multiple of the
+        device count. Chunks are tokenised and planned one ahead on a worker thread, as in ``encode``. Under
+        several JAX processes this yields every text's batches in every process (shard them yourself).
+        """
+        texts, _ = _check_texts(texts)
+        self._run_kw(True, batch_size, False)
+        tokenize = self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task))
+        return self.engine.batches(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts), batch_size)
 
     def embed_ids(self, ids: Sequence[Sequence[int]], *, normalize: bool = True, batch_size: int | None = None,
                   show_progress_bar: bool | None = None) -> np.ndarray:
@@ -219,11 +237,14 @@ class Encoder:
 
 
 def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float32", max_length: int | None = None,
-         cache_dir=None, settings: EngineSettings | None = None, devices=None, **knobs) -> Encoder:
+         cache_dir=None, settings: EngineSettings | None = None, devices=None, tokenizer_backend: str = "auto",
+         **knobs) -> Encoder:
     """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
 
     Engine ``settings`` (or single knobs as keywords: token_budget, packing, pack_length, max_segments,
     min_window, streams, attention_impl, ...; see ``EngineSettings``) and ``devices`` go to ``Encoder``.
+    ``tokenizer_backend``: "auto" (tokie when installed and in agreement with tokenizers, see
+    ``fast_tokenizer.py``), "tokie" or "tokenizers".
     """
     resolve_dtype(dtype)
     settings = (settings or EngineSettings()).replace(**knobs)  # bad knobs fail before the weights are read
@@ -233,7 +254,7 @@ def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float3
     config = BertConfig.from_json(model_dir / "config.json")
     pooling = read_pooling_mode(model_dir)
     max_len = resolve_max_length(model_dir, config, max_length)
-    tokenizer = TextTokenizer.from_dir(model_dir, max_len, config.pad_token_id)
+    tokenizer = TextTokenizer.from_dir(model_dir, max_len, config.pad_token_id, tokenizer_backend)
     if tokenizer.vocab_size > config.vocab_size:
         raise E5LiteError(f"tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but config.json's "
                           f"vocab_size is {config.vocab_size}")

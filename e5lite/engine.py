@@ -17,7 +17,7 @@ import contextlib
 import functools
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -32,7 +32,8 @@ from .model import Params, forward
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
 from .settings import EngineSettings
 
-# (start, end) -> the token id sequences of inputs start..end-1: tokenising texts, or slicing given ids.
+# (start, end) -> the token id sequences of inputs start..end-1 (a Ragged or a list of arrays): tokenising
+# texts, or slicing given ids.
 Source = Callable[[int, int], Sequence[np.ndarray]]
 
 
@@ -166,15 +167,33 @@ class Engine:
         starts = [0, *range(s.first_chunk_texts, n, s.chunk_texts)] if n else []
         return list(zip(starts, starts[1:] + [n]))
 
-    def _run(self, source: Source, n: int, out: np.ndarray, normalize: bool, batch_size, show: bool) -> None:
-        """Embeds the n inputs into out[:n]: chunks produced and planned on a worker thread, batches run on
-        ``streams`` threads (or dispatched asynchronously from here with one stream)."""
+    def batches(self, source: Source, n: int, batch_size: int | None = None) -> Iterator[Batch]:
+        """The batches of the n inputs ``source`` yields, ``index`` counting from 0 over the n: chunks are
+        produced (tokenised) and planned one ahead on a worker thread while the caller uses the current ones."""
         chunks = self._chunks(n)
-        streams = self.settings.streams
-        bar = tqdm(total=n, desc="embed", unit="text", disable=not show, file=sys.stderr)
 
         def host_work(k: int, layout):
             return self.plan(source(*chunks[k]), batch_size, layout)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as planner:
+            future = planner.submit(host_work, 0, None) if chunks else None
+            try:
+                for k, (start, _) in enumerate(chunks):
+                    layout, planned = future.result()
+                    if k + 1 < len(chunks):
+                        future = planner.submit(host_work, k + 1, layout)
+                    for batch in planned:
+                        batch.index = batch.index + start
+                        yield batch
+            finally:
+                if future is not None:
+                    future.cancel()  # a consumer that stops early leaves no chunk being planned
+
+    def _run(self, source: Source, n: int, out: np.ndarray, normalize: bool, batch_size, show: bool) -> None:
+        """Embeds the n inputs into out[:n]: the batches of ``batches`` run on ``streams`` threads (or are
+        dispatched asynchronously from here with one stream), read back ``in_flight`` behind."""
+        streams = self.settings.streams
+        bar = tqdm(total=n, desc="embed", unit="text", disable=not show, file=sys.stderr)
 
         def compute(batch: Batch):
             return np.asarray(self.dispatch(batch, normalize))
@@ -182,26 +201,21 @@ class Engine:
         pending: collections.deque = collections.deque()
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)  # also when a batch raises: no stale bar left on stderr
-            planner = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+            batches = stack.enter_context(contextlib.closing(self.batches(source, n, batch_size)))
             workers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(streams)) if streams > 1 else None
-            stack.callback(lambda: [f.cancel() for _, _, f in pending if isinstance(f, concurrent.futures.Future)])
-            future = planner.submit(host_work, 0, None) if chunks else None
-            for k, (start, _) in enumerate(chunks):
-                layout, batches = future.result()
-                if k + 1 < len(chunks):
-                    future = planner.submit(host_work, k + 1, layout)
-                for batch in batches:
-                    result = workers.submit(compute, batch) if workers else self.dispatch(batch, normalize)
-                    pending.append((start, batch, result))
-                    if len(pending) > self.settings.in_flight + streams - 1:
-                        self._collect(*pending.popleft(), out, bar)
+            stack.callback(lambda: [f.cancel() for _, f in pending if isinstance(f, concurrent.futures.Future)])
+            for batch in batches:
+                result = workers.submit(compute, batch) if workers else self.dispatch(batch, normalize)
+                pending.append((batch, result))
+                if len(pending) > self.settings.in_flight + streams - 1:
+                    self._collect(*pending.popleft(), out, bar)
             while pending:
                 self._collect(*pending.popleft(), out, bar)
 
-    def _collect(self, start: int, batch: Batch, result, out: np.ndarray, bar) -> None:
+    def _collect(self, batch: Batch, result, out: np.ndarray, bar) -> None:
         if isinstance(result, concurrent.futures.Future):
             result = result.result()
-        out[start + batch.index] = np.asarray(result)[batch.slot]
+        out[batch.index] = np.asarray(result)[batch.slot]
         with self._stats_lock:
             self.stats["texts"] += len(batch.index)
             self.stats["real_tokens"] += batch.real_tokens

@@ -7,18 +7,23 @@ reference is what transformers produces, so e5lite rebuilds the same."""
 
 from __future__ import annotations
 
+import base64
+import itertools
+import logging
 from pathlib import Path
 from typing import Sequence
-
-import base64
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
+from .batching import Ragged
 from .config import BertConfig
 from .errors import E5LiteError, TextEncodingError, TextTooLongError
+from .fast_tokenizer import TokieFastPath
 from .files import json_field, json_type, read_json
+
+logger = logging.getLogger("e5lite")
 
 DEFAULT_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
@@ -132,19 +137,38 @@ def _pad_id(tok: Tokenizer, tok_config: dict, config_pad: int) -> int:
     return config_pad
 
 
+TOKENIZER_BACKENDS = ("auto", "tokie", "tokenizers")
+
+
 class TextTokenizer:
     """Wraps ``tokenizers.Tokenizer``: adds the model's specials ([CLS] ... [SEP], or <s> ... </s>), truncates
-    to ``max_length``, never pads (``pad_token_id`` is for the batches)."""
+    to ``max_length``, never pads (``pad_token_id`` is for the batches).
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int = 0):
+    ``backend``: "auto" encodes with tokie (the ``fast`` extra) when it is installed and agrees with
+    `tokenizers` (see ``fast_tokenizer.py``), else with `tokenizers`; "tokie" requires it; "tokenizers" never
+    uses it. ``backend`` afterwards says which one runs."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int = 0, backend: str = "auto"):
+        if backend not in TOKENIZER_BACKENDS:
+            raise ValueError(f"tokenizer_backend must be one of {TOKENIZER_BACKENDS}, got {backend!r}")
         self.max_length = max_length
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
         self.pad_token_id = pad_token_id
+        self._fast, self.backend, self.fast_unavailable = None, "tokenizers", "tokenizer_backend='tokenizers'"
+        if backend != "tokenizers":
+            self._fast, self.fast_unavailable = TokieFastPath.build(self._tok, max_length)
+            if self._fast is not None:
+                self.backend = "tokie"
+            elif backend == "tokie":
+                raise E5LiteError(f"tokenizer_backend='tokie' cannot be used: {self.fast_unavailable}")
+            else:
+                logger.info("tokenising with tokenizers: %s", self.fast_unavailable)
 
     @classmethod
-    def from_dir(cls, model_dir, max_length: int, config_pad_token_id: int = 0) -> "TextTokenizer":
+    def from_dir(cls, model_dir, max_length: int, config_pad_token_id: int = 0, backend: str = "auto"
+                 ) -> "TextTokenizer":
         d = Path(model_dir)
         tok_config = read_json(d / "tokenizer_config.json", default={}, expect=dict)
         if (d / "tokenizer.json").is_file():
@@ -161,19 +185,40 @@ class TextTokenizer:
         elif (d / "vocab.txt").is_file():
             from tokenizers import BertWordPieceTokenizer
             lower = tok_config.get("do_lower_case", True)
-            tok = BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=bool(lower))
+            tok = BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=bool(lower))._tokenizer  # the Tokenizer
         else:
             raise E5LiteError(f"no tokenizer in {d}: expected tokenizer.json or vocab.txt")
-        return cls(tok, max_length, _pad_id(tok, tok_config, config_pad_token_id))
+        return cls(tok, max_length, _pad_id(tok, tok_config, config_pad_token_id), backend)
 
     def __call__(self, texts: Sequence[str], truncate: bool = True, offset: int = 0) -> list[np.ndarray]:
         """Token ids per text (variable lengths, at most max_length), as int32 arrays. ``truncate=False``
         raises TextTooLongError naming the first text that does not fit; a text that cannot be tokenised
         (e.g. a lone surrogate, which is not Unicode text) raises TextEncodingError naming it. ``offset``: the
         index of texts[0] in the caller's list, for those errors."""
+        return self.encode_ragged(texts, truncate, offset).tolist()
+
+    def encode_ragged(self, texts: Sequence[str], truncate: bool = True, offset: int = 0) -> Ragged:
+        """As ``__call__``, laid end to end in one ``Ragged`` (what the planner takes: no array per text)."""
+        texts = list(texts)
+        fast = self._fast
+        if fast is not None:
+            try:
+                ids, full = fast.encode(texts)
+            except Exception:  # e.g. a lone surrogate: the reference path below names the text
+                ids = None
+            if ids is not None:
+                bad = fast.disagreement(self._tok, texts, ids, fast.sample(full))
+                if bad is None:
+                    over = np.flatnonzero(full > fast.max_body) if not truncate else ()
+                    if len(over):
+                        raise TextTooLongError(offset + int(over[0]), self.max_length)
+                    return ids
+                logger.warning("tokie's token ids differ from tokenizers' for text %d; tokenising with tokenizers "
+                               "from now on", offset + bad)
+                self._fast, self.backend = None, "tokenizers"
+                self.fast_unavailable = f"tokie disagreed with tokenizers on text {offset + bad} of a call"
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use, which is faster.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        texts = list(texts)
         try:
             encodings = encode(texts)
         except Exception as e:
@@ -182,7 +227,9 @@ class TextTokenizer:
             for i, e in enumerate(encodings):
                 if e.overflowing:
                     raise TextTooLongError(offset + i, self.max_length)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+        return Ragged(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32,
+                                  int(lengths.sum())), lengths)
 
     def _failure(self, texts: list[str], offset: int, error: Exception) -> TextEncodingError:
         """The first text that fails alone, as an error naming its index (the batch call does not say)."""

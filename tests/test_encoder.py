@@ -226,3 +226,46 @@ def test_many_threads_share_one_encoder(minilm):
         results = list(pool.map(lambda job: minilm.encode(job[0], batch_size=4, **job[1]), jobs))
     for k, got in enumerate(results):
         np.testing.assert_allclose(got, want[k % 5::5], atol=1e-6, rtol=0)
+
+
+def test_iter_batches_through_the_model_equals_encode(tiny_dir):
+    """encode() == the batches of iter_batches run through the engine's jitted function, and through one of
+    the user's own (model.forward + pooling); every text lands once, every token once."""
+    import jax
+    from e5lite.pooling import l2_normalize, pool, pool_segments
+    texts = TEXTS + [f"sentence {i} about {'many ' * (i % 30)}things" for i in range(60)]
+    for knobs in (dict(packing=False), dict(packing=True, token_budget=512, min_window=16)):
+        enc = e5lite.load(tiny_dir, **knobs)
+        want = enc.encode(texts, prompt_name="query")
+        batches = list(enc.iter_batches(texts, prompt_name="query"))
+        index = np.concatenate([b.index for b in batches])
+        assert sorted(index.tolist()) == list(range(len(texts)))
+        assert sum(b.real_tokens for b in batches) == sum(len(t) for t in enc.tokenize(texts, prompt_name="query"))
+        assert any(b.packed for b in batches) == knobs["packing"]
+
+        @jax.jit
+        def mine(input_ids, mask, segment_ids, position_ids):
+            if segment_ids is None:
+                return l2_normalize(pool(e5lite.forward(enc.params, enc.config, input_ids, mask), mask, "mean"))
+            h = e5lite.forward(enc.params, enc.config, input_ids, mask, segment_ids=segment_ids,
+                               position_ids=position_ids)
+            g = pool_segments(h, segment_ids, position_ids, enc.engine.settings.max_segments, "mean")
+            return l2_normalize(g).reshape(-1, g.shape[-1])
+
+        ours, theirs = np.zeros_like(want), np.zeros_like(want)
+        for b in batches:
+            ours[b.index] = np.asarray(enc.engine.dispatch(b, True))[b.slot]
+            theirs[b.index] = np.asarray(mine(b.input_ids, b.attention_mask, b.segment_ids, b.position_ids))[b.slot]
+        np.testing.assert_array_equal(ours, want)
+        np.testing.assert_allclose(theirs, want, atol=1e-6, rtol=0)
+
+
+def test_iter_batches_stops_early_and_checks_arguments(tiny):
+    it = tiny.iter_batches(["a"] * 5000, batch_size=4)
+    first = next(it)
+    assert first.input_ids.shape[0] == 4
+    it.close()  # the planner thread is shut down, nothing left running
+    with pytest.raises(TypeError, match="got a set"):
+        tiny.iter_batches({"a"})
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny.iter_batches(["a"], batch_size=0)
