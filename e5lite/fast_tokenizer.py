@@ -7,7 +7,9 @@ it is another implementation, so e5lite uses it only as far as it is seen to agr
 - it is given the reference's own pipeline (serialised from the ``tokenizers.Tokenizer``), without specials
   and without truncation; the specials (the single-sequence template, e.g. ``[CLS] $A [SEP]``, ``<s> $A </s>``)
   and the truncation are applied here, vectorised, as the reference applies them (tokie 0.1.4 drops the
-  closing ``</s>`` of XLM-R's template, so its own are not used);
+  closing ``</s>`` of XLM-R's template, so its own are not used); texts that are empty or whitespace only, or
+  hold an added token's string ("<mask>", "[SEP]", ...), are encoded by the reference: there tokie 0.1.4 emits
+  a Metaspace "▁" for whitespace that the reference drops;
 - at load, ids must equal the reference's on ``PROBE`` (scripts, accents, CJK, emoji, whitespace runs, text
   that looks like specials, a text past any max length), else the fast path is not used;
 - on every call, a sample of the texts (the first, the longest, and evenly spaced others) is re-encoded by the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -66,8 +69,10 @@ class TokieFastPath:
     """tokie encoding a reference ``tokenizers.Tokenizer``'s pipeline, with the reference's specials and
     truncation applied here. Build with ``TokieFastPath.build`` (None when tokie is missing or disagrees)."""
 
-    def __init__(self, fast, prefix: list[int], suffix: list[int], max_length: int):
-        self._fast = fast
+    def __init__(self, fast, reference, prefix: list[int], suffix: list[int], max_length: int):
+        self._fast, self._reference = fast, reference
+        added = sorted((t.content for t in reference.get_added_tokens_decoder().values()), key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, added)) if added else r"(?!)")
         self.prefix = np.asarray(prefix, np.int32)
         self.suffix = np.asarray(suffix, np.int32)
         self.max_body = max_length - len(prefix) - len(suffix)
@@ -94,7 +99,7 @@ class TokieFastPath:
             return None, f"tokie cannot load this tokenizer ({type(e).__name__}: {e})"
         finally:
             os.unlink(path)
-        path_ = cls(fast, *template, max_length)
+        path_ = cls(fast, reference, *template, max_length)
         if path_.max_body < 1:
             return None, f"max_length {max_length} leaves no room between the special tokens"
         bad = path_.disagreement(reference, PROBE, path_.encode(PROBE)[0], range(len(PROBE)))
@@ -105,7 +110,17 @@ class TokieFastPath:
     def encode(self, texts: list[str]) -> tuple[Ragged, np.ndarray]:
         """(token ids with specials, truncated; how many body tokens each text had before truncation)."""
         body, full = self._fast.encode_batch_flat(texts, add_special_tokens=False)
-        full = full.astype(np.int64)
+        body, full = body.astype(np.int32, copy=False), full.astype(np.int64)
+        special = self._added.search
+        blank = [i for i, t in enumerate(texts) if not t or t.isspace() or special(t)]
+        if blank:  # see the module docstring: the reference encodes these few
+            ref = self._reference.encode_batch_fast([texts[i] for i in blank], add_special_tokens=False)
+            ref_lengths = np.fromiter((len(e.ids) for e in ref), np.int64, len(ref))
+            ref_ids = np.fromiter((i for e in ref for i in e.ids), np.int32, int(ref_lengths.sum()))
+            order = np.arange(len(texts))
+            order[blank] = len(texts) + np.arange(len(blank))
+            spliced = Ragged(np.concatenate([body, ref_ids]), np.concatenate([full, ref_lengths])).take(order)
+            body, full = spliced.ids, spliced.lengths
         keep = np.minimum(full, self.max_body)
         p, q = len(self.prefix), len(self.suffix)
         lengths = keep + p + q

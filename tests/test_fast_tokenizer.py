@@ -52,15 +52,38 @@ def test_truncate_false_names_the_text(minilm_dir):
         fast(["short"] * 2 + ["word " * 40] + ["x"], truncate=False, offset=5)
 
 
-def test_xlmr_pipeline_is_refused_at_load(tmp_path):
-    """tokie 0.1.4 gives whitespace-only text a "▁" token that transformers' XLM-R pipeline does not: the
-    probe sees it, "auto" keeps tokenizers, "tokie" is an error."""
+@pytest.fixture(scope="module")
+def xlmr_dir(tmp_path_factory):
     from multilingual import corpus, write_xlmr_tokenizer
-    folder = write_xlmr_tokenizer(tmp_path / "xlmr", corpus(n_per_locale=100))
-    auto = TextTokenizer.from_dir(folder, 512, 1)
-    assert auto.backend == "tokenizers" and "differ" in auto.fast_unavailable
+    return write_xlmr_tokenizer(tmp_path_factory.mktemp("xlmr"), corpus(n_per_locale=100))
+
+
+def test_tokie_equals_tokenizers_on_xlmr(xlmr_dir, texts):
+    """The XLM-R pipeline transformers runs (Precompiled, WhitespaceSplit + Metaspace, <s> $A </s>), with text
+    holding its added tokens and blank text (which the reference encodes: tokie 0.1.4 differs there)."""
+    extra = ["<s> </s> <pad> <unk> <mask>", "</s> <pad>", "a <mask> b", "\n", " \t ", ""]
+    fast = TextTokenizer.from_dir(xlmr_dir, 512, 1, backend="tokie")
+    ref = TextTokenizer.from_dir(xlmr_dir, 512, 1, backend="tokenizers")
+    got, want = fast.encode_ragged(texts + extra), ref(texts + extra)
+    bad = [i for i in range(len(want)) if got[i].tolist() != want[i].tolist()]
+    assert not bad, f"{len(bad)} texts differ, first {(texts + extra)[bad[0]][:60]!r}"
+    assert fast.backend == "tokie"
+
+
+def test_a_difference_at_load_is_refused(minilm_dir, monkeypatch):
+    """A fast path that differs on the probe is not used: "auto" keeps tokenizers and says why, "tokie" fails."""
+    real_encode = TokieFastPath.encode
+
+    def drops_last(self, batch):
+        ids, full = real_encode(self, batch)
+        ids.ids[-1] = 0
+        return ids, full
+
+    monkeypatch.setattr(TokieFastPath, "encode", drops_last)
+    auto = TextTokenizer.from_dir(minilm_dir, 512)
+    assert auto.backend == "tokenizers" and "differ from tokenizers' on the probe text" in auto.fast_unavailable
     with pytest.raises(E5LiteError, match="tokenizer_backend='tokie' cannot be used: tokie's ids differ"):
-        TextTokenizer.from_dir(folder, 512, 1, backend="tokie")
+        TextTokenizer.from_dir(minilm_dir, 512, backend="tokie")
 
 
 def test_a_difference_on_a_call_falls_back_and_warns(minilm_dir, texts, monkeypatch, caplog):
