@@ -125,6 +125,22 @@ class Encoder:
         """Embeds with these weights from now on (same shapes; e.g. fine-tuned ones from ``e5lite.train``)."""
         self.engine.set_params(params)
 
+    def warmup(self, max_length: int = 128) -> list[tuple]:
+        """Compiles the shapes a query or a few texts of up to ``max_length`` tokens can hit (the small-input
+        path), so that the first call is as fast as the hundredth; returns them. With the persistent
+        compilation cache (``E5LITE_COMPILATION_CACHE``) a restarted process loads them instead of compiling."""
+        return self.engine.warmup(max_length)
+
+    def close(self) -> None:
+        """Stops the engine's worker threads (also done when the Encoder is garbage collected)."""
+        self.engine.close()
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def configure(self, **changes) -> EngineSettings:
         """Changes engine settings between calls, e.g. ``configure(token_budget=4096, packing=False)``."""
         return self.engine.configure(**changes)

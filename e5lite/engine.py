@@ -17,6 +17,7 @@ import contextlib
 import functools
 import sys
 import threading
+import weakref
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -60,6 +61,11 @@ def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config
     return out_BGD.reshape(-1, out_BGD.shape[-1])
 
 
+def _shutdown(pools: dict) -> None:
+    for pool in pools.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Engine:
     """Runs one model's forward + pooling on token ids. ``settings`` are resolved for the backend (no None
     left, ``attention_impl`` the one that runs); ``stats`` and ``compiled_shapes`` accumulate over calls."""
@@ -80,6 +86,9 @@ class Engine:
         self.compiled_shapes: set[tuple] = set()
         self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
         self._stats_lock = threading.Lock()  # calls may run from several threads at once (each has its own out)
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._pools_lock = threading.Lock()
+        weakref.finalize(self, _shutdown, self._pools)
 
     def set_params(self, params: Params) -> None:
         """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
@@ -149,7 +158,10 @@ class Engine:
         dim = self.config.hidden_size
         if jax.process_count() == 1:
             out = np.zeros((n, dim), dtype=np.float32)
-            self._run(source, n, out, normalize, batch_size, show_progress_bar)
+            if n <= self.settings.small_inputs:
+                self._run_small(source(0, n), out, normalize, batch_size)
+            else:
+                self._run(source, n, out, normalize, batch_size, show_progress_bar)
             return out
         from jax.experimental import multihost_utils
         share = -(-n // jax.process_count())
@@ -159,6 +171,53 @@ class Engine:
         self._run(lambda a, b: source(lo + a, lo + b), hi - lo, local, normalize, batch_size, show_progress_bar)
         merged = np.asarray(multihost_utils.process_allgather(local))  # [processes, share, dim]
         return merged.reshape(-1, dim)[:n]
+
+    def small_batches(self, ids, batch_size: int | None = None) -> list[Batch]:
+        """The padded batches of the small-input path: one per length bucket, rows on the ladder 1, 4, 16
+        (times the devices), so a handful of shapes covers every query (see ``warmup``)."""
+        return list(plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(batch_size)))
+
+    def _run_small(self, ids, out: np.ndarray, normalize: bool, batch_size) -> None:
+        # A query waits on the forward, not on the host: no thread, pool, layout choice or progress bar.
+        for batch in self.small_batches(ids, batch_size):
+            self._collect(batch, self.dispatch(batch, normalize), out, None)
+
+    def warmup(self, max_length: int = 128, normalize: bool = True) -> list[tuple]:
+        """Compiles the small-input path's shapes up to ``max_length`` tokens (rows 1, 4, ..., up to
+        ``small_inputs``), so that the first query is as fast as the hundredth. Returns the shapes."""
+        shapes = []
+        rows = batching.partial_rows(1, self.settings.small_inputs or 1, len(self.devices))
+        full = max(rows, self.settings.small_inputs)
+        for length in sorted({batching.seq_bucket(n, self.max_length) for n in batching.SEQ_BUCKETS
+                              if n <= max(2, min(max_length, self.max_length))}):
+            r = rows
+            while True:
+                ids = [np.full(length, self.pad_id, np.int32)] * r
+                batch = batching.padded_batch(ids, np.arange(r), r, length, self.pad_id)
+                np.asarray(self.dispatch(batch, normalize))
+                shapes.append(batch.shape)
+                if r >= full:
+                    break
+                r = min(r * 4, full)
+        return shapes
+
+    def _pool(self, name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+        """The engine's thread pools, made once and kept (a call does not pay for thread starts); a pool of
+        another size (``configure(streams=...)``) replaces the old one."""
+        with self._pools_lock:
+            pool = self._pools.get(name)
+            if pool is None or pool._max_workers != workers:
+                if pool is not None:
+                    pool.shutdown(wait=False)
+                pool = self._pools[name] = concurrent.futures.ThreadPoolExecutor(workers, f"e5lite-{name}")
+            return pool
+
+    def close(self) -> None:
+        """Stops the engine's threads (they also stop when the Encoder is garbage collected or at exit)."""
+        with self._pools_lock:
+            for pool in self._pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+            self._pools.clear()
 
     def _chunks(self, n: int) -> list[tuple[int, int]]:
         # A small first chunk gets the device busy sooner; its lengths choose the layout kept for the rest,
@@ -175,19 +234,19 @@ class Engine:
         def host_work(k: int, layout):
             return self.plan(source(*chunks[k]), batch_size, layout)
 
-        with concurrent.futures.ThreadPoolExecutor(1) as planner:
-            future = planner.submit(host_work, 0, None) if chunks else None
-            try:
-                for k, (start, _) in enumerate(chunks):
-                    layout, planned = future.result()
-                    if k + 1 < len(chunks):
-                        future = planner.submit(host_work, k + 1, layout)
-                    for batch in planned:
-                        batch.index = batch.index + start
-                        yield batch
-            finally:
-                if future is not None:
-                    future.cancel()  # a consumer that stops early leaves no chunk being planned
+        planner = self._pool("planner", 1)
+        future = planner.submit(host_work, 0, None) if chunks else None
+        try:
+            for k, (start, _) in enumerate(chunks):
+                layout, planned = future.result()
+                if k + 1 < len(chunks):
+                    future = planner.submit(host_work, k + 1, layout)
+                for batch in planned:
+                    batch.index = batch.index + start
+                    yield batch
+        finally:
+            if future is not None:
+                future.cancel()  # a consumer that stops early leaves no chunk being planned
 
     def _run(self, source: Source, n: int, out: np.ndarray, normalize: bool, batch_size, show: bool) -> None:
         """Embeds the n inputs into out[:n]: the batches of ``batches`` run on ``streams`` threads (or are
@@ -202,7 +261,7 @@ class Engine:
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)  # also when a batch raises: no stale bar left on stderr
             batches = stack.enter_context(contextlib.closing(self.batches(source, n, batch_size)))
-            workers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(streams)) if streams > 1 else None
+            workers = self._pool("streams", streams) if streams > 1 else None
             stack.callback(lambda: [f.cancel() for _, f in pending if isinstance(f, concurrent.futures.Future)])
             for batch in batches:
                 result = workers.submit(compute, batch) if workers else self.dispatch(batch, normalize)
@@ -221,4 +280,5 @@ class Engine:
             self.stats["real_tokens"] += batch.real_tokens
             self.stats["padded_tokens"] += batch.input_ids.size
             self.stats["batches"] += 1
-        bar.update(len(batch.index))
+        if bar is not None:
+            bar.update(len(batch.index))

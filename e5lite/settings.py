@@ -43,6 +43,8 @@ class EngineSettings:
     - ``in_flight``: batches dispatched but not yet read back, so the device queue never drains.
     - ``chunk_texts``: texts tokenised, sorted and planned together (bounds host memory on big corpora);
       ``first_chunk_texts`` is smaller, so the device starts sooner.
+    - ``small_inputs``: calls with at most this many inputs (a query, a few) take the small-input path: on
+      the caller's thread, padded rows of the precompilable ladder, no planner or layout choice (0: never).
     """
     token_budget: int | None = None
     packing: bool | str = "auto"
@@ -54,6 +56,7 @@ class EngineSettings:
     in_flight: int = 2
     chunk_texts: int = 8192
     first_chunk_texts: int = 2048
+    small_inputs: int = 16
 
     def __post_init__(self):
         if self.packing not in PACKING or not isinstance(self.packing, (bool, str)):
@@ -66,6 +69,8 @@ class EngineSettings:
             _positive_int(name, getattr(self, name))
         if self.pack_length is not None and self.pack_length < 2:
             raise ValueError(f"pack_length must be at least 2, got {self.pack_length}")
+        if isinstance(self.small_inputs, bool) or not isinstance(self.small_inputs, int) or self.small_inputs < 0:
+            raise ValueError(f"small_inputs must be an int >= 0 (0: never), got {self.small_inputs!r}")
         w = self.min_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
             raise ValueError(f"min_window must be an int >= 0 (0: no windows), got {w!r}")

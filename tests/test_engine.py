@@ -198,3 +198,46 @@ def test_persistent_compilation_cache(tiny_dir, tmp_path):
     out = _run_py(script, {"E5LITE_COMPILATION_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr[-2000:]
     assert any((tmp_path / "cache").iterdir())
+
+
+QUERIES = ["query: how do I read a file line by line", "query: what does functools.partial do",
+           "query: sort a dict by value", "query: difference between list and tuple in python " * 3]
+
+
+def test_small_inputs_equal_the_bulk_path_without_threads(minilm_dir, monkeypatch):
+    """A few texts run on the caller's thread (no thread started, no pool), equal to the bulk path."""
+    import threading
+    small = e5lite.load(minilm_dir)
+    bulk = e5lite.load(minilm_dir, small_inputs=0)
+    want = bulk.encode(QUERIES)
+    small.encode(QUERIES)  # compile outside the check
+
+    def no_threads(self):
+        raise AssertionError("the small-input path started a thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_threads)
+    got = small.encode(QUERIES)
+    one = small.encode(QUERIES[0])
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(one, want[0], atol=1e-6, rtol=0)
+    assert not small.engine._pools  # no pool was ever made for it
+    big = small.encode(CORPUS[:40])  # past small_inputs: the bulk path and its pools, kept between calls
+    pools = dict(small.engine._pools)
+    small.encode(CORPUS[:40])
+    assert pools and small.engine._pools == pools
+    np.testing.assert_allclose(big, bulk.encode(CORPUS[:40]), atol=1e-6, rtol=0)
+    small.close()
+    assert not small.engine._pools
+    np.testing.assert_allclose(small.encode(CORPUS[:40]), big, atol=1e-6, rtol=0)  # pools come back
+
+
+def test_warmup_compiles_what_a_query_needs(minilm_dir):
+    from e5lite.engine import embed_batch
+    enc = e5lite.load(minilm_dir)
+    shapes = enc.warmup(max_length=64)
+    assert {(1, 16), (4, 16), (16, 16), (1, 64), (16, 64)} <= set(shapes)
+    before = embed_batch._cache_size()
+    for k in (1, 2, 3, 4):
+        enc.encode_queries(QUERIES[:k])
+    assert embed_batch._cache_size() == before  # nothing compiled after the warm-up
