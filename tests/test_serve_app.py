@@ -109,3 +109,24 @@ def test_openapi_lists_both_routes_and_request_fields(enc):
     for path in doc["paths"]:  # every $ref resolves
         for response in doc["paths"][path]["post"]["responses"].values():
             assert response["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1] in schemas
+
+
+def test_limits_are_checked_and_the_cli_flags_come_from_them():
+    import dataclasses
+
+    from e5lite.cli import build_parser
+    from e5lite.serve import Limits
+    with pytest.raises(ValueError, match=r"^max_queue \(--max-queue\) must be at least 1, got 0$"):
+        Limits(max_queue=0)
+    with pytest.raises(ValueError, match=r"^max_queue_wait_ms \(--max-queue-wait-ms\) must be at least 1, got 0.5$"):
+        Limits(max_queue_wait_ms=0.5)
+    with pytest.raises(ValueError, match=r"^max_inputs \(--max-client-batch-size\) must be int, got True$"):
+        Limits(max_inputs=True)
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert Limits.from_arguments(args) == Limits()  # every default stated once, in Limits
+    args = build_parser().parse_args(["serve", "--model", "m", "--max-queue-wait-ms", "500", "--shutdown-timeout",
+                                      "3", "--max-queue-tokens", "9000", "--no-auto-truncate"])
+    assert Limits.from_arguments(args) == dataclasses.replace(Limits(), max_queue_wait_ms=500.0, shutdown_timeout=3.0,
+                                                              max_queue_tokens=9000, auto_truncate=False)
+    resolved = Limits().resolved(token_budget=1024)
+    assert (resolved.max_batch_tokens, resolved.max_queue_tokens) == (4096, 8 * 4096)

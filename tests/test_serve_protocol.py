@@ -14,7 +14,7 @@ pytest.importorskip("starlette")
 
 from e5lite.errors import ApiError  # noqa: E402
 from e5lite.serve.protocol import (EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse,  # noqa: E402
-                                   error_response, openapi, parse)
+                                   RetryLater, error_response, openapi, parse)
 
 CONTEXT = {"dim": 32, "max_inputs": 4}
 O, T = EmbeddingRequest, EmbedRequest
@@ -60,6 +60,9 @@ REFUSED = [
     (T, {"inputs": "x", "prompt_name": 7}, 422, "'prompt_name' must be a string, got a number", "prompt_name"),
     (T, {"inputs": "x", "truncation_direction": "left"}, 422,
      "'truncation_direction' 'left' is not supported: only 'right'", "truncation_direction"),
+    (T, {"inputs": ["ok", "\ud800"]}, 422, "inputs[1] is not valid Unicode text (a lone surrogate escape)", "inputs"),
+    (O, {"input": "x", "model": "m", "dimensions": 10 ** 300}, 400,
+     "'dimensions' must be an integer in [1, 32], got 100000000000000000...0000000000000000000", "dimensions"),
 ]
 
 
@@ -107,7 +110,7 @@ def test_openai_response_float_and_base64():
 @pytest.mark.parametrize("status, openai_type, tei_type", [
     (400, "invalid_request_error", "Validation"), (413, "invalid_request_error", "Validation"),
     (422, "server_error", "Validation"), (429, "rate_limit_error", "Overloaded"),
-    (404, "not_found_error", "Validation"), (500, "server_error", "Backend"), (503, "server_error", "Backend")])
+    (404, "not_found_error", "Validation"), (500, "server_error", "Backend"), (503, "server_error", "Unhealthy")])
 def test_error_bodies(status, openai_type, tei_type):
     e = ApiError(status, "nope", "input", "some_code")
     r = error_response(e, "openai")
@@ -116,6 +119,29 @@ def test_error_bodies(status, openai_type, tei_type):
                                             "code": "some_code"}}
     r = error_response(e, "tei")
     assert r.status_code == status and json.loads(r.body) == {"error": "nope", "error_type": tei_type}
+    assert "retry-after" not in r.headers
+
+
+@pytest.mark.parametrize("seconds, header", [(0.2, "1"), (1.0, "1"), (2.01, "3"), (17.5, "18")])
+def test_retry_later_sets_retry_after_in_whole_seconds(seconds, header):
+    e = RetryLater(429, "busy", seconds, code="rate_limit_exceeded")
+    for style in ("openai", "tei"):
+        r = error_response(e, style)
+        assert r.status_code == 429 and r.headers["retry-after"] == header
+    assert json.loads(error_response(e, "openai").body)["error"] == {
+        "message": "busy", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    assert json.loads(error_response(e, "tei").body) == {"error": "busy", "error_type": "Overloaded"}
+
+
+def test_messages_quote_values_short():
+    deep = "x"
+    for _ in range(500):  # a plain repr of this would run past the recursion limit in some contexts
+        deep = [deep]
+    for value in (deep, "y" * 100_000, 10 ** 999, {"k" * 50: ["v"] * 50}):
+        with pytest.raises(ApiError) as info:
+            parse(EmbeddingRequest, {"input": "x", "model": "m", "encoding_format": value}, **CONTEXT)
+        assert info.value.message.startswith("'encoding_format' must be 'float' or 'base64', got ")
+        assert len(info.value.message) < 150 and info.value.param == "encoding_format"
 
 
 def test_openapi_schemas_come_from_the_models():

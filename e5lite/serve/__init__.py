@@ -1,11 +1,20 @@
 """``e5lite serve``: an HTTP embedding server with OpenAI (``POST /v1/embeddings``) and TEI (``POST /embed``)
 routes, ``GET /health``, ``/info``, ``/metrics`` (Prometheus text) and ``/openapi.json``, on Starlette + uvicorn.
 
-Modules: ``protocol`` (request and response models, error bodies), ``batcher`` (the worker that groups
-tokenised requests into engine calls), ``metrics``, ``app`` (routes, ``build_app``, ``serve``). Needs the serve
-extra; ``import e5lite`` never imports this package.
+Modules: ``limits`` (the server's limits, and their flags), ``protocol`` (request and response models, error
+bodies), ``batcher`` (the worker that queues tokenised requests within the limits and groups them into engine
+calls), ``metrics``, ``app`` (routes, ``build_app``, ``serve``). Needs the serve extra; ``import e5lite`` never
+imports this package, and importing it loads the server stack only when ``build_app`` or ``serve`` is used
+(the CLI reads ``Limits`` to build its parser).
 """
 
-from .app import Limits, build_app, serve
+from .limits import Limits
 
 __all__ = ["Limits", "build_app", "serve"]
+
+
+def __getattr__(name: str):
+    if name in ("build_app", "serve"):
+        from . import app
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,22 @@
 """The Starlette app: reads and validates each request, tokenises it once in the thread pool, queues its token ids
 for the batch worker and answers in the route's own format. ``GET /health``, ``/info``, ``/metrics`` (Prometheus
 text) and ``/openapi.json`` describe the server.
+
+While a request waits for the model its handler also watches the connection: a client that goes away takes
+its request off the queue. ``serve`` shuts down in two stages: on SIGTERM the app drains (new work 503,
+``/health`` 503, admitted requests finish, for up to ``--shutdown-timeout``), then uvicorn closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 import uvicorn
@@ -27,24 +31,21 @@ from .. import __version__
 from ..errors import ApiError, TextTooLongError
 from ..settings import EngineSettings
 from .batcher import Batcher, TokenEmbedder
+from .limits import Limits
 from .metrics import Metrics
-from .protocol import (EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse, error_response,
-                       json_response, openapi, parse)
+from .protocol import (EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse, RetryLater, error_response,
+                       json_response, openapi, parse, shown)
 
 logger = logging.getLogger("e5lite.serve")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+LARGE_BODY_BYTES = 1024 * 1024  # decoded in the thread pool, so that the event loop keeps answering
+# Longer integer literals decode as floats (so infinity): no field takes them, and int() of a long literal
+# costs time quadratic in its length (Python refuses past 4,300 digits, with a ValueError).
+MAX_INT_DIGITS = 1000
+SHUTDOWN_CLOSE_S = 2.0  # after draining: for the last responses to be written, and the worker to stop
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Server limits: inputs per request, queued requests, tokens per engine call (None: 4 x the encoder's
-    token budget), wait for batch-mates."""
-    max_inputs: int = 2048
-    max_queue: int = 1024
-    max_batch_tokens: int | None = None
-    max_wait_ms: float = 2.0
-    auto_truncate: bool = True
+T = TypeVar("T")
 
 
 class ServedEncoder(TokenEmbedder, Protocol):
@@ -77,8 +78,42 @@ class ServedEncoder(TokenEmbedder, Protocol):
     def encode(self, texts, *, show_progress_bar: bool | None = None) -> np.ndarray: ...
 
 
-async def read_json(request: Request):
-    """The request's JSON body; 415 for another content type, 413 past MAX_BODY_BYTES, 400 for bad JSON."""
+def _decode_int(literal: str) -> int | float:
+    return int(literal) if len(literal) <= MAX_INT_DIGITS else float(literal)
+
+
+def decode_json(raw: bytes, invalid_status: int):
+    """The parsed body: 400 if it is not JSON (or nested too deeply to parse); ``invalid_status`` if a key of
+    the top-level object repeats, since which value counts would be a guess. Repeats inside a field's value
+    are left to that field's type (no field takes an object) or ignored with an unknown field, as TEI does."""
+    repeated = []
+
+    def object_pairs(pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # which key: the first one seen twice
+            seen: set = set()
+            for key, _ in pairs:
+                if key in seen:
+                    repeated.append((obj, key))
+                    break
+                seen.add(key)
+        return obj
+
+    try:
+        body = json.loads(raw, object_pairs_hook=object_pairs, parse_int=_decode_int)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply to parse as JSON") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    for obj, key in repeated:
+        if obj is body:
+            raise ApiError(invalid_status, f"{shown(key)} appears more than once in the request body", key[:100])
+    return body
+
+
+async def read_json(request: Request, invalid_status: int):
+    """The request's JSON body; 415 for another content type, 413 past MAX_BODY_BYTES, 400 for bad JSON,
+    ``invalid_status`` for a repeated key."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
@@ -90,10 +125,39 @@ async def read_json(request: Request):
         if size > MAX_BODY_BYTES:  # a chunked body has no Content-Length to check up front
             raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
+    raw = b"".join(chunks)
+    if size > LARGE_BODY_BYTES:
+        return await run_in_threadpool(decode_json, raw, invalid_status)
+    return decode_json(raw, invalid_status)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def _disconnected(receive) -> None:
+    # once the body is read, receive() returns when the client disconnects (anything else it returns is empty)
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled (which takes a queued
+    request off the queue) and ClientGone raised. Call it after the body is read."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watch.cancel()
+        raise
+    if task.done():
+        watch.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.wait((task,))  # let the cancellation reach the queue before answering
+    raise ClientGone
 
 
 def normalize_rows(x_ND: np.ndarray) -> np.ndarray:
@@ -108,21 +172,36 @@ class Server:
     """The handlers of every route, sharing one encoder, the limits, the metrics and the batch worker."""
 
     def __init__(self, enc: ServedEncoder, model_name: str, limits: Limits):
-        if limits.max_batch_tokens is None:
-            limits = dataclasses.replace(limits, max_batch_tokens=4 * enc.settings.token_budget)
+        limits = limits.resolved(enc.settings.token_budget)
         self.enc, self.model_name, self.limits = enc, model_name, limits
         self.metrics = Metrics()
-        self.batcher = Batcher(enc, self.metrics, max_queue=limits.max_queue,
-                               max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms)
+        self.batcher = Batcher(enc, self.metrics, max_queue=limits.max_queue, max_queue_tokens=limits.max_queue_tokens,
+                               max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms,
+                               max_queue_wait_ms=limits.max_queue_wait_ms)
         self.context = {"dim": enc.dim, "max_inputs": limits.max_inputs}  # what validation needs of the server
         self.openapi = openapi(__version__)
+        self.draining = False  # shutting down: no new work
+        self.active = 0  # embedding requests admitted and not yet answered
 
     def routes(self) -> list[Route]:
-        table = [("/v1/embeddings", "POST", "openai", self.openai_embeddings),
-                 ("/embed", "POST", "tei", self.tei_embed), ("/health", "GET", "tei", self.health),
-                 ("/info", "GET", "tei", self.info), ("/metrics", "GET", "tei", self.prometheus),
-                 ("/openapi.json", "GET", "tei", self.openapi_json)]
-        return [Route(path, self.counted(path, style, fn), methods=[method]) for path, method, style, fn in table]
+        table = [("/v1/embeddings", "POST", "openai", self.openai_embeddings, True),
+                 ("/embed", "POST", "tei", self.tei_embed, True), ("/health", "GET", "tei", self.health, False),
+                 ("/info", "GET", "tei", self.info, False), ("/metrics", "GET", "tei", self.prometheus, False),
+                 ("/openapi.json", "GET", "tei", self.openapi_json, False)]
+        return [Route(path, self.counted(path, style, self.admitted(fn) if work else fn), methods=[method])
+                for path, method, style, fn, work in table]
+
+    def admitted(self, handler: Handler) -> Handler:
+        """``handler`` refusing new work while draining (503), and counted in ``active`` while it runs."""
+        async def work(request: Request) -> Response:
+            if self.draining:
+                raise RetryLater(503, "server is shutting down", 1, code="shutting_down")
+            self.active += 1
+            try:
+                return await handler(request)
+            finally:
+                self.active -= 1
+        return work
 
     def counted(self, path: str, style: str, handler: Handler) -> Handler:
         """``handler`` with ApiErrors turned into JSON error bodies, anything else into a JSON 500; all counted."""
@@ -130,6 +209,8 @@ class Server:
             t0 = time.perf_counter()
             try:
                 response = await handler(request)
+            except ClientGone:  # nobody to answer; counted as nginx counts it
+                response = Response(status_code=499)
             except ApiError as e:
                 response = error_response(e, style)
             except Exception as e:  # a bug must cost one request, not the server
@@ -143,7 +224,23 @@ class Server:
     async def lifespan(self, app: Starlette):
         self.batcher.start()
         yield
-        self.batcher.stop()
+        self.batcher.stop(timeout=SHUTDOWN_CLOSE_S)
+
+    async def drain(self) -> None:
+        """Shutdown's first stage: refuse new work (503, and /health 503 so that load balancers look elsewhere),
+        wait up to ``shutdown_timeout`` s for the admitted requests, then answer what is left 503."""
+        self.draining = True
+        timeout = self.limits.shutdown_timeout
+        if self.active:
+            logger.info("e5lite serve: shutting down; finishing %d admitted requests (up to %g s; a second "
+                        "signal skips this)", self.active, timeout)
+        until = time.monotonic() + timeout
+        while self.active and time.monotonic() < until:
+            await asyncio.sleep(0.05)
+        if self.active:
+            logger.warning("e5lite serve: %d requests unfinished after %g s (--shutdown-timeout): answering 503",
+                           self.active, timeout)
+            self.batcher.stop(timeout=0)
 
     async def tokenize(self, texts: list[str], *, field: str, status: int, truncate: bool,
                        prompt_name: str | None = None) -> list[np.ndarray]:
@@ -159,30 +256,46 @@ class Server:
             raise ApiError(status, f"{field}[{e.index}] is longer than the model's maximum of {e.max_length} tokens "
                                    "(truncation is off)", field, "context_length_exceeded") from None
 
-    async def embed(self, ids: list[np.ndarray], *, normalize: bool, dimensions: int | None = None) -> np.ndarray:
-        """Rows [len(ids), dim or dimensions] from the batch worker, normalised per this request's options."""
-        rows = await self.batcher.embed(ids)
+    async def embed(self, request: Request, texts: list[str], *, field: str, status: int, truncate: bool,
+                    normalize: bool, dimensions: int | None = None, prompt_name: str | None = None
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """(token ids, rows [len(texts), dim or dimensions] normalised per this request's options); 429 when
+        the queue has no room, ClientGone when the client leaves first."""
+        # admitted on an estimate before tokenising: an overloaded server spends nothing on a request it refuses
+        chars = sum(map(len, texts))
+        estimate = min(int(chars * self.batcher.tokens_per_char) + 2 * len(texts), len(texts) * self.enc.max_length)
+        ticket = self.batcher.admit(estimate, chars)
+
+        async def work():
+            ids = await self.tokenize(texts, field=field, status=status, truncate=truncate, prompt_name=prompt_name)
+            return ids, await self.batcher.embed(ids, ticket)
+
+        try:
+            ids, rows = await unless_disconnected(request, work())
+        finally:
+            self.batcher.release(ticket)  # if it never reached the queue
         if dimensions is not None:
             rows = rows[:, :dimensions]
-        return normalize_rows(rows) if normalize else rows
+        return ids, normalize_rows(rows) if normalize else rows
 
     async def openai_embeddings(self, request: Request) -> Response:
-        req = parse(EmbeddingRequest, await read_json(request), **self.context)
-        ids = await self.tokenize(req.input, field="input", status=EmbeddingRequest.status,
-                                  truncate=self.limits.auto_truncate)
-        rows = await self.embed(ids, normalize=True, dimensions=req.dimensions)
+        req = parse(EmbeddingRequest, await read_json(request, EmbeddingRequest.status), **self.context)
+        ids, rows = await self.embed(request, req.input, field="input", status=EmbeddingRequest.status,
+                                     truncate=self.limits.auto_truncate, normalize=True, dimensions=req.dimensions)
         return json_response(EmbeddingResponse.of(rows, model=self.model_name, tokens=sum(len(i) for i in ids),
                                                   encoding_format=req.encoding_format))
 
     async def tei_embed(self, request: Request) -> Response:
-        req = parse(EmbedRequest, await read_json(request), **self.context)
+        req = parse(EmbedRequest, await read_json(request, EmbedRequest.status), **self.context)
         truncate = self.limits.auto_truncate if req.truncate is None else req.truncate
-        ids = await self.tokenize(req.inputs, field="inputs", status=EmbedRequest.status, truncate=truncate,
-                                  prompt_name=req.prompt_name)
-        rows = await self.embed(ids, normalize=req.normalize is not False)
+        _, rows = await self.embed(request, req.inputs, field="inputs", status=EmbedRequest.status,
+                                   truncate=truncate, normalize=req.normalize is not False,
+                                   prompt_name=req.prompt_name)
         return json_response(EmbedResponse.of(rows))
 
     async def health(self, request: Request) -> Response:
+        if self.draining:
+            raise ApiError(503, "server is shutting down")
         if not self.batcher.thread.is_alive():
             raise ApiError(503, "the batch worker is not running")
         return JSONResponse({"status": "ok"})
@@ -195,11 +308,13 @@ class Server:
             "devices": [str(d) for d in enc.devices], "attention_impl": enc.settings.attention_impl,
             "prompts": enc.prompts, "default_prompt_name": enc.default_prompt_name,
             "max_client_batch_size": limits.max_inputs, "max_batch_tokens": limits.max_batch_tokens,
-            "max_wait_ms": limits.max_wait_ms, "max_queue": limits.max_queue, "auto_truncate": limits.auto_truncate,
+            "max_wait_ms": limits.max_wait_ms, "max_queue": limits.max_queue,
+            "max_queue_tokens": limits.max_queue_tokens, "max_queue_wait_ms": limits.max_queue_wait_ms,
+            "shutdown_timeout": limits.shutdown_timeout, "auto_truncate": limits.auto_truncate,
             "version": __version__})
 
     async def prometheus(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(self.batcher.queue.qsize(), self.limits.max_queue),
+        return PlainTextResponse(self.metrics.render(self.batcher.state(), self.limits.max_queue),
                                  media_type="text/plain; version=0.0.4")
 
     async def openapi_json(self, request: Request) -> Response:
@@ -220,9 +335,55 @@ def build_app(enc: ServedEncoder, *, model_name: str, limits: Limits = Limits())
     return app
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with a first stage to its shutdown: on SIGTERM (or SIGINT) the app drains
+    (``Server.drain``) while uvicorn still listens, so that health checks see 503 rather than a refused
+    connection; then uvicorn closes as usual. A second signal skips the drain, a third (SIGINT) forces exit."""
+
+    def __init__(self, config: uvicorn.Config, app_server: Server):
+        super().__init__(config)
+        self.app_server = app_server
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_requested = False
+        self.drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        try:
+            await super().serve(sockets)
+        finally:
+            if self.drain_task is not None:  # still waiting, when a second signal cut the drain short
+                self.drain_task.cancel()
+
+    def handle_exit(self, sig, frame) -> None:
+        # a signal handler (or another thread): only schedule work on the loop from here
+        if self.drain_requested or self.loop is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self.drain_requested = True
+        self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        await self.app_server.drain()
+        self.should_exit = True
+
+
+def make_server(app: Starlette, *, host: str, port: int, log_level: str = "info") -> GracefulServer:
+    """The uvicorn server that runs ``app`` (from ``build_app``) and drains it on shutdown."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=SHUTDOWN_CLOSE_S)
+    return GracefulServer(config, app.state.server)
+
+
 def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits,
           log_level: str = "info") -> None:
-    """Runs the server until interrupted (SIGINT/SIGTERM shut it down gracefully)."""
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``GracefulServer``)."""
     enc.encode(["warm up"], show_progress_bar=False)  # compile the smallest shape before taking requests
-    uvicorn.run(build_app(enc, model_name=model_name, limits=limits), host=host, port=port, log_level=log_level,
-                access_log=False, timeout_graceful_shutdown=5)
+    server = make_server(build_app(enc, model_name=model_name, limits=limits), host=host, port=port,
+                         log_level=log_level)
+    server.run()
+    if not server.started:  # uvicorn could not bind (it logged why)
+        sys.exit(3)

@@ -8,6 +8,8 @@ the error bodies and the OpenAPI document served at ``GET /openapi.json``.
 from __future__ import annotations
 
 import base64
+import math
+import reprlib
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
@@ -21,8 +23,9 @@ from ..errors import ApiError
 
 OPENAI_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                 429: "rate_limit_error", 404: "not_found_error", 405: "invalid_request_error"}
+# TEI's ErrorType enum as serde writes it (the variant's name); 503 is what its /health answers when unhealthy
 TEI_TYPES = {413: "Validation", 422: "Validation", 429: "Overloaded", 400: "Validation", 415: "Validation",
-             404: "Validation", 405: "Validation"}
+             404: "Validation", 405: "Validation", 503: "Unhealthy"}
 TOKEN_ARRAY_HINT = " (token arrays are not supported: send strings)"
 
 
@@ -30,6 +33,16 @@ def json_type(v) -> str:
     """How a JSON value's type reads in a message: "a number", "an array", "null"."""
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
             dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlist, _SHORT.maxdict = 2, 40, 40, 40, 4, 4
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut short: a message quotes what the client sent without echoing a huge or deeply
+    nested value back (a plain repr of one nested a few hundred levels deep can even overflow the stack)."""
+    return _SHORT.repr(value)
 
 
 def refuse(kind: str, message: str) -> PydanticCustomError:
@@ -92,7 +105,7 @@ class EmbeddingRequest(ApiRequest):
             dims = 0
         if dims is not None and (dims < 1 or (dim is not None and dims > dim)):
             wanted = f"an integer in [1, {dim}]" if dim is not None else "a positive integer"
-            raise refuse("dimensions", f"'dimensions' must be {wanted}, got {value!r}")
+            raise refuse("dimensions", f"'dimensions' must be {wanted}, got {shown(value)}")
         return dims
 
 
@@ -114,7 +127,8 @@ class EmbedRequest(ApiRequest):
     @classmethod
     def _right_only(cls, value):
         if value is not None and value not in ("right", "Right"):
-            raise refuse("truncation_direction", f"'truncation_direction' {value!r} is not supported: only 'right'")
+            raise refuse("truncation_direction",
+                         f"'truncation_direction' {shown(value)} is not supported: only 'right'")
         return value
 
 
@@ -146,7 +160,8 @@ FIELD_MESSAGES = {
     "string_type": "'{field}' must be a string, got {got}",
     "bool_type": "'{field}' must be a boolean, got {got}",
     "int_type": "'{field}' must be an integer, got {got}",
-    "literal_error": "'{field}' must be {expected}, got {value!r}",
+    "literal_error": "'{field}' must be {expected}, got {value}",
+    "string_unicode": "'{field}' is not valid Unicode text (a lone surrogate escape)",
 }
 
 
@@ -163,11 +178,13 @@ def _describe(err: dict, missing: str) -> str:
         if kind == "string_type":
             hint = TOKEN_ARRAY_HINT if type(value) in (int, list) else ""
             return f"{where} is {json_type(value)}, expected a string{hint}"
+        if kind == "string_unicode":
+            return f"{where} is not valid Unicode text (a lone surrogate escape)"
         return f"{where}: {err['msg']}"
     template = FIELD_MESSAGES.get(kind)
     if template is None:
         return f"'{loc[0]}': {err['msg']}"
-    return template.format(field=loc[0], got=json_type(value), value=value, expected=ctx.get("expected"))
+    return template.format(field=loc[0], got=json_type(value), value=shown(value), expected=ctx.get("expected"))
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -228,27 +245,42 @@ class TEIErrorResponse(BaseModel):
     error_type: str
 
 
-def json_response(body: BaseModel, status: int = 200) -> Response:
-    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+def whole_seconds(seconds: float) -> int:
+    """``Retry-After`` takes whole seconds; at least 1, so that a client does not come straight back."""
+    return max(1, math.ceil(seconds))
+
+
+class RetryLater(ApiError):
+    """A refusal that says when to come back: 429 (overloaded) or 503 (shutting down), with ``Retry-After``."""
+
+    def __init__(self, status: int, message: str, retry_after: float, code: str | None = None):
+        super().__init__(status, message, code=code)
+        self.retry_after = whole_seconds(retry_after)
+
+
+def json_response(body: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
 
 
 def error_response(e: ApiError, style: str) -> Response:
-    """OpenAI: {"error": {"message", "type", "param", "code"}}; TEI: {"error", "error_type"}."""
+    """OpenAI: {"error": {"message", "type", "param", "code"}}; TEI: {"error", "error_type"}. A RetryLater
+    also sets ``Retry-After`` (which the openai client and most HTTP clients honour)."""
     if style == "openai":
         body: BaseModel = OpenAIErrorResponse(error=OpenAIError(
             message=e.message, type=OPENAI_TYPES.get(e.status, "server_error"), param=e.param, code=e.code))
     else:
         body = TEIErrorResponse(error=e.message, error_type=TEI_TYPES.get(e.status, "Backend"))
-    return json_response(body, e.status)
+    headers = {"Retry-After": str(e.retry_after)} if isinstance(e, RetryLater) else None
+    return json_response(body, e.status, headers)
 
 
 # ------------------------------------------------------------------------------------------------- OpenAPI
 
 ROUTES = {  # path: (summary, request, response, error body, error statuses)
     "/v1/embeddings": ("OpenAI-compatible embeddings", EmbeddingRequest, EmbeddingResponse, OpenAIErrorResponse,
-                       (400, 413, 415, 429, 500)),
+                       (400, 413, 415, 429, 500, 503)),
     "/embed": ("Text Embeddings Inference embed", EmbedRequest, EmbedResponse, TEIErrorResponse,
-               (400, 413, 415, 422, 429, 500)),
+               (400, 413, 415, 422, 429, 500, 503)),
 }
 
 
