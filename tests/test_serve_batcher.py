@@ -301,3 +301,18 @@ def test_throughput_counts_full_calls_and_keeps_headroom_for_their_spread():
     for _ in range(30):
         t.observe(1000, 0.5)
     assert t.tokens_per_s == pytest.approx(2000, rel=0.01) and t.seconds(1000) == pytest.approx(0.5, rel=0.02)
+
+
+def test_a_request_at_an_idle_server_starts_at_once():
+    """The worker waits for batch-mates only while admitted requests are still being tokenised: a lone request
+    does not sit out --max-wait-ms (here 2 s)."""
+    fake, metrics, batcher = make(max_wait_ms=2000.0)
+    batcher.start()
+    try:
+        time.sleep(0.05)  # the worker is idle, waiting for work
+        t0 = time.monotonic()
+        rows = asyncio.run(batcher.embed(request(5, 3)))
+        assert time.monotonic() - t0 < 0.5
+        np.testing.assert_array_equal(rows, rows_of(request(5, 3)))
+    finally:
+        batcher.stop()

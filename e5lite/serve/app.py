@@ -76,6 +76,7 @@ class ServedEncoder(TokenEmbedder, Protocol):
     def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None) -> str: ...
 
     def encode(self, texts, *, show_progress_bar: bool | None = None) -> np.ndarray: ...
+    def warmup(self, max_length: int = 128) -> list: ...
 
 
 def _decode_int(literal: str) -> int | float:
@@ -381,7 +382,7 @@ def make_server(app: Starlette, *, host: str, port: int, log_level: str = "info"
 def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits,
           log_level: str = "info") -> None:
     """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``GracefulServer``)."""
-    enc.encode(["warm up"], show_progress_bar=False)  # compile the smallest shape before taking requests
+    enc.warmup()  # compile the shapes a query can hit before /health says ready: the first one is not slower
     server = make_server(build_app(enc, model_name=model_name, limits=limits), host=host, port=port,
                          log_level=log_level)
     server.run()

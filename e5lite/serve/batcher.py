@@ -311,9 +311,10 @@ class Batcher:
                 self._cond.wait()
             if self._stopping:
                 return None, []
-            # wait briefly for batch-mates unless a full call is already queued
+            # Wait for batch-mates only while other admitted requests are still being tokenised (they join
+            # within milliseconds) and no full call is queued: a request at an idle server starts at once.
             until = time.monotonic() + self.max_wait
-            while self._queued_tokens < self.max_batch_tokens and not self._stopping:
+            while self._queued_tokens < self.max_batch_tokens and self._reserved > 0 and not self._stopping:
                 left = until - time.monotonic()
                 if left <= 0 or not self._cond.wait(left):
                     break

@@ -28,8 +28,8 @@ class Limits:
     max_batch_tokens: int | None = _limit(
         None, "--max-batch-tokens", "tokens per engine call, from one request or several (default: 4 x the token "
                                     f"budget: {4 * BACKEND_DEFAULTS['cpu']['token_budget']} on CPU)", minimum=1)
-    max_wait_ms: float = _limit(2.0, "--max-wait-ms", "how long the worker waits for batch-mates", kind=float,
-                                minimum=0)
+    max_wait_ms: float = _limit(2.0, "--max-wait-ms", "how long the worker waits for batch-mates that are still "
+                                "being tokenised (a request at an idle server starts at once)", kind=float, minimum=0)
     max_queue_wait_ms: float = _limit(
         2000.0, "--max-queue-wait-ms", "the longest a request may wait before the model starts on it: one the "
                                        "measured throughput says would wait longer gets 429 at once, and one still "
