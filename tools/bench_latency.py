@@ -3,6 +3,7 @@ process on real short queries; then the server's round trip against in-process `
 
     python tools/bench_latency.py                      # all-MiniLM-L6-v2, 111 queries x 3 rounds
     python tools/bench_latency.py --rounds 5 --peers e5lite,e5lite-bf16,st,torch,ort --no-server
+    python tools/bench_latency.py --no-server --peers e5lite --weight-study   # weight formats at batch 1
 
 Queries: the questions of tests/pydoc_beir.py (the pydoc retrieval set and its training pairs), each with E5's
 "query: " prompt, one per call. Every peer embeds the same query before the next query is taken, in an order
@@ -89,6 +90,103 @@ def make_peers(names: list[str], model_dir: Path, scratch: Path) -> dict:
     return peers
 
 
+# ------------------------------------------------------------------------------- the weight-format study
+# Candidates for "fewer bytes per forward" at batch 1, as prototypes here (none is offered by e5lite: see
+# BENCHMARKS.md). Each embeds one query end to end inside one jitted function, from the same float32 params.
+
+def weight_study(model_dir: Path, qs: list[str], rounds: int) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import e5lite
+    from e5lite import model as M
+    from e5lite.attention import AttentionMask, multi_head_attention
+    from e5lite.pooling import l2_normalize, pool
+    enc = e5lite.load(model_dir)
+    cfg, p = enc.config, enc.params
+    D, N, K = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+
+    def quantize(w_IO):  # per output channel, symmetric
+        scale_O = jnp.max(jnp.abs(w_IO), axis=0) / 127.0
+        return jnp.round(w_IO / scale_O).astype(jnp.int8), scale_O
+
+    def layers_as_matrices(L, i):
+        g = lambda f: getattr(L, f)[i]
+        s = 1.0 / K ** 0.5
+        return dict(qkv=jnp.concatenate([(g("q_DNK") * s).reshape(D, -1), g("k_DNK").reshape(D, -1),
+                                         g("v_DNK").reshape(D, -1)], 1),
+                    qkv_b=jnp.concatenate([g("q_bias_NK").reshape(-1) * s, g("k_bias_NK").reshape(-1),
+                                           g("v_bias_NK").reshape(-1)]),
+                    o=g("o_NKD").reshape(-1, D), o_b=g("o_bias_D"), fi=g("ffn_in_DF"), fi_b=g("ffn_in_bias_F"),
+                    fo=g("ffn_out_FD"), fo_b=g("ffn_out_bias_D"), l1=(g("attn_ln_scale_D"), g("attn_ln_bias_D")),
+                    l2=(g("ffn_ln_scale_D"), g("ffn_ln_bias_D")))
+
+    mats = [layers_as_matrices(p.layers, i) for i in range(cfg.num_hidden_layers)]
+    int8 = [{k: (quantize(v) if k in ("qkv", "o", "fi", "fo") else v) for k, v in m.items()} for m in mats]
+    bf16 = [{k: (v.astype(jnp.bfloat16) if k in ("qkv", "o", "fi", "fo") else v) for k, v in m.items()}
+            for m in mats]
+
+    def weight_only_int8(x, w):  # dequantised inside the jitted matmul
+        return x @ (w[0].astype(jnp.float32) * w[1])
+
+    def bf16_weights(x, w):  # bf16 operands, float32 accumulation
+        return jax.lax.dot_general(x.astype(jnp.bfloat16), w, (((x.ndim - 1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    def w8a8(x, w):  # int8 weights and int8 activations (dynamic per-token scale), int32 accumulation
+        xs = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0 + 1e-12
+        acc = jax.lax.dot_general(jnp.round(x / xs).astype(jnp.int8), w[0], (((x.ndim - 1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        return acc.astype(jnp.float32) * xs * w[1]
+
+    def make(dot):
+        @jax.jit
+        def run(emb, layers, ids, mask):
+            x = M.embed(emb, cfg, ids)
+            B, S = ids.shape
+            for q in layers:
+                qkv = dot(x, q["qkv"]) + q["qkv_b"]
+                ctx = multi_head_attention(qkv.reshape(B, S, 3, N, K), AttentionMask(mask > 0), "xla", None)
+                x = M.layer_norm(x + dot(ctx.reshape(B, S, D), q["o"]) + q["o_b"], *q["l1"], cfg.layer_norm_eps)
+                h = M.activation(dot(x, q["fi"]) + q["fi_b"], cfg.activation)
+                x = M.layer_norm(x + dot(h, q["fo"]) + q["fo_b"], *q["l2"], cfg.layer_norm_eps)
+            return l2_normalize(pool(x, mask, "mean"))
+        return run
+
+    f32 = jax.jit(lambda p, ids, m: l2_normalize(pool(e5lite.forward(p, cfg, ids, m), m, "mean")))
+    variants = {"float32 (e5lite.forward)": lambda ids, m: f32(p, ids, m),
+                "weight-only int8, dequantised in the matmul": lambda ids, m: make(weight_only_int8)(
+                    p.embeddings, int8, ids, m),
+                "bfloat16 weights, float32 accumulation": lambda ids, m: make(bf16_weights)(p.embeddings, bf16, ids, m),
+                "int8 weights + int8 activations (per-token)": lambda ids, m: make(w8a8)(p.embeddings, int8, ids, m)}
+    batches = []
+    for q in qs:
+        (b,) = enc.engine.small_batches([enc.tokenize(["query: " + q])[0]])
+        batches.append((b.input_ids, b.attention_mask))
+    ref = [np.asarray(f32(p, *b))[0] for b in batches]
+    times = {k: [] for k in variants}
+    cos = {k: 1.0 for k in variants}
+    for k, f in variants.items():
+        for b, r in zip(batches, ref):
+            cos[k] = min(cos[k], float(np.dot(np.asarray(f(*b))[0], r)))  # also compiles every shape
+    names = list(variants)
+    for r in range(rounds):
+        for i, b in enumerate(batches):
+            j = (r * len(batches) + i) % len(names)
+            for k in names[j:] + names[:j]:
+                t0 = time.perf_counter()
+                np.asarray(variants[k](*b))
+                times[k].append(time.perf_counter() - t0)
+    base = percentiles(times[names[0]])[0]
+    print(f"\nweight formats at batch 1 ({model_dir.name}, forward + pooling inside one jit, {len(qs)} queries x "
+          f"{rounds} rounds):")
+    print("| weights | p50 ms | p99 ms | p50 vs float32 | min cosine vs float32 |")
+    print("|---|---|---|---|---|")
+    for k in names:
+        p50, p99 = percentiles(times[k])
+        print(f"| {k} | {p50:.2f} | {p99:.2f} | {p50 / base:.2f}x | {cos[k]:.6f} |", flush=True)
+
+
 def percentiles(ts) -> tuple[float, float]:
     return float(np.percentile(ts, 50) * 1e3), float(np.percentile(ts, 99) * 1e3)
 
@@ -145,6 +243,7 @@ def main() -> None:
     ap.add_argument("--peers", default="e5lite,st,torch,ort")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--weight-study", action="store_true", help="also time the weight-format prototypes")
     args = ap.parse_args()
     from bench import minilm_dir
     model_dir = Path(args.model) if args.model else minilm_dir()
@@ -185,6 +284,8 @@ def main() -> None:
                   f"in-process encode in the same loop: p50 {s['local'][0]:.2f} ms, p99 {s['local'][1]:.2f} ms; "
                   f"added p50 {s['served'][0] - s['local'][0]:.2f} ms; first request after /health said ready "
                   f"{s['first'] * 1e3:.1f} ms ({s['first'] * 1e3 / s['served'][0]:.1f}x the served p50)")
+        if args.weight_study:
+            weight_study(model_dir, qs, args.rounds)
 
 
 if __name__ == "__main__":
