@@ -64,24 +64,126 @@ def is_output_dir(output: str) -> bool:
     return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
 
 
+# jax.distributed's shutdown barrier: a process whose share ends early waits this long for the others (jax's
+# default, 5 minutes, would stop the run of a process still embedding when process 0 left).
+SHUTDOWN_TIMEOUT_S = 7 * 24 * 3600
+CORPUS_FLAGS = ("coordinator", "num_processes", "process_id", "distributed", "num_actors", "ray_address",
+                "gpus_per_actor", "cpus_per_actor", "shard_size")
+
+
+def _check_corpus_flags(args) -> None:
+    """The per-host and Ray flags: valid values, and only in combinations that mean something."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name in ("num_processes", "num_actors"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in ("gpus_per_actor", "cpus_per_actor"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            raise InputError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
+    if args.engine == "ray":
+        used = [flag(n) for n in ("coordinator", "num_processes", "process_id", "distributed") if getattr(args, n)
+                not in (None, False)]
+        if used:
+            raise InputError(f"{', '.join(used)}: per-host flags; --engine ray runs on Ray's actors instead")
+        if args.shard_format == "npy":
+            raise InputError("--engine ray writes Parquet shards: drop --shard-format npy")
+        return
+    ray_only = [flag(n) for n in ("num_actors", "ray_address", "gpus_per_actor", "cpus_per_actor")
+                if getattr(args, n) is not None]
+    if ray_only:
+        raise InputError(f"{', '.join(ray_only)} need --engine ray")
+    if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+        raise InputError("--coordinator HOST:PORT needs --num-processes N and --process-id I (or use --distributed "
+                         "for jax.distributed's own cluster detection)")
+    if (args.num_processes is not None or args.process_id is not None) and not (args.coordinator or args.distributed):
+        raise InputError("--num-processes and --process-id need --coordinator HOST:PORT (or --distributed)")
+    if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise InputError(f"--process-id must be in [0, {args.num_processes - 1}] for --num-processes "
+                         f"{args.num_processes}, got {args.process_id}")
+
+
+def _planned_layout(args) -> bool:
+    """True: shards planned up front and committed one by one (per-host, Ray, folders, globs, Parquet,
+    --shard-size, or a folder holding such a run); False: the row shards of one .txt/.jsonl file."""
+    from .files import read_json
+    if args.engine == "ray" or args.coordinator or args.distributed or args.shard_size is not None:
+        return True
+    path = Path(args.input)
+    if not path.is_file() or path.suffix == ".parquet":
+        return True
+    try:
+        manifest = read_json(Path(args.output) / "manifest.json", default=None)
+    except E5LiteError:  # the single-file mode reports it
+        return False
+    from .shards import FORMAT_SHARDED
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_SHARDED
+
+
 def cmd_embed_dir(args) -> None:
     from .shards import embed_corpus
     if args.input is None or args.input == "-" or args.texts:
-        raise InputError("--output DIR (sharded, resumable) needs --input FILE: a .txt or .jsonl file, not "
-                         "stdin or TEXT arguments")
+        raise InputError("--output DIR (sharded, resumable) needs --input FILE: a .txt, .jsonl or .parquet file, a "
+                         "folder or a glob of them, not stdin or TEXT arguments")
+    _check_corpus_flags(args)
+    if _planned_layout(args):
+        return _embed_planned(args)
     path = Path(args.input)
-    if not path.is_file():
-        raise InputError(f"input file {args.input!r} does not exist")
     enc = _load(args)
     settings = {"model": args.model, "revision": args.revision, "dtype": args.dtype, "max_length": enc.max_length}
     jsonl = path.name.endswith(".jsonl") or args.field_given
     manifest = embed_corpus(enc, path, Path(args.output), settings=settings, field=args.field if jsonl else None,
                             id_field=args.id_field, prompt_name=args.prompt_name, task=args.task,
                             normalize=not args.no_normalize,
-                            rows_per_shard=args.rows_per_shard, shard_format=args.shard_format,
-                            batch_size=args.batch_size, overwrite=args.overwrite)
+                            rows_per_shard=ROWS_PER_SHARD if args.rows_per_shard is None else args.rows_per_shard,
+                            shard_format=args.shard_format or "npy", batch_size=args.batch_size,
+                            overwrite=args.overwrite)
     print(f"wrote {manifest['rows']} x {enc.dim} embeddings in {len(manifest['shards'])} shards to {args.output}",
           file=sys.stderr)
+
+
+def _embed_planned(args) -> None:
+    """Per-host (under jax.distributed, or one process) and Ray corpus runs (``shards.embed_per_host``,
+    ``ray.embed_corpus_ray``)."""
+    from .corpus_inputs import SHARD_BYTES, parse_size, resolve_inputs
+    if args.rows_per_shard is not None:
+        raise InputError("--rows-per-shard applies to one process embedding one .txt/.jsonl file; per-host, Ray, "
+                         "folder and Parquet runs cut .txt/.jsonl input by --shard-size and Parquet by row group")
+    resolve_inputs(args.input, exclude=args.output)  # a missing input fails before a model loads
+    common = dict(field=args.field, id_field=args.id_field, prompt_name=args.prompt_name, task=args.task,
+                  normalize=not args.no_normalize, shard_size=parse_size(args.shard_size or SHARD_BYTES),
+                  json_records=args.field_given, batch_size=args.batch_size, overwrite=args.overwrite)
+    if args.engine == "ray":
+        from .ray import embed_corpus_ray
+        knobs = {k: getattr(args, k) for k in ("token_budget", "streams") if getattr(args, k) is not None}
+        s = embed_corpus_ray(args.model, args.input, Path(args.output), num_actors=args.num_actors or 1,
+                             address=args.ray_address, gpus_per_actor=args.gpus_per_actor,
+                             cpus_per_actor=1.0 if args.cpus_per_actor is None else args.cpus_per_actor,
+                             revision=args.revision, dtype=args.dtype, max_length=args.max_length, knobs=knobs,
+                             **common)
+        who = f"{args.num_actors or 1} Ray actors"
+    else:
+        from .shards import embed_per_host
+        if args.coordinator or args.distributed:  # before anything starts a JAX backend
+            from .runtime import initialize_distributed
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                   shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+            try:
+                enc = _load(args)
+            except Exception as e:  # a model missing on this host: the others must not wait for it forever
+                import jax
+                from .shards import wait_after_failure
+                wait_after_failure(jax.process_index(), jax.process_count(), e)
+                raise
+        else:
+            enc = _load(args)
+        settings = {"model": args.model, "revision": args.revision, "dtype": args.dtype, "max_length": enc.max_length}
+        s = embed_per_host(enc, args.input, Path(args.output), settings=settings,
+                           shard_format=args.shard_format or "npy", **common)
+        who = f"process {s['process']} of {s['processes']}" if s["processes"] > 1 else "one process"
+    state = (f"all {s['shards']} shards are done" if not s["missing"] else
+             f"{len(s['missing'])} of {s['shards']} shards are not done yet")
+    print(f"wrote {s['rows']} embeddings in {s['embedded']} shards to {args.output} ({who}; {s['skipped']} shards "
+          f"were done already); {state}", file=sys.stderr)
 
 
 def cmd_embed(args) -> None:
@@ -89,6 +191,10 @@ def cmd_embed(args) -> None:
         return cmd_embed_dir(args)
     if args.id_field is not None:
         raise InputError("--id-field needs --output DIR (the sharded mode)")
+    used = ["--" + n.replace("_", "-") for n in CORPUS_FLAGS if getattr(args, n) not in (None, False)]
+    if used or args.engine != "local":
+        raise InputError(f"{', '.join(used) or '--engine ray'}: corpus-run flags, for --output DIR (the sharded "
+                         "mode) only")
     texts = _read_texts(args)
     if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
         raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix, or a folder (no suffix)")
@@ -236,14 +342,10 @@ def cmd_serve(args) -> None:
             raise
         raise InputError(f"e5lite serve needs the serve extra ({missing} is missing): "
                          "pip install 'e5lite[serve]'") from None
-    for flag in ("max_client_batch_size", "max_queue", "max_batch_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.max_wait_ms < 0:
-        raise InputError(f"--max-wait-ms must not be negative, got {args.max_wait_ms}")
-    limits = Limits(max_inputs=args.max_client_batch_size, max_queue=args.max_queue,
-                    max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                    auto_truncate=not args.no_auto_truncate)
+    try:
+        limits = Limits.from_arguments(args)
+    except ValueError as e:  # names the flag
+        raise InputError(str(e)) from None
     enc = _load(args)
     serve(enc, host=args.host, port=args.port, model_name=args.served_model_name or args.model, limits=limits)
 
@@ -278,12 +380,32 @@ def _add_embed(sub) -> None:
     e.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
     e.add_argument("--task", default=None, help=TASK_HELP)
     e.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
-    e.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD, help="--output DIR: rows per shard")
-    e.add_argument("--shard-format", default="npy", choices=["npy", "parquet"],
-                   help="--output DIR: .npy + .ids.json per shard, or Parquet (needs pyarrow)")
-    e.add_argument("--id-field", default=None, help="--output DIR: record field kept as the row id "
-                                                    "(default: the row number)")
+    e.add_argument("--rows-per-shard", type=int, default=None,
+                   help=f"--output DIR, one process on one .txt/.jsonl file: rows per shard (default {ROWS_PER_SHARD})")
+    e.add_argument("--shard-format", default=None, choices=["npy", "parquet"],
+                   help="--output DIR: .npy + .ids.json per shard (default), or Parquet (needs pyarrow; what "
+                        "--engine ray writes)")
+    e.add_argument("--id-field", default=None, help="--output DIR: record field (Parquet: column) kept as the row "
+                                                    "id (default: the row number)")
     e.add_argument("--overwrite", action="store_true", help="--output DIR: discard a previous run there")
+    c = e.add_argument_group("corpus runs beyond one process (--output DIR; README: Embedding a corpus on a cluster)")
+    c.add_argument("--shard-size", default=None, metavar="SIZE",
+                   help=".txt/.jsonl input per shard for per-host, Ray, folder, glob and Parquet runs, e.g. 512K, "
+                        "8M (default 8M; Parquet: one shard per row group)")
+    c.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="per host under jax.distributed: process 0's address; each process embeds its share of "
+                        "the shards on its own devices")
+    c.add_argument("--num-processes", type=int, default=None, help="with --coordinator: the number of processes")
+    c.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process, 0..N-1")
+    c.add_argument("--distributed", action="store_true",
+                   help="per host, with jax.distributed.initialize()'s own detection (TPU pods, SLURM, ...)")
+    c.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: embed with Ray Data actors")
+    c.add_argument("--num-actors", type=int, default=None, help="--engine ray: actors (default 1)")
+    c.add_argument("--ray-address", default=None, help="--engine ray: the cluster (default: a running Ray, else a "
+                                                       "local one)")
+    c.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    c.add_argument("--cpus-per-actor", type=float, default=None, help="--engine ray: CPUs per actor (default 1)")
     e.set_defaults(func=cmd_embed)
 
 
@@ -308,16 +430,8 @@ def _add_serve(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8080)
     v.add_argument("--served-model-name", default=None, help="the model name in responses (default: --model)")
-    v.add_argument("--max-client-batch-size", type=int, default=2048, help="inputs per request (default: %(default)s)")
-    v.add_argument("--max-queue", type=int, default=1024,
-                   help="requests waiting for the batch worker; more get 429 (default: %(default)s)")
-    v.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="tokens of the requests grouped into one engine call (default: 4 x the token budget: "
-                        f"{4 * BACKEND_DEFAULTS['cpu']['token_budget']} on CPU)")
-    v.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="how long a request waits for batch-mates (default: %(default)s)")
-    v.add_argument("--no-auto-truncate", action="store_true",
-                   help="refuse texts past the max length (TEI requests may still ask for truncate=true)")
+    from .serve.limits import Limits  # the limits' flags, defaults and help; no server stack imported
+    Limits.add_arguments(v)
     v.set_defaults(func=cmd_serve)
 
 

@@ -206,13 +206,14 @@ class Encoder:
         return self.engine.batches(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts), batch_size)
 
     def embed_ids(self, ids: Sequence[Sequence[int]], *, normalize: bool = True, batch_size: int | None = None,
-                  show_progress_bar: bool | None = None) -> np.ndarray:
+                  show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
         """Embeds token id sequences (as ``tokenize`` returns them: prompt and truncation applied) -> float32
         [n, dim] in input order. With several JAX processes, every process passes the same ids, embeds its
-        contiguous share, and all get the merged result."""
+        contiguous share, and all get the merged result; with ``local=True`` each process embeds its own ids
+        on its own devices, with no collective (what a corpus run per host needs)."""
         ids = _check_ids(ids, self.max_length, self.config.vocab_size)
-        return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), **self._run_kw(normalize, batch_size,
-                                                                                    show_progress_bar))
+        return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), local=local,
+                               **self._run_kw(normalize, batch_size, show_progress_bar))
 
     def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
                normalize: bool = True, batch_size: int | None = None, show_progress_bar: bool | None = None

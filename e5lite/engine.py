@@ -153,10 +153,12 @@ class Engine:
         return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), **kw)
 
     def run(self, source: Source, n: int, *, normalize: bool = True, batch_size: int | None = None,
-            show_progress_bar: bool = False) -> np.ndarray:
-        """Embeddings float32 [n, dim] of the n inputs ``source`` yields, in input order."""
+            show_progress_bar: bool = False, local: bool = False) -> np.ndarray:
+        """Embeddings float32 [n, dim] of the n inputs ``source`` yields, in input order. Under several JAX
+        processes every process passes the same inputs and gets the merged result (SPMD), unless ``local``:
+        then this process embeds its own inputs on its own devices, with no collective (corpus runs)."""
         dim = self.config.hidden_size
-        if jax.process_count() == 1:
+        if jax.process_count() == 1 or local:
             out = np.zeros((n, dim), dtype=np.float32)
             if n <= self.settings.small_inputs:
                 self._run_small(source(0, n), out, normalize, batch_size)
