@@ -140,24 +140,9 @@ def probe(url: str, delay: float, limit: float) -> tuple[float, int]:
 
 
 def start_server(model: str, extra: list[str], log: Path):
-    import httpx
     sys.path.insert(0, str(TOOLS))
-    from bench_serve import free_port
-    port = free_port()
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "e5lite.cli", "serve", "--model", model, "--port", str(port),
-                                 *extra], stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not become healthy; see {log}")
+    from bench_serve import start_server as start
+    return start(model, extra, log)
 
 
 def server_counters(url: str) -> str:

@@ -48,22 +48,30 @@ def make_requests(n: int, sizes: list[int], seed: int = 0) -> list[list[str]]:
     return [rng.sample(texts, rng.choice(sizes)) for _ in range(n)]
 
 
-def start_server(model: str, extra: list[str]):
+def start_server(model: str, extra: list[str], log=None):
+    """`e5lite serve` in a subprocess on a free port, once /health says ready -> (process, url); its output goes
+    to the file ``log`` (appended) when given."""
     import httpx
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "e5lite.cli", "serve", "--model", model, "--port", str(port),
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "e5lite.cli", "serve", "--model", model, "--port", str(port),
+                                 *extra], stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    finally:
+        if log:
+            out.close()
+    see = f"; see {log}" if log else ""
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+            raise SystemExit(f"server exited with {proc.returncode}{see}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("server did not become healthy")
+    raise SystemExit(f"server did not become healthy{see}")
 
 
 async def load(url: str, requests: list[list[str]], concurrency: int, seconds: float) -> dict:
