@@ -189,7 +189,8 @@ def test_bad_input_in_one_process(tiny_dir, tmp_path):
     """A bad line in a shard of process 1: it says so in one line naming the file and line, the other process
     finishes its shards, and both exit (neither waits for the other forever)."""
     rows = [json.dumps({"_id": f"d{i}", "text": t}) for i, t in enumerate(paragraphs()[:60])]
-    bad = 9  # the 10th line: in bytes 2048-4095, shard 1 of 2K shards, so process 1's
+    # the bad line starts in bytes 2048-4095: shard 1 of 2K shards, so process 1's
+    bad = next(i for i in range(1, len(rows)) if len("\n".join(rows[:i])) + 1 >= 2048)
     assert 2048 <= len("\n".join(rows[:bad])) + 1 < 4096
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.jsonl").write_text("\n".join(rows[:bad] + ['{"_id": "bad", "text": '] + rows[bad:]) + "\n")
@@ -203,7 +204,7 @@ def test_bad_input_in_one_process(tiny_dir, tmp_path):
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 1], errs
     last = errs[1].strip().splitlines()[-1]
-    assert re.fullmatch(r"e5lite: error: \S*/x.jsonl line 10 \(byte \d+\): not valid JSON \(.*\)", last), last
+    assert re.fullmatch(rf"e5lite: error: \S*/x.jsonl line {bad + 1} \(byte \d+\): not valid JSON \(.*\)", last), last
     n = len(json.loads((out / "manifest.json").read_text())["plan"])
     # process 1 stopped at its first shard; process 0 did all of its own
     assert {r["shard"] for r in records(out).values()} == set(range(0, n, 2))
