@@ -13,7 +13,8 @@ the command line in fresh processes, as a user runs it:
   per-host 2 procs pinned  the same, each process pinned to its own core (two one-core hosts)
   ray 2 actors             ``--engine ray --num-actors 2`` on a local Ray (started by the command)
   ray 1 actor              ``--engine ray --num-actors 1``: Ray's own cost, without two runtimes sharing cores
-Rounds rotate the order of the modes; medians count. "Embedding" time runs from the first shard's start to the
+Rounds rotate the order of the modes; the table gives the best round (the run least slowed by other work on a
+shared machine) and the median. "Embedding" time runs from the first shard's start to the
 last shard's commit (the shards' records; for local, from its manifest's first write to its last), so it
 leaves out start-up (imports, model loading, jax.distributed, Ray and its actors), which is reported apart.
 Tokens are real tokens (no padding), the same count for every mode. Peak RSS is sampled every 50 ms over the
@@ -176,7 +177,7 @@ def throughput(args, tmp: Path) -> None:
     mb = write_jsonl(corpus, texts)
     tokens = int(sum(len(t) for t in e5lite.load(model).tokenizer(texts)))
     print(f"\n## Throughput: all-MiniLM-L6-v2, {len(texts):,} texts ({mb:.1f} MB .jsonl), {tokens:,} real tokens, "
-          f"shard size {args.shard_size} (local: its default 8,192 rows), {args.repeats} rounds, medians\n")
+          f"shard size {args.shard_size} (local: its default 8,192 rows), {args.repeats} rounds\n")
     modes = tuple(args.modes.split(","))
     if modes[0] != "local" or not set(modes) <= set(MODES):
         raise SystemExit(f"--modes: local first, then any of {MODES}")
@@ -195,16 +196,19 @@ def throughput(args, tmp: Path) -> None:
     ref_emb, ref_ids = outputs["local"]
     med = {m: {k: float(np.median([r[k] for r in rs])) for k in rs[0] if k not in ("mode",)}
            for m, rs in results.items()}
+    # best of the rounds: on a shared machine, the run least slowed by others' work
+    best = {m: tokens / min(r["embed_s"] for r in rs) for m, rs in results.items()}
     base, base_e2e = tokens / med["local"]["embed_s"], tokens / med["local"]["wall_s"]
-    print("| mode | tokens/s (embedding) | vs local | start-up s | tokens/s (end to end) | vs local | "
-          "peak RSS MB, all processes | private MB, all | largest process MB | max abs diff vs local | ids |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | tokens/s (embedding), best | vs local | median | vs local | start-up s | tokens/s (end to end), "
+          "median | vs local | peak RSS MB, all processes | private MB, all | largest process MB | max abs diff vs "
+          "local | ids |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in modes:
         s = med[m]
         tps, e2e = tokens / s["embed_s"], tokens / s["wall_s"]
         emb, ids = outputs[m]
         diff = float(np.abs(emb - ref_emb).max()) if emb.shape == ref_emb.shape else float("nan")
-        print(f"| {m} | {tps:,.0f} | {tps / base:.2f}x ({tps / base - 1:+.0%}) | "
+        print(f"| {m} | {best[m]:,.0f} | {best[m] / best['local']:.2f}x | {tps:,.0f} | {tps / base:.2f}x | "
               f"{s['startup_s']:.1f} | {e2e:,.0f} | {e2e / base_e2e:.2f}x | {s['peak_sum_mb']:,.0f} | "
               f"{s['peak_anon_mb']:,.0f} | {s['peak_one_mb']:,.0f} | {diff:.1e} | "
               f"{'same' if ids == ref_ids else 'DIFFER'} |", flush=True)
@@ -229,7 +233,9 @@ def memory(args, tmp: Path) -> None:
     from corpus import build_corpus
     model = tiny_model(tmp)
     base = build_corpus(2000)
-    modes = ("local", "per-host 2 procs", "ray 2 actors")
+    modes = tuple(args.memory_modes.split(","))
+    if not set(modes) <= set(MODES):
+        raise SystemExit(f"--memory-modes: any of {MODES}")
     print("\n## Memory: a small random BERT (2 layers x 128), default shard sizes\n")
     print("| passages | input MB | " + " | ".join(f"{m}: peak RSS MB, all (private; largest process) | {m}: wall s"
                                                   for m in modes) + " |")
@@ -257,6 +263,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="part 1's modes, comma-separated (local first)")
     ap.add_argument("--shard-size", default="256K", help="--shard-size of the planned modes in part 1")
     ap.add_argument("--sizes", default="10000,100000,1000000", help="passages of part 2")
+    ap.add_argument("--memory-modes", default="local,per-host 2 procs,ray 2 actors", help="part 2's modes")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", default=None, help="also write part 1's runs here")
