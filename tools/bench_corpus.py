@@ -193,6 +193,8 @@ def throughput(args, tmp: Path) -> None:
             outputs[mode] = e5lite.read_embeddings(out, with_ids=True)
             print(f"  round {r + 1} {mode}: {res['wall_s']:.1f} s wall, {res['embed_s']:.1f} s embedding, "
                   f"{tokens / res['embed_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+            if args.json:  # after every run: a long benchmark killed midway keeps what it measured
+                Path(args.json).write_text(json.dumps({"tokens": tokens, "texts": len(texts), "runs": results}))
     ref_emb, ref_ids = outputs["local"]
     med = {m: {k: float(np.median([r[k] for r in rs])) for k in rs[0] if k not in ("mode",)}
            for m, rs in results.items()}
@@ -212,8 +214,6 @@ def throughput(args, tmp: Path) -> None:
               f"{s['startup_s']:.1f} | {e2e:,.0f} | {e2e / base_e2e:.2f}x | {s['peak_sum_mb']:,.0f} | "
               f"{s['peak_anon_mb']:,.0f} | {s['peak_one_mb']:,.0f} | {diff:.1e} | "
               f"{'same' if ids == ref_ids else 'DIFFER'} |", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": tokens, "texts": len(texts), "runs": results}, indent=1))
 
 
 def tiny_model(tmp: Path) -> Path:
