@@ -245,6 +245,63 @@ class TextTokenizer:
                 return TextEncodingError(offset + i, f"{type(e).__name__}: {e}")
         return TextEncodingError(offset, f"the batch failed ({type(error).__name__}: {error})")
 
+    def _variant(self, key: str, **truncation) -> Tokenizer:
+        """A copy of the reference tokenizer with other truncation (``{}``: none), made once."""
+        cache = self.__dict__.setdefault("_variants", {})
+        if key not in cache:
+            tok = Tokenizer.from_str(self._tok.to_str())
+            tok.no_padding()
+            if truncation:
+                tok.enable_truncation(self.max_length, **truncation)
+            else:
+                tok.no_truncation()
+            cache[key] = tok
+        return cache[key]
+
+    def _encode_with(self, tok: Tokenizer, texts: list[str], offset: int, **kw) -> list:
+        try:
+            return tok.encode_batch(texts, **kw)
+        except Exception as e:
+            raise self._failure(texts, offset, e) from None
+
+    def body_ids(self, texts: Sequence[str], offset: int = 0) -> list[np.ndarray]:
+        """Token ids per text without the special tokens and without truncation (int32): what long inputs
+        are cut into windows from."""
+        encodings = self._encode_with(self._variant("none"), list(texts), offset, add_special_tokens=False)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    @property
+    def special_ids(self) -> tuple[list[int], list[int]]:
+        """The ids the model's template puts before and after a text: ([CLS], [SEP]) or (<s>, </s>)."""
+        if "_specials" not in self.__dict__:
+            marker = "e5lite"
+            enc = self._variant("none").encode(marker)
+            body = self._variant("none").encode(marker, add_special_tokens=False).ids
+            ids = enc.ids
+            at = next(i for i in range(len(ids) - len(body) + 1) if ids[i:i + len(body)] == body)
+            self._specials = (ids[:at], ids[at + len(body):])
+        return self._specials
+
+    def encode_left(self, texts: Sequence[str], offset: int = 0) -> list[np.ndarray]:
+        """As ``__call__`` with truncation from the left: a long text keeps its last tokens (transformers'
+        ``truncation_side="left"``), the special tokens stay."""
+        encodings = self._encode_with(self._variant("left", direction="left"), list(texts), offset)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    def encode_tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True, direction: str = "right",
+                      offset: int = 0) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
+        """Per text, per token: (id, token string, special?, (start, stop) character offsets in the text, or
+        None for a special token), truncated to max length from ``direction`` (TEI's ``/tokenize``)."""
+        tok = self._variant(direction, direction=direction)
+        encodings = self._encode_with(tok, list(texts), offset, add_special_tokens=add_special_tokens)
+        return [[(i, t, bool(s), None if s else (a, b))
+                 for i, t, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)]
+                for e in encodings]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids, as the tokenizer's decoder writes it."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
     def tokens(self, ids) -> list[str]:
         """The token strings of ids ("[CLS]", "token", "##izer", or "<s>", "\u2581token", ...), e.g. for axis
         labels."""
