@@ -18,8 +18,11 @@ from .batching import Batch
 from .config import BertConfig
 from .engine import Engine
 from .errors import E5LiteError
+from .long_inputs import Windows, check_long_inputs, combine, split
 from .model import Params
 from .pooling import read_pooling_mode
+from .quantize import (check_precision, check_ranges, check_truncate_dim, quantize_embeddings,
+                       truncate)
 from .runtime import CACHE_ENV, enable_compilation_cache
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer, read_prompts, resolve_max_length
@@ -216,8 +219,9 @@ class Encoder:
                                **self._run_kw(normalize, batch_size, show_progress_bar))
 
     def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
-               normalize: bool = True, batch_size: int | None = None, show_progress_bar: bool | None = None
-               ) -> np.ndarray:
+               normalize: bool = True, batch_size: int | None = None, show_progress_bar: bool | None = None,
+               long_inputs: str = "truncate", chunk_overlap: int = 0, truncate_dim: int | None = None,
+               precision: str = "float32", ranges=None, calibration_embeddings=None) -> np.ndarray:
         """Embeds texts: a list -> float32 [n, dim] in input order; a single str -> [dim].
 
         The prefix: ``prompt`` as given, or the model's prompt ``prompt_name`` ("query", "passage"), or for
@@ -227,12 +231,57 @@ class Encoder:
         The same as ``embed_ids(tokenize(texts, ...))``, except that texts are tokenised chunk by chunk while
         the device works. ``batch_size`` caps the texts (rows) per batch; by default batches are filled up to
         the token budget.
+
+        ``long_inputs="chunk"`` embeds a text past ``max_length`` whole: windows of it (consecutive ones sharing
+        ``chunk_overlap`` tokens), each with the specials and the prompt, averaged by token count
+        (``long_inputs.py``); texts that fit are unchanged. Texts are then tokenised up front, not chunk by chunk.
+        ``truncate_dim`` keeps the first components (normalised after cutting when ``normalize``), and
+        ``precision`` ("int8", "uint8", "binary", "ubinary") quantises the result as sentence-transformers'
+        ``quantize_embeddings``, with ``ranges`` [2, dim] or ``calibration_embeddings`` setting int8/uint8
+        buckets (else the call's own embeddings, which needs two texts or more; see ``quantize.py``).
         """
         texts, single = _check_texts(texts)
-        tokenize = self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task))
-        out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts),
-                              **self._run_kw(normalize, batch_size, show_progress_bar))
+        prefix = self.prompt_prefix(prompt_name, prompt, task)
+        check_long_inputs(long_inputs, chunk_overlap)
+        truncate_dim = check_truncate_dim(truncate_dim, self.dim)
+        check_precision(precision)
+        if precision in ("int8", "uint8"):  # refuse before embedding, not after
+            check_ranges(ranges, calibration_embeddings, truncate_dim or self.dim)
+            if ranges is None and calibration_embeddings is None and len(texts) == 1:
+                raise ValueError(f"precision={precision!r} of a single text needs ranges (shape (2, dim)) or "
+                                 "calibration_embeddings: its buckets cannot come from one embedding")
+        kw = self._run_kw(normalize, batch_size, show_progress_bar)
+        if truncate_dim is not None:  # ST normalises after cutting: the device returns the whole pooled vector
+            kw["normalize"] = False
+        if long_inputs == "chunk":
+            out = self._encode_windows(split(self.tokenizer, texts, prefix, chunk_overlap), kw)
+        else:
+            tokenize = self._tokenizer_for(prefix)
+            out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts), **kw)
+        if truncate_dim is not None:
+            out = truncate(out, truncate_dim, bool(normalize))
+        if precision != "float32":
+            out = quantize_embeddings(out, precision, ranges, calibration_embeddings)
         return out[0] if single else out
+
+    def _encode_windows(self, windows: Windows, kw: dict) -> np.ndarray:
+        """Texts of one window embed as the truncating path does (normalised on the device, as asked); the
+        windows of longer texts embed un-normalised and are combined on the host."""
+        counts_N = windows.counts
+        first_N = np.searchsorted(windows.owner, np.arange(windows.n))
+        single_N = counts_N == 1
+        one = [windows.ids[k] for k in first_N[single_N]]
+        out_ND = np.empty((windows.n, self.dim), np.float32)
+        out_ND[single_N] = self.engine.run(lambda lo, hi: one[lo:hi], len(one), **kw)
+        if not single_N.all():
+            many_M = np.flatnonzero(~single_N)
+            keep_K = ~single_N[windows.owner]
+            sub = Windows(ids=[w for w, k in zip(windows.ids, keep_K) if k],
+                          owner=np.searchsorted(many_M, windows.owner[keep_K]), weight=windows.weight[keep_K],
+                          n=len(many_M))
+            rows_KD = self.engine.run(lambda lo, hi: sub.ids[lo:hi], len(sub.ids), **{**kw, "normalize": False})
+            out_ND[many_M] = combine(sub, rows_KD, kw["normalize"])
+        return out_ND
 
     def _run_kw(self, normalize, batch_size, show_progress_bar) -> dict:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
