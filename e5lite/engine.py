@@ -21,6 +21,7 @@ import weakref
 from typing import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -59,6 +60,12 @@ def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config
     out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
     out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
     return out_BGD.reshape(-1, out_BGD.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
+def hidden_states(params: Params, input_ids, attention_mask, *, config: BertConfig, attention_impl: str = "xla"):
+    """Padded batch: token ids, mask [B, S] -> the last layer's hidden state of every token [B, S, D] float32."""
+    return forward(params, config, input_ids, attention_mask, attention_impl=attention_impl).astype(jnp.float32)
 
 
 def _shutdown(pools: dict) -> None:
@@ -183,6 +190,20 @@ class Engine:
         # A query waits on the forward, not on the host: no thread, pool, layout choice or progress bar.
         for batch in self.small_batches(ids, batch_size):
             self._collect(batch, self.dispatch(batch, normalize), out, None)
+
+    def token_states(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The last hidden state of every token, float32 [len, D] per sequence (TEI's ``/embed_all``; the
+        vectors mean pooling averages). Padded batches planned as ``encode``'s small path (length buckets),
+        so a handful of shapes compile."""
+        out: list = [None] * len(ids)
+        for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
+            put = functools.partial(jax.device_put, device=self._batch_sharding)
+            self.compiled_shapes.add(("states", *batch.shape))
+            states_BSD = np.asarray(hidden_states(self.params, put(batch.input_ids), put(batch.attention_mask),
+                                                  config=self.config, attention_impl=self.settings.attention_impl))
+            for j, slot in zip(batch.index, batch.slot):
+                out[j] = states_BSD[slot, :len(ids[j])]
+        return out
 
     def warmup(self, max_length: int = 128, normalize: bool = True) -> list[tuple]:
         """Compiles the small-input path's shapes up to ``max_length`` tokens (rows 1, 4, ..., up to

@@ -177,12 +177,12 @@ BATTERY = [
     ("/v1/embeddings", b'{"input": "x", "model": "m"}', {"content-type": "text/plain"}, 415, "application/json", None),
     ("/v1/embeddings", b'["x"]', JSON, 400, "must be a JSON object", None),
     ("/v1/embeddings", b'{"model": "m"}', JSON, 400, "'input' is a required property", "input"),
-    ("/v1/embeddings", b'{"input": "x"}', JSON, 400, "'model' is a required property", "model"),
     ("/v1/embeddings", b'{"input": "x", "model": 3}', JSON, 400, "'model' must be a string", "model"),
     ("/v1/embeddings", b'{"input": [], "model": "m"}', JSON, 400, "'input' must not be empty", "input"),
     ("/v1/embeddings", b'{"input": "", "model": "m"}', JSON, 400, "input[0] is an empty string", "input"),
     ("/v1/embeddings", b'{"input": ["a", null], "model": "m"}', JSON, 400, "input[1] is null", "input"),
-    ("/v1/embeddings", b'{"input": [1, 2], "model": "m"}', JSON, 400, "token arrays are not supported", "input"),
+    ("/v1/embeddings", b'{"input": [1, 99999], "model": "m"}', JSON, 400, "token id 99999, outside the vocabulary",
+     "input"),
     ("/v1/embeddings", b'{"input": {"a": 1}, "model": "m"}', JSON, 400, "got an object", "input"),
     ("/v1/embeddings", json.dumps({"input": ["x"] * 65, "model": "m"}).encode(), JSON, 400, "at most 64", "input"),
     ("/v1/embeddings", b'{"input": "x", "model": "m", "encoding_format": "int8"}', JSON, 400, "'float' or 'base64'",
@@ -204,7 +204,7 @@ BATTERY = [
     ("/embed", b'{"inputs": "x", "truncate": 1}', JSON, 422, "'truncate' must be a boolean", None),
     ("/embed", b'{"inputs": "x", "prompt_name": "nope"}', JSON, 422, "unknown prompt_name 'nope'", None),
     ("/embed", b'{"inputs": "x", "prompt_name": 7}', JSON, 422, "'prompt_name' must be a string", None),
-    ("/embed", b'{"inputs": "x", "truncation_direction": "left"}', JSON, 422, "only 'right'", None),
+    ("/embed", b'{"inputs": "x", "truncation_direction": "up"}', JSON, 422, "must be 'left' or 'right'", None),
 ]
 
 

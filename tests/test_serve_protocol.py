@@ -16,23 +16,25 @@ from e5lite.errors import ApiError  # noqa: E402
 from e5lite.serve.protocol import (EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse,  # noqa: E402
                                    RetryLater, error_response, openapi, parse)
 
-CONTEXT = {"dim": 32, "max_inputs": 4}
+CONTEXT = {"dim": 32, "max_inputs": 4, "vocab_size": 100}
 O, T = EmbeddingRequest, EmbedRequest
 REFUSED = [
     # (model, body, status, whole message, field)
     (O, ["x"], 400, "request body must be a JSON object, got an array", None),
     (O, {"model": "m"}, 400, "'input' is a required property", "input"),
-    (O, {"input": 5}, 400, "'model' is a required property", "model"),  # an absent field is named first
+    (O, {"model": "m", "user": 5}, 400, "'input' is a required property", "input"),  # absent is named first
     (O, {"input": "x", "model": 3}, 400, "'model' must be a string, got a number", "model"),
     (O, {"input": [], "model": "m"}, 400, "'input' must not be empty", "input"),
     (O, {"input": "", "model": "m"}, 400, "input[0] is an empty string", "input"),
-    (O, {"input": ["a", None], "model": "m"}, 400, "input[1] is null, expected a string", "input"),
-    (O, {"input": ["a", [1, 2]], "model": "m"}, 400,
-     "input[1] is an array, expected a string (token arrays are not supported: send strings)", "input"),
-    (O, {"input": [1, 2], "model": "m"}, 400,
-     "input[0] is a number, expected a string (token arrays are not supported: send strings)", "input"),
-    (O, {"input": {"a": 1}, "model": "m"}, 400, "'input' must be a string or a list of strings, got an object",
+    (O, {"input": ["a", None], "model": "m"}, 400, "input[1] is null, expected a string or a list of token ids", "input"),
+    (O, {"input": ["a", [1, "2"]], "model": "m"}, 400, "input[1] is an array, expected a string or a list of token ids",
      "input"),
+    (O, {"input": [1, -2], "model": "m"}, 400, "input[0] has token id -2, outside the vocabulary [0, 100)", "input"),
+    (O, {"input": [[1, 2], [100]], "model": "m"}, 400, "input[1] has token id 100, outside the vocabulary [0, 100)",
+     "input"),
+    (O, {"input": [[]], "model": "m"}, 400, "input[0] is an array, expected a string or a list of token ids", "input"),
+    (O, {"input": {"a": 1}, "model": "m"}, 400,
+     "'input' must be a string, a list of strings or token ids, got an object", "input"),
     (O, {"input": ["x"] * 5, "model": "m"}, 400, "'input' has 5 items; at most 4 per request", "input"),
     (O, {"input": "x", "model": "m", "encoding_format": "int8"}, 400,
      "'encoding_format' must be 'float' or 'base64', got 'int8'", "encoding_format"),
@@ -51,15 +53,16 @@ REFUSED = [
     (T, {"input": "x"}, 422, "missing field 'inputs'", "inputs"),
     (T, {"inputs": []}, 422, "'inputs' must not be empty", "inputs"),
     (T, {"inputs": ["ok", ""]}, 422, "inputs[1] is an empty string", "inputs"),
-    (T, {"inputs": ["ok", 5]}, 422, "inputs[1] is a number, expected a string "
-                                    "(token arrays are not supported: send strings)", "inputs"),
-    (T, {"inputs": ["ok", True]}, 422, "inputs[1] is a boolean, expected a string", "inputs"),
+    (T, {"inputs": ["ok", 5]}, 422, "inputs[1] is a number, expected a string or a list of token ids", "inputs"),
+    (T, {"inputs": ["ok", True]}, 422, "inputs[1] is a boolean, expected a string or a list of token ids", "inputs"),
+    (T, {"inputs": [True, False]}, 422, "inputs[0] is a boolean, expected a string or a list of token ids", "inputs"),
     (T, {"inputs": ["x"] * 5}, 413, "'inputs' has 5 items; at most 4 per request", "inputs"),
     (T, {"inputs": "x", "normalize": "yes"}, 422, "'normalize' must be a boolean, got a string", "normalize"),
     (T, {"inputs": "x", "truncate": 1}, 422, "'truncate' must be a boolean, got a number", "truncate"),
     (T, {"inputs": "x", "prompt_name": 7}, 422, "'prompt_name' must be a string, got a number", "prompt_name"),
-    (T, {"inputs": "x", "truncation_direction": "left"}, 422,
-     "'truncation_direction' 'left' is not supported: only 'right'", "truncation_direction"),
+    (T, {"inputs": "x", "truncation_direction": "up"}, 422,
+     "'truncation_direction' must be 'left' or 'right', got 'up'", "truncation_direction"),
+    (T, {"inputs": "x", "dimensions": 40}, 422, "'dimensions' must be an integer in [1, 32], got 40", "dimensions"),
     (T, {"inputs": ["ok", "\ud800"]}, 422, "inputs[1] is not valid Unicode text (a lone surrogate escape)", "inputs"),
     (O, {"input": "x", "model": "m", "dimensions": 10 ** 300}, 400,
      "'dimensions' must be an integer in [1, 32], got 100000000000000000...0000000000000000000", "dimensions"),
@@ -146,11 +149,12 @@ def test_messages_quote_values_short():
 
 def test_openapi_schemas_come_from_the_models():
     doc = openapi("1.2.3")
-    assert doc["info"]["version"] == "1.2.3" and set(doc["paths"]) == {"/v1/embeddings", "/embed"}
+    assert doc["info"]["version"] == "1.2.3" and {"/v1/embeddings", "/embed", "/tokenize"} <= set(doc["paths"])
     schemas = doc["components"]["schemas"]
     assert schemas["EmbeddingRequest"]["properties"]["encoding_format"]["anyOf"][0]["enum"] == ["float", "base64"]
-    inputs = schemas["EmbedRequest"]["properties"]["inputs"]["anyOf"]  # one text or a list of them
-    assert [s["type"] for s in inputs] == ["string", "array"]
+    inputs = schemas["EmbedRequest"]["properties"]["inputs"]["anyOf"]  # a text, token ids, or a list of either
+    assert [s["type"] for s in inputs] == ["string", "array", "array"]
+    assert inputs[1]["items"]["type"] == "integer" and inputs[1]["items"]["minimum"] == 0
     assert set(schemas["EmbeddingResponse"]["properties"]) == {"object", "model", "data", "usage"}
     assert set(schemas["TEIErrorResponse"]["properties"]) == {"error", "error_type"}
     json.dumps(doc)  # serialisable as is

@@ -24,16 +24,19 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from .. import long_inputs
 from ..errors import ApiError, TextTooLongError
 from ..settings import EngineSettings
 from .batcher import Batcher, TokenEmbedder
 from .limits import Limits
 from .metrics import Metrics
-from .protocol import (EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse, RetryLater, error_response,
+from .protocol import (DOCS_HTML, DecodeRequest, DecodeResponse, EmbedAllRequest, EmbedAllResponse, EmbeddingRequest,
+                       EmbeddingResponse, EmbedRequest, EmbedResponse, RetryLater, SimilarityRequest,
+                       SimilarityResponse, SimpleToken, TokenizeRequest, TokenizeResponse, error_response,
                        json_response, openapi, parse, shown)
 
 logger = logging.getLogger("e5lite.serve")
@@ -69,6 +72,12 @@ class ServedEncoder(TokenEmbedder, Protocol):
     def devices(self) -> list: ...
     @property
     def settings(self) -> EngineSettings: ...
+    @property
+    def tokenizer(self): ...  # e5lite.tokenizer.TextTokenizer
+    @property
+    def engine(self): ...  # e5lite.engine.Engine (token_states, warmup)
+    @property
+    def config(self): ...  # e5lite.config.BertConfig
 
     def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
                  truncate: bool = True) -> list[np.ndarray]: ...
@@ -169,6 +178,30 @@ def normalize_rows(x_ND: np.ndarray) -> np.ndarray:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class Prepared:
+    """A request's inputs as token id sequences to embed: one per input, or with long inputs chunked several
+    per text (``windows`` maps them back, see ``long_inputs``)."""
+
+    def __init__(self, ids: list[np.ndarray], windows: "long_inputs.Windows | None" = None):
+        self.ids, self.windows = ids, windows
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(i) for i in self.ids)
+
+    def rows(self, emb: np.ndarray) -> np.ndarray:
+        """One unnormalised row per input from the rows of ``ids``."""
+        return emb if self.windows is None else long_inputs.combine(self.windows, emb, normalize=False)
+
+
+def byte_offsets(text: str) -> np.ndarray:
+    """UTF-8 byte offset of each character position of ``text`` (len + 1 entries): TEI reports offsets in
+    bytes, as the Rust tokenizer does; Python's tokenizer gives characters."""
+    if text.isascii():
+        return np.arange(len(text) + 1)
+    return np.concatenate([[0], np.cumsum([len(c.encode("utf-8", "surrogatepass")) for c in text])])
+
+
 class Server:
     """The handlers of every route, sharing one encoder, the limits, the metrics and the batch worker."""
 
@@ -179,18 +212,30 @@ class Server:
         self.batcher = Batcher(enc, self.metrics, max_queue=limits.max_queue, max_queue_tokens=limits.max_queue_tokens,
                                max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms,
                                max_queue_wait_ms=limits.max_queue_wait_ms)
-        self.context = {"dim": enc.dim, "max_inputs": limits.max_inputs}  # what validation needs of the server
+        # what validation needs of the server
+        self.context = {"dim": enc.dim, "max_inputs": limits.max_inputs, "vocab_size": enc.config.vocab_size}
+        if limits.chunk and limits.chunk_overlap >= long_inputs.window_length(enc.tokenizer, 0):
+            raise ValueError(f"--chunk-overlap {limits.chunk_overlap} must be less than the "
+                             f"{long_inputs.window_length(enc.tokenizer, 0)} text tokens of a window")
         self.openapi = openapi(__version__)
         self.draining = False  # shutting down: no new work
         self.active = 0  # embedding requests admitted and not yet answered
 
     def routes(self) -> list[Route]:
-        table = [("/v1/embeddings", "POST", "openai", self.openai_embeddings, True),
-                 ("/embed", "POST", "tei", self.tei_embed, True), ("/health", "GET", "tei", self.health, False),
-                 ("/info", "GET", "tei", self.info, False), ("/metrics", "GET", "tei", self.prometheus, False),
-                 ("/openapi.json", "GET", "tei", self.openapi_json, False)]
+        openai, embed = ("openai", self.openai_embeddings, True), ("tei", self.tei_embed, True)
+        health = ("tei", self.health, False)
+        table = {("/v1/embeddings", "POST"): openai, ("/embeddings", "POST"): openai,
+                 ("/embed", "POST"): embed, ("/", "POST"): embed, ("/invocations", "POST"): embed,
+                 ("/embed_all", "POST"): ("tei", self.embed_all, True),
+                 ("/similarity", "POST"): ("tei", self.similarity, True),
+                 ("/tokenize", "POST"): ("tei", self.tokenize_route, True),
+                 ("/decode", "POST"): ("tei", self.decode, True),
+                 ("/health", "GET"): health, ("/", "GET"): health, ("/ping", "GET"): health,
+                 ("/info", "GET"): ("tei", self.info, False), ("/metrics", "GET"): ("tei", self.prometheus, False),
+                 ("/openapi.json", "GET"): ("tei", self.openapi_json, False),
+                 ("/docs", "GET"): ("tei", self.docs, False)}
         return [Route(path, self.counted(path, style, self.admitted(fn) if work else fn), methods=[method])
-                for path, method, style, fn, work in table]
+                for (path, method), (style, fn, work) in table.items()]
 
     def admitted(self, handler: Handler) -> Handler:
         """``handler`` refusing new work while draining (503), and counted in ``active`` while it runs."""
@@ -243,56 +288,169 @@ class Server:
                            self.active, timeout)
             self.batcher.stop(timeout=0)
 
-    async def tokenize(self, texts: list[str], *, field: str, status: int, truncate: bool,
-                       prompt_name: str | None = None) -> list[np.ndarray]:
-        """Token ids per text, prompt prepended, off the event loop; an unknown prompt, or a text too long with
-        truncation off, is the client's error."""
+    def prefix(self, prompt_name: str | None, status: int) -> str:
         try:
-            prefix = self.enc.prompt_prefix(prompt_name)
+            return self.enc.prompt_prefix(prompt_name)
         except ValueError as e:
             raise ApiError(status, str(e), "prompt_name") from None
-        try:
-            return await run_in_threadpool(self.enc.tokenize, texts, prompt=prefix, truncate=truncate)
-        except TextTooLongError as e:
-            raise ApiError(status, f"{field}[{e.index}] is longer than the model's maximum of {e.max_length} tokens "
-                                   "(truncation is off)", field, "context_length_exceeded") from None
 
-    async def embed(self, request: Request, texts: list[str], *, field: str, status: int, truncate: bool,
-                    normalize: bool, dimensions: int | None = None, prompt_name: str | None = None
-                    ) -> tuple[list[np.ndarray], np.ndarray]:
-        """(token ids, rows [len(texts), dim or dimensions] normalised per this request's options); 429 when
-        the queue has no room, ClientGone when the client leaves first."""
-        # admitted on an estimate before tokenising: an overloaded server spends nothing on a request it refuses
-        chars = sum(map(len, texts))
-        estimate = min(int(chars * self.batcher.tokens_per_char) + 2 * len(texts), len(texts) * self.enc.max_length)
-        ticket = self.batcher.admit(estimate, chars)
+    def prepare(self, items: list, *, prefix: str, field: str, status: int, truncate: bool,
+                direction: str | None = None, chunk: bool = False) -> Prepared:
+        """Token ids of a request's inputs (run in the thread pool): texts get the prompt and are tokenised,
+        truncated from ``direction`` or refused when too long (``truncate`` false), or with ``chunk`` cut into
+        windows; token-id inputs are taken as given (only cut to the maximum length when truncating)."""
+        tok, max_len = self.enc.tokenizer, self.enc.max_length
+        at = [i for i, x in enumerate(items) if isinstance(x, str)]
+        texts = [items[i] for i in at]
+        seqs: list = [None] * len(items)
+        windows = None
+        try:
+            if texts and chunk:
+                try:
+                    windows = long_inputs.split(tok, texts, prefix, self.limits.chunk_overlap)
+                except ValueError as e:  # a prompt that leaves windows no longer than the overlap
+                    raise ApiError(status, str(e), "prompt_name") from None
+            elif texts:
+                if direction == "left" and truncate:
+                    out = tok.encode_left([prefix + t for t in texts] if prefix else texts)
+                else:  # untruncated, right and left agree
+                    out = self.enc.tokenize(texts, prompt=prefix, truncate=truncate)
+                for i, ids in zip(at, out):
+                    seqs[i] = ids
+        except TextTooLongError as e:
+            raise ApiError(status, f"{field}[{at[e.index]}] is longer than the model's maximum of {e.max_length} "
+                                   "tokens (truncation is off)", field, "context_length_exceeded") from None
+        for i, x in enumerate(items):
+            if isinstance(x, str):
+                continue
+            ids = np.asarray(x, np.int32)
+            if len(ids) > max_len:
+                if not truncate:
+                    raise ApiError(status, f"{field}[{i}] has {len(ids)} token ids, more than the model's maximum "
+                                           f"of {max_len} (truncation is off)", field, "context_length_exceeded")
+                ids = ids[-max_len:] if direction == "left" else ids[:max_len]
+            seqs[i] = ids
+        if windows is None:
+            return Prepared(seqs)
+        # every input's windows in input order: a text's from the split, token ids as one window
+        per_text = {t: [] for t in range(len(texts))}
+        for w, t in enumerate(windows.owner):
+            per_text[int(t)].append(w)
+        ids, owner, weight = [], [], []
+        texts_of = dict(zip(at, range(len(texts))))
+        for i, x in enumerate(items):
+            if i in texts_of:
+                for w in per_text[texts_of[i]]:
+                    ids.append(windows.ids[w])
+                    owner.append(i)
+                    weight.append(windows.weight[w])
+            else:
+                ids.append(seqs[i])
+                owner.append(i)
+                weight.append(len(seqs[i]))
+        return Prepared(ids, long_inputs.Windows(ids=ids, owner=np.asarray(owner, np.int64),
+                                                 weight=np.asarray(weight, np.float32), n=len(items)))
+
+    def admit(self, items: list):
+        """A batcher ticket for these inputs, admitted on an estimate before tokenising: an overloaded server
+        spends nothing on a request it refuses."""
+        chars = sum(len(x) for x in items if isinstance(x, str))
+        ids = sum(len(x) for x in items if not isinstance(x, str))
+        texts = sum(isinstance(x, str) for x in items)
+        estimate = min(int(chars * self.batcher.tokens_per_char) + 2 * texts, texts * self.enc.max_length) + ids
+        return self.batcher.admit(estimate, chars)
+
+    async def embed(self, request: Request, items: list, *, field: str, status: int, truncate: bool,
+                    normalize: bool, dimensions: int | None = None, prompt_name: str | None = None,
+                    direction: str | None = None) -> tuple[int, np.ndarray]:
+        """(tokens embedded, rows [len(items), dim or dimensions] normalised per this request's options); 429
+        when the queue has no room, ClientGone when the client leaves first."""
+        prefix = self.prefix(prompt_name, status)
+        ticket = self.admit(items)
 
         async def work():
-            ids = await self.tokenize(texts, field=field, status=status, truncate=truncate, prompt_name=prompt_name)
-            return ids, await self.batcher.embed(ids, ticket)
+            prepared = await run_in_threadpool(self.prepare, items, prefix=prefix, field=field, status=status,
+                                               truncate=truncate, direction=direction, chunk=self.limits.chunk)
+            return prepared, await self.batcher.embed(prepared.ids, ticket)
 
         try:
-            ids, rows = await unless_disconnected(request, work())
+            prepared, emb = await unless_disconnected(request, work())
         finally:
             self.batcher.release(ticket)  # if it never reached the queue
+        rows = prepared.rows(emb)
         if dimensions is not None:
             rows = rows[:, :dimensions]
-        return ids, normalize_rows(rows) if normalize else rows
+        return prepared.tokens, normalize_rows(rows) if normalize else rows
 
     async def openai_embeddings(self, request: Request) -> Response:
         req = parse(EmbeddingRequest, await read_json(request, EmbeddingRequest.status), **self.context)
-        ids, rows = await self.embed(request, req.input, field="input", status=EmbeddingRequest.status,
-                                     truncate=self.limits.auto_truncate, normalize=True, dimensions=req.dimensions)
-        return json_response(EmbeddingResponse.of(rows, model=self.model_name, tokens=sum(len(i) for i in ids),
+        tokens, rows = await self.embed(request, req.input, field="input", status=EmbeddingRequest.status,
+                                        truncate=self.limits.auto_truncate, normalize=True, dimensions=req.dimensions)
+        return json_response(EmbeddingResponse.of(rows, model=self.model_name, tokens=tokens,
                                                   encoding_format=req.encoding_format))
+
+    def truncate(self, asked: bool | None) -> bool:
+        return self.limits.auto_truncate if asked is None else asked
 
     async def tei_embed(self, request: Request) -> Response:
         req = parse(EmbedRequest, await read_json(request, EmbedRequest.status), **self.context)
-        truncate = self.limits.auto_truncate if req.truncate is None else req.truncate
         _, rows = await self.embed(request, req.inputs, field="inputs", status=EmbedRequest.status,
-                                   truncate=truncate, normalize=req.normalize is not False,
-                                   prompt_name=req.prompt_name)
+                                   truncate=self.truncate(req.truncate), normalize=req.normalize is not False,
+                                   dimensions=req.dimensions, prompt_name=req.prompt_name,
+                                   direction=req.truncation_direction)
         return json_response(EmbedResponse.of(rows))
+
+    async def embed_all(self, request: Request) -> Response:
+        req = parse(EmbedAllRequest, await read_json(request, EmbedAllRequest.status), **self.context)
+        prefix = self.prefix(req.prompt_name, EmbedAllRequest.status)
+        ticket = self.admit(req.inputs)  # shares the queue's bound, though it runs beside the batch worker
+        try:
+            prepared = await run_in_threadpool(self.prepare, req.inputs, prefix=prefix, field="inputs",
+                                               status=EmbedAllRequest.status, truncate=self.truncate(req.truncate),
+                                               direction=req.truncation_direction)
+            states = await unless_disconnected(
+                request, run_in_threadpool(self.enc.engine.token_states, prepared.ids))
+        finally:
+            self.batcher.release(ticket)
+        return json_response(EmbedAllResponse.of(states))
+
+    async def similarity(self, request: Request) -> Response:
+        req = parse(SimilarityRequest, await read_json(request, SimilarityRequest.status), **self.context)
+        p = req.parameters
+        texts = [req.inputs.source_sentence, *req.inputs.sentences]
+        _, rows = await self.embed(request, texts, field="inputs", status=SimilarityRequest.status,
+                                   truncate=self.truncate(p.truncate if p else None), normalize=True,
+                                   prompt_name=p.prompt_name if p else None,
+                                   direction=p.truncation_direction if p else None)
+        return json_response(SimilarityResponse.model_construct((rows[1:] @ rows[0]).tolist()))
+
+    def tokens_of(self, texts: list[str], add_special_tokens: bool) -> list[list[SimpleToken]]:
+        out = []
+        for text, tokens in zip(texts, self.enc.tokenizer.encode_tokens(texts, add_special_tokens=add_special_tokens)):
+            raw, at = text.encode("utf-8"), byte_offsets(text)
+            row = []
+            for i, t, special, span in tokens:
+                if special:
+                    row.append(SimpleToken.model_construct(id=i, text=t, special=True, start=None, stop=None))
+                else:
+                    a, b = int(at[span[0]]), int(at[span[1]])
+                    row.append(SimpleToken.model_construct(id=i, text=raw[a:b].decode("utf-8", "replace"),
+                                                           special=False, start=a, stop=b))
+            out.append(row)
+        return out
+
+    async def tokenize_route(self, request: Request) -> Response:
+        req = parse(TokenizeRequest, await read_json(request, TokenizeRequest.status), **self.context)
+        prefix = self.prefix(req.prompt_name, TokenizeRequest.status)
+        texts = [prefix + t for t in req.inputs] if prefix else req.inputs
+        rows = await run_in_threadpool(self.tokens_of, texts, req.add_special_tokens)
+        return json_response(TokenizeResponse.model_construct(rows))
+
+    async def decode(self, request: Request) -> Response:
+        req = parse(DecodeRequest, await read_json(request, DecodeRequest.status), **self.context)
+        tok = self.enc.tokenizer
+        texts = await run_in_threadpool(lambda: [tok.decode(ids, req.skip_special_tokens) for ids in req.ids])
+        return json_response(DecodeResponse.model_construct(texts))
 
     async def health(self, request: Request) -> Response:
         if self.draining:
@@ -312,6 +470,7 @@ class Server:
             "max_wait_ms": limits.max_wait_ms, "max_queue": limits.max_queue,
             "max_queue_tokens": limits.max_queue_tokens, "max_queue_wait_ms": limits.max_queue_wait_ms,
             "shutdown_timeout": limits.shutdown_timeout, "auto_truncate": limits.auto_truncate,
+            "long_inputs": limits.long_inputs, "chunk_overlap": limits.chunk_overlap,
             "version": __version__})
 
     async def prometheus(self, request: Request) -> Response:
@@ -320,6 +479,9 @@ class Server:
 
     async def openapi_json(self, request: Request) -> Response:
         return JSONResponse(self.openapi)
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(DOCS_HTML)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -382,7 +544,9 @@ def make_server(app: Starlette, *, host: str, port: int, log_level: str = "info"
 def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits,
           log_level: str = "info") -> None:
     """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``GracefulServer``)."""
-    enc.warmup()  # compile the shapes a query can hit before /health says ready: the first one is not slower
+    # compile the shapes a query can hit before /health says ready, as the batch worker runs them (unnormalised):
+    # the first request is then not slower
+    enc.engine.warmup(normalize=False)
     server = make_server(build_app(enc, model_name=model_name, limits=limits), host=host, port=port,
                          log_level=log_level)
     server.run()

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, fields, replace
 from ..settings import BACKEND_DEFAULTS
 
 
-def _limit(default, flag: str, help: str, *, kind: type = int, minimum: float | None = None):
-    return field(default=default, metadata={"flag": flag, "help": help, "kind": kind, "minimum": minimum})
+def _limit(default, flag: str, help: str, *, kind: type = int, minimum: float | None = None,
+           choices: tuple | None = None):
+    return field(default=default, metadata={"flag": flag, "help": help, "kind": kind, "minimum": minimum,
+                                            "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class Limits:
     shutdown_timeout: float = _limit(
         20.0, "--shutdown-timeout", "seconds SIGTERM waits for admitted requests to finish (new ones get 503); "
                                     "those left then get 503 and the server exits", kind=float, minimum=0)
+    long_inputs: str = _limit("truncate", "--long-inputs", "texts past the max length: truncate them (or refuse, "
+                              "see --no-auto-truncate), or chunk them into windows whose embeddings are averaged "
+                              "(README: Long inputs)", kind=str, choices=("truncate", "chunk"))
+    chunk_overlap: int = _limit(0, "--chunk-overlap", "with --long-inputs chunk: tokens consecutive windows share",
+                                minimum=0)
     auto_truncate: bool = _limit(True, "--no-auto-truncate", "refuse texts past the max length (TEI requests may "
                                                              "still ask for truncate=true)", kind=bool)
 
@@ -50,6 +57,14 @@ class Limits:
                 raise ValueError(f"{f.name} ({f.metadata['flag']}) must be {kind.__name__}, got {value!r}")
             if minimum is not None and value < minimum:
                 raise ValueError(f"{f.name} ({f.metadata['flag']}) must be at least {minimum:g}, got {value!r}")
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} ({f.metadata['flag']}) must be one of {', '.join(f.metadata['choices'])}, "
+                                 f"got {value!r}")
+
+    @property
+    def chunk(self) -> bool:
+        """Long texts are cut into windows rather than truncated."""
+        return self.long_inputs == "chunk"
 
     def resolved(self, token_budget: int) -> "Limits":
         """These limits with the defaults that depend on the engine filled in."""
@@ -68,7 +83,8 @@ class Limits:
             if f.default is not None:
                 help += " (default: %(default)s)"
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help,
-                                metavar=flag[2:].upper().replace("-", "_"))
+                                choices=f.metadata["choices"],
+                                metavar=None if f.metadata["choices"] else flag[2:].upper().replace("-", "_"))
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> "Limits":

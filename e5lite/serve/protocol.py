@@ -13,8 +13,8 @@ import reprlib
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, RootModel, ValidationError,
-                      ValidationInfo, field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, RootModel, ValidationError,
+                      ValidationInfo, WrapValidator)
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
@@ -26,7 +26,6 @@ OPENAI_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 415:
 # TEI's ErrorType enum as serde writes it (the variant's name); 503 is what its /health answers when unhealthy
 TEI_TYPES = {413: "Validation", 422: "Validation", 429: "Overloaded", 400: "Validation", 415: "Validation",
              404: "Validation", 405: "Validation", 503: "Unhealthy"}
-TOKEN_ARRAY_HINT = " (token arrays are not supported: send strings)"
 
 
 def json_type(v) -> str:
@@ -52,23 +51,122 @@ def refuse(kind: str, message: str) -> PydanticCustomError:
 
 # ------------------------------------------------------------------------------------------------- requests
 
-def _one_or_many(value):
-    return [value] if isinstance(value, str) else value
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
-def _at_most_max_inputs(value: list[str], info: ValidationInfo) -> list[str]:
-    # the limit is a server flag, so it comes in the validation context rather than the type
-    limit = (info.context or {}).get("max_inputs")
+def _inputs(value, info: ValidationInfo) -> list:
+    """One input or a list of them, each a text or token ids (TEI's ``Input``): a list of texts and id lists
+    once validated. Bad items are named by index. Token ids are checked against the vocabulary here; their
+    length against the model's maximum where they are embedded (as texts' are)."""
+    field, ctx = info.field_name, info.context or {}
+    if isinstance(value, str) or _is_ids(value):
+        value = [value]
+    if not isinstance(value, list):
+        raise refuse("list_type", f"'{field}' must be a string, a list of strings or token ids, got {json_type(value)}")
+    if not value:
+        raise refuse("too_short", f"'{field}' must not be empty")
+    vocab = ctx.get("vocab_size")
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise refuse("empty", f"{field}[{i}] is an empty string")
+            _check_unicode(item, f"{field}[{i}]")
+        elif _is_ids(item):
+            bad = next((t for t in item if t < 0 or (vocab is not None and t >= vocab)), None)
+            if bad is not None:
+                raise refuse("token_id", f"{field}[{i}] has token id {shown(bad)}, outside the vocabulary "
+                                         f"[0, {vocab if vocab is not None else 'vocab_size'})")
+        else:
+            raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a string or a list of token ids")
+    limit = ctx.get("max_inputs")
     if limit is not None and len(value) > limit:
-        raise refuse("too_many_inputs", f"'{info.field_name}' has {len(value)} items; at most {limit} per request")
+        raise refuse("too_many_inputs", f"'{field}' has {len(value)} items; at most {limit} per request")
     return value
 
 
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise refuse("string_unicode", f"{where} is not valid Unicode text (a lone surrogate escape)") from None
+
+
+def _texts(value, info: ValidationInfo) -> list[str]:
+    """One text or a list of texts (``/tokenize``; ``/similarity``'s sentences): a list once validated."""
+    field = info.field_name
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise refuse("list_type", f"'{field}' must be a string or a list of strings, got {json_type(value)}")
+    if not value:
+        raise refuse("too_short", f"'{field}' must not be empty")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a string")
+        if not item:
+            raise refuse("empty", f"{field}[{i}] is an empty string")
+        _check_unicode(item, f"{field}[{i}]")
+    limit = (info.context or {}).get("max_inputs")
+    if limit is not None and len(value) > limit:
+        raise refuse("too_many_inputs", f"'{field}' has {len(value)} items; at most {limit} per request")
+    return value
+
+
+def _id_lists(value, info: ValidationInfo) -> list[list[int]]:
+    """Token ids, or a list of them (``/decode``): a list of id lists once validated."""
+    field = info.field_name
+    if _is_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise refuse("list_type", f"'{field}' must be a list of token ids or a list of such lists, got "
+                                  f"{json_type(value) if value != [] else 'an empty array'}")
+    vocab = (info.context or {}).get("vocab_size")
+    for i, item in enumerate(value):
+        if not _is_ids(item):
+            raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a list of token ids")
+        bad = next((t for t in item if t < 0 or (vocab is not None and t >= vocab)), None)
+        if bad is not None:
+            raise refuse("token_id", f"{field}[{i}] has token id {shown(bad)}, outside the vocabulary "
+                                     f"[0, {vocab if vocab is not None else 'vocab_size'})")
+    return value
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Text = Annotated[str, Field(min_length=1)]
 Texts = Annotated[list[Text], Field(min_length=1)]
-# One text or a list of them; always a list once validated, so a bad item's error location is its index.
-Inputs = Annotated[Texts, BeforeValidator(_one_or_many, json_schema_input_type=Union[Text, Texts]),
-                   AfterValidator(_at_most_max_inputs)]
+# One input or a list: always a list once validated, so that a bad item's error names its index.
+Inputs = Annotated[list[Union[str, list[int]]], PlainValidator(
+    _inputs, json_schema_input_type=Union[Text, TokenIds, Annotated[list[Union[Text, TokenIds]], Field(min_length=1)]])]
+TextInputs = Annotated[list[str], PlainValidator(_texts, json_schema_input_type=Union[Text, Texts])]
+IdInputs = Annotated[list[list[int]], PlainValidator(
+    _id_lists, json_schema_input_type=Union[TokenIds, Annotated[list[TokenIds], Field(min_length=1)]])]
+
+
+def _direction(value):
+    if value is None or value in ("left", "right", "Left", "Right"):
+        return value.lower() if value else value
+    raise refuse("truncation_direction", f"'truncation_direction' must be 'left' or 'right', got {shown(value)}")
+
+
+Direction = Annotated[Literal["left", "right"] | None, BeforeValidator(
+    _direction, json_schema_input_type=Literal["left", "right", "Left", "Right"] | None)]
+
+
+def _dimensions_in_range(value, handler, info: ValidationInfo):
+    # one message for every way to get it wrong, with the model's own bound
+    dim = (info.context or {}).get("dim")
+    try:
+        dims = handler(value)
+    except ValidationError:
+        dims = 0
+    if dims is not None and (dims < 1 or (dim is not None and dims > dim)):
+        wanted = f"an integer in [1, {dim}]" if dim is not None else "a positive integer"
+        raise refuse("dimensions", f"'dimensions' must be {wanted}, got {shown(value)}")
+    return dims
+
+
+Dimensions = Annotated[int | None, WrapValidator(_dimensions_in_range)]
 
 
 class ApiRequest(BaseModel):
@@ -81,55 +179,82 @@ class ApiRequest(BaseModel):
 
 
 class EmbeddingRequest(ApiRequest):
-    """OpenAI ``POST /v1/embeddings``."""
+    """OpenAI ``POST /v1/embeddings`` (also ``/embeddings``)."""
     status: ClassVar[int] = 400
     too_many_status: ClassVar[int] = 400
     missing: ClassVar[str] = "'{}' is a required property"
 
-    input: Inputs = Field(description="The text, or the texts, to embed.")
-    model: str = Field(description="Echoed in the response; the server embeds with the model it was started with.")
+    input: Inputs = Field(description="The text, or the texts, to embed; token ids (a list of integers, or "
+                                      "a list of such lists) are embedded as given.")
+    model: str | None = Field(None, description="Echoed in the response; the server embeds with the model it "
+                                                "was started with.")
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="base64: each embedding as little-endian float32 bytes.")
-    dimensions: int | None = Field(None, ge=1, description="Keep the first N values of each embedding, "
-                                                           "normalised again (Matryoshka truncation).")
+    dimensions: Dimensions = Field(None, description="Keep the first N values of each embedding, normalised "
+                                                     "again (Matryoshka truncation).")
     user: str | None = Field(None, description="Accepted and ignored.")
 
-    @field_validator("dimensions", mode="wrap")
-    @classmethod
-    def _dimensions_in_range(cls, value, handler, info: ValidationInfo):
-        # one message for every way to get it wrong, with the model's own bound
-        dim = (info.context or {}).get("dim")
-        try:
-            dims = handler(value)
-        except ValidationError:
-            dims = 0
-        if dims is not None and (dims < 1 or (dim is not None and dims > dim)):
-            wanted = f"an integer in [1, {dim}]" if dim is not None else "a positive integer"
-            raise refuse("dimensions", f"'dimensions' must be {wanted}, got {shown(value)}")
-        return dims
 
-
-class EmbedRequest(ApiRequest):
-    """Text Embeddings Inference ``POST /embed``."""
+class TeiRequest(ApiRequest):
+    """What TEI's routes share: its status codes and wording."""
     status: ClassVar[int] = 422
     too_many_status: ClassVar[int] = 413
     missing: ClassVar[str] = "missing field '{}'"
 
-    inputs: Inputs = Field(description="The text, or the texts, to embed.")
-    normalize: bool | None = Field(None, description="Unit-length embeddings; null: true.")
+
+class Truncation(BaseModel):
+    """TEI's truncation and prompt fields."""
     truncate: bool | None = Field(None, description="Cut texts past the model's maximum length instead of "
                                                     "refusing them; null: the server's setting.")
-    truncation_direction: Literal["right", "Right"] | None = Field(None, description="Only right is supported.")
+    truncation_direction: Direction = Field(None, description="Which end a text past the maximum length loses "
+                                                              "(left or right, either case); null: right.")
     prompt_name: str | None = Field(None, description="A prompt of the model's, put before every text; "
                                                       "null: the model's default prompt, if any.")
 
-    @field_validator("truncation_direction", mode="before")
-    @classmethod
-    def _right_only(cls, value):
-        if value is not None and value not in ("right", "Right"):
-            raise refuse("truncation_direction",
-                         f"'truncation_direction' {shown(value)} is not supported: only 'right'")
-        return value
+
+class EmbedRequest(TeiRequest, Truncation):
+    """Text Embeddings Inference ``POST /embed`` (also ``POST /`` and ``/invocations``)."""
+    inputs: Inputs = Field(description="The text, or the texts, to embed; token ids (a list of integers, or a "
+                                       "list of such lists) are embedded as given.")
+    normalize: bool | None = Field(None, description="Unit-length embeddings; null: true.")
+    dimensions: Dimensions = Field(None, description="Keep the first N values of each embedding (normalised "
+                                                     "again when normalize is true).")
+
+
+class EmbedAllRequest(TeiRequest, Truncation):
+    """TEI ``POST /embed_all``: the last layer's hidden state of every token."""
+    inputs: Inputs = Field(description="The text, or the texts; or token ids, as for /embed.")
+
+
+class SimilarityInput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    source_sentence: Text = Field(description="The text the others are compared with.")
+    sentences: TextInputs = Field(description="The texts compared with source_sentence.")
+
+
+class SimilarityParameters(Truncation):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class SimilarityRequest(TeiRequest):
+    """TEI ``POST /similarity``: the cosine of source_sentence with each of sentences."""
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = Field(None, description="truncate, truncation_direction, "
+                                                                      "prompt_name, as for /embed.")
+
+
+class TokenizeRequest(TeiRequest):
+    """TEI ``POST /tokenize``: the tokens of each text (prompt included), not truncated."""
+    inputs: TextInputs = Field(description="The text, or the texts, to tokenise.")
+    add_special_tokens: bool = Field(True, description="Add the model's special tokens ([CLS] ... [SEP]).")
+    prompt_name: str | None = Field(None, description="A prompt of the model's, put before every text; null: "
+                                                      "the model's default prompt, if any.")
+
+
+class DecodeRequest(TeiRequest):
+    """TEI ``POST /decode``: the text of token ids."""
+    ids: IdInputs = Field(description="Token ids, or a list of such lists.")
+    skip_special_tokens: bool = Field(True, description="Leave out the special tokens.")
 
 
 R = TypeVar("R", bound=ApiRequest)
@@ -155,8 +280,7 @@ def api_error(exc: ValidationError, model: type[ApiRequest]) -> ApiError:
 
 # pydantic's error kinds for a whole field, in the wording the API has always answered with
 FIELD_MESSAGES = {
-    "list_type": "'{field}' must be a string or a list of strings, got {got}",
-    "too_short": "'{field}' must not be empty",
+    "model_type": "'{field}' must be an object, got {got}",
     "string_type": "'{field}' must be a string, got {got}",
     "bool_type": "'{field}' must be a boolean, got {got}",
     "int_type": "'{field}' must be an integer, got {got}",
@@ -169,22 +293,16 @@ def _describe(err: dict, missing: str) -> str:
     loc, kind, value, ctx = err["loc"], err["type"], err["input"], err.get("ctx") or {}
     if "message" in ctx:  # raised by refuse(): already worded
         return str(ctx["message"])
+    # a nested field reads as a dotted path ("inputs.source_sentence"), a list item with its index
+    name = "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else str(x)) for i, x in enumerate(loc))
     if kind == "missing":
-        return missing.format(loc[0])
-    if len(loc) > 1:  # an item of the inputs list
-        where = f"{loc[0]}[{loc[1]}]"
-        if kind == "string_too_short":
-            return f"{where} is an empty string"
-        if kind == "string_type":
-            hint = TOKEN_ARRAY_HINT if type(value) in (int, list) else ""
-            return f"{where} is {json_type(value)}, expected a string{hint}"
-        if kind == "string_unicode":
-            return f"{where} is not valid Unicode text (a lone surrogate escape)"
-        return f"{where}: {err['msg']}"
+        return missing.format(name)
+    if kind == "string_too_short":
+        return f"'{name}' is an empty string"
     template = FIELD_MESSAGES.get(kind)
     if template is None:
-        return f"'{loc[0]}': {err['msg']}"
-    return template.format(field=loc[0], got=json_type(value), value=shown(value), expected=ctx.get("expected"))
+        return f"'{name}': {err['msg']}"
+    return template.format(field=name, got=json_type(value), value=shown(value), expected=ctx.get("expected"))
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -225,6 +343,38 @@ class EmbedResponse(RootModel[list[list[float]]]):
     @classmethod
     def of(cls, rows: np.ndarray) -> "EmbedResponse":
         return cls.model_construct(rows.tolist())
+
+
+class EmbedAllResponse(RootModel[list[list[list[float]]]]):
+    """TEI embed_all response: per input, the last hidden state of each of its tokens."""
+
+    @classmethod
+    def of(cls, states: list[np.ndarray]) -> "EmbedAllResponse":
+        return cls.model_construct([s.tolist() for s in states])
+
+
+class SimilarityResponse(RootModel[list[float]]):
+    """TEI similarity response: the cosine of source_sentence with each sentence, in order."""
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str = Field(description="The special token's string, or the slice of the (prompted) input.")
+    special: bool
+    start: int | None = Field(description="UTF-8 byte offset in the prompted input; null for a special token.")
+    stop: int | None
+
+
+class TokenizeResponse(RootModel[list[list[SimpleToken]]]):
+    """TEI tokenize response: per input, its tokens."""
+
+
+class DecodeResponse(RootModel[list[str]]):
+    """TEI decode response: per id list, its text."""
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
 
 
 class OpenAIError(BaseModel):
@@ -276,29 +426,69 @@ def error_response(e: ApiError, style: str) -> Response:
 
 # ------------------------------------------------------------------------------------------------- OpenAPI
 
-ROUTES = {  # path: (summary, request, response, error body, error statuses)
-    "/v1/embeddings": ("OpenAI-compatible embeddings", EmbeddingRequest, EmbeddingResponse, OpenAIErrorResponse,
-                       (400, 413, 415, 429, 500, 503)),
-    "/embed": ("Text Embeddings Inference embed", EmbedRequest, EmbedResponse, TEIErrorResponse,
-               (400, 413, 415, 422, 429, 500, 503)),
+EMBED_ERRORS = (400, 413, 415, 422, 429, 500, 503)
+TEXT_ERRORS = (400, 413, 415, 422, 500, 503)
+OPENAI = ("OpenAI-compatible embeddings", EmbeddingRequest, EmbeddingResponse, OpenAIErrorResponse,
+          (400, 413, 415, 429, 500, 503))
+EMBED = ("Text Embeddings Inference embed", EmbedRequest, EmbedResponse, TEIErrorResponse, EMBED_ERRORS)
+HEALTH = ("Health: 200 when ready, 503 while starting or shutting down", None, Health, TEIErrorResponse, (503,))
+ROUTES = {  # (method, path): (summary, request, response, error body, error statuses)
+    ("post", "/v1/embeddings"): OPENAI,
+    ("post", "/embeddings"): OPENAI,
+    ("post", "/embed"): EMBED,
+    ("post", "/"): EMBED,
+    ("post", "/invocations"): EMBED,
+    ("post", "/embed_all"): ("Last hidden state of every token", EmbedAllRequest, EmbedAllResponse,
+                             TEIErrorResponse, EMBED_ERRORS),
+    ("post", "/similarity"): ("Cosine similarity of a text with others", SimilarityRequest, SimilarityResponse,
+                              TEIErrorResponse, EMBED_ERRORS),
+    ("post", "/tokenize"): ("Tokens of texts, with offsets", TokenizeRequest, TokenizeResponse, TEIErrorResponse,
+                            TEXT_ERRORS),
+    ("post", "/decode"): ("Text of token ids", DecodeRequest, DecodeResponse, TEIErrorResponse, TEXT_ERRORS),
+    ("get", "/health"): HEALTH,
+    ("get", "/"): HEALTH,
+    ("get", "/ping"): HEALTH,
+    ("get", "/info"): ("The model and the server's settings", None, None, None, ()),
+    ("get", "/metrics"): ("Prometheus metrics (text)", None, None, None, ()),
 }
 
 
 def openapi(version: str) -> dict:
-    """An OpenAPI 3.1 document of the embedding routes, its schemas generated from the models above."""
-    models = [(m, "validation") for _, m, _, _, _ in ROUTES.values()]
-    models += [(m, "serialization") for _, _, resp, err, _ in ROUTES.values() for m in (resp, err)]
-    refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    """An OpenAPI 3.1 document of every route, its schemas generated from the models above."""
+    models = {(m, "validation") for _, m, _, _, _ in ROUTES.values() if m is not None}
+    models |= {(m, "serialization") for _, _, resp, err, _ in ROUTES.values() for m in (resp, err) if m is not None}
+    refs, top = models_json_schema(sorted(models, key=lambda m: (m[0].__name__, m[1])),
+                                   ref_template="#/components/schemas/{model}")
 
     def content(model, mode: str) -> dict:
         return {"application/json": {"schema": refs[model, mode]}}
 
-    paths = {}
-    for path, (summary, request, response, error, statuses) in ROUTES.items():
-        responses = {"200": {"description": "Embeddings in input order", "content": content(response, "serialization")}}
+    paths: dict = {}
+    for (method, path), (summary, request, response, error, statuses) in ROUTES.items():
+        ok = {"description": "OK"}
+        if response is not None:
+            ok["content"] = content(response, "serialization")
+        elif path == "/metrics":
+            ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        else:
+            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+        responses = {"200": ok}
         responses |= {str(s): {"description": "Refused or failed", "content": content(error, "serialization")}
                       for s in statuses}
-        paths[path] = {"post": {"summary": summary, "responses": responses,
-                                "requestBody": {"required": True, "content": content(request, "validation")}}}
+        op = {"summary": summary, "responses": responses}
+        if request is not None:
+            op["requestBody"] = {"required": True, "content": content(request, "validation")}
+        paths.setdefault(path, {})[method] = op
     return {"openapi": "3.1.0", "info": {"title": "e5lite", "version": version}, "paths": paths,
             "components": {"schemas": top.get("$defs", {})}}
+
+
+DOCS_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>e5lite API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+<noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+</body></html>
+"""
