@@ -36,8 +36,8 @@ def _read_texts(args) -> list[str]:
 def _write_output(emb, output: str | None) -> None:
     import numpy as np
     if output is None:
-        for row in emb:
-            sys.stdout.write(json.dumps([float(x) for x in row]) + "\n")
+        for row in emb:  # tolist: floats, or ints for quantised rows
+            sys.stdout.write(json.dumps(row.tolist()) + "\n")
         return
     path = Path(output)
     if not path.parent.is_dir():
@@ -46,8 +46,7 @@ def _write_output(emb, output: str | None) -> None:
         write_atomic(path, lambda f: np.save(f, emb))
     elif path.suffix == ".jsonl":
         write_atomic(path, lambda f: f.writelines(
-            (json.dumps({"index": i, "embedding": [float(x) for x in row]}) + "\n").encode() for i, row in
-            enumerate(emb)))
+            (json.dumps({"index": i, "embedding": row.tolist()}) + "\n").encode() for i, row in enumerate(emb)))
     else:
         raise InputError(f"output {output!r}: use a .npy or .jsonl suffix")
 
@@ -102,6 +101,42 @@ def _check_corpus_flags(args) -> None:
                          f"{args.num_processes}, got {args.process_id}")
 
 
+def _check_vector_flags(args) -> None:
+    """--long-inputs, --chunk-overlap, --precision, --truncate-dim, --calibration, --ranges: the combinations
+    that mean something, before a model loads (--truncate-dim against the model's width is checked after)."""
+    if args.chunk_overlap is not None and args.long_inputs != "chunk":
+        raise InputError(f"--chunk-overlap {args.chunk_overlap} needs --long-inputs chunk (truncated texts have no "
+                         "windows to overlap)")
+    if args.chunk_overlap is not None and args.chunk_overlap < 0:
+        raise InputError(f"--chunk-overlap must be >= 0, got {args.chunk_overlap}")
+    if args.truncate_dim is not None and args.truncate_dim < 1:
+        raise InputError(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
+    for flag, value in (("--calibration", args.calibration), ("--ranges", args.ranges)):
+        if value is not None and args.precision not in ("int8", "uint8"):
+            raise InputError(f"{flag} sets the int8/uint8 buckets: it needs --precision int8 or uint8 (got "
+                             f"--precision {args.precision})")
+    if args.calibration is not None and args.ranges is not None:
+        raise InputError("--calibration N and --ranges: pass one (ranges computed from the first N texts, or given)")
+    if args.calibration is not None and args.calibration < 1:
+        raise InputError(f"--calibration must be at least 1 text, got {args.calibration}")
+
+
+def _vector_options(args, dim: int) -> dict:
+    """The vector flags as ``shards.output_options`` keywords; --truncate-dim checked against ``dim``, the
+    model's width, and --ranges against the vectors' (errors name the flag)."""
+    from .shards import load_ranges
+    if args.truncate_dim is not None and args.truncate_dim > dim:
+        raise InputError(f"--truncate-dim {args.truncate_dim} is larger than the model's embedding dimension {dim}")
+    ranges = None if args.ranges is None else load_ranges(args.ranges)
+    want = args.truncate_dim or dim
+    if ranges is not None and ranges.shape[1] != want:
+        raise InputError(f"--ranges {args.ranges} has {ranges.shape[1]} dimensions; the vectors have {want}"
+                         + (" (--truncate-dim)" if args.truncate_dim else ""))
+    return {"long_inputs": args.long_inputs, "chunk_overlap": args.chunk_overlap or 0,
+            "truncate_dim": args.truncate_dim, "precision": args.precision, "calibration": args.calibration,
+            "ranges": ranges}
+
+
 def _planned_layout(args) -> bool:
     """True: shards planned up front and committed one by one (per-host, Ray, folders, globs, Parquet,
     --shard-size, or a folder holding such a run); False: the row shards of one .txt/.jsonl file."""
@@ -125,6 +160,10 @@ def cmd_embed_dir(args) -> None:
         raise InputError("--output DIR (sharded, resumable) needs --input FILE: a .txt, .jsonl or .parquet file, a "
                          "folder or a glob of them, not stdin or TEXT arguments")
     _check_corpus_flags(args)
+    _check_vector_flags(args)
+    if args.ranges is not None:
+        from .shards import load_ranges
+        load_ranges(args.ranges)  # a bad file fails before a model loads
     if _planned_layout(args):
         return _embed_planned(args)
     path = Path(args.input)
@@ -136,9 +175,11 @@ def cmd_embed_dir(args) -> None:
                             normalize=not args.no_normalize,
                             rows_per_shard=ROWS_PER_SHARD if args.rows_per_shard is None else args.rows_per_shard,
                             shard_format=args.shard_format or "npy", batch_size=args.batch_size,
-                            overwrite=args.overwrite)
-    print(f"wrote {manifest['rows']} x {enc.dim} embeddings in {len(manifest['shards'])} shards to {args.output}",
-          file=sys.stderr)
+                            overwrite=args.overwrite, **_vector_options(args, enc.dim))
+    from .shards import stored_layout
+    _, width = stored_layout(manifest["run"])
+    print(f"wrote {manifest['rows']} x {width} embeddings in {len(manifest['shards'])} shards to {args.output}"
+          + ("" if args.precision == "float32" else f" ({args.precision})"), file=sys.stderr)
 
 
 def _embed_planned(args) -> None:
@@ -153,8 +194,9 @@ def _embed_planned(args) -> None:
                   normalize=not args.no_normalize, shard_size=parse_size(args.shard_size or SHARD_BYTES),
                   json_records=args.field_given, batch_size=args.batch_size, overwrite=args.overwrite)
     if args.engine == "ray":
-        from .ray import embed_corpus_ray
+        from .ray import embed_corpus_ray, model_facts
         knobs = {k: getattr(args, k) for k in ("token_budget", "streams") if getattr(args, k) is not None}
+        common.update(_vector_options(args, model_facts(args.model, revision=args.revision).dim))
         s = embed_corpus_ray(args.model, args.input, Path(args.output), num_actors=args.num_actors or 1,
                              address=args.ray_address, gpus_per_actor=args.gpus_per_actor,
                              cpus_per_actor=1.0 if args.cpus_per_actor is None else args.cpus_per_actor,
@@ -177,6 +219,14 @@ def _embed_planned(args) -> None:
         else:
             enc = _load(args)
         settings = {"model": args.model, "revision": args.revision, "dtype": args.dtype, "max_length": enc.max_length}
+        try:
+            common.update(_vector_options(args, enc.dim))
+        except InputError as e:
+            if args.coordinator or args.distributed:  # every process reaches the end barrier, as for a load error
+                import jax
+                from .shards import wait_after_failure
+                wait_after_failure(jax.process_index(), jax.process_count(), e)
+            raise
         s = embed_per_host(enc, args.input, Path(args.output), settings=settings,
                            shard_format=args.shard_format or "npy", **common)
         who = f"process {s['process']} of {s['processes']}" if s["processes"] > 1 else "one process"
@@ -195,15 +245,30 @@ def cmd_embed(args) -> None:
     if used or args.engine != "local":
         raise InputError(f"{', '.join(used) or '--engine ray'}: corpus-run flags, for --output DIR (the sharded "
                          "mode) only")
+    _check_vector_flags(args)
     texts = _read_texts(args)
     if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
         raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix, or a folder (no suffix)")
+    if args.precision in ("int8", "uint8") and args.ranges is None and args.calibration is None and len(texts) < 2:
+        raise InputError(f"--precision {args.precision} of one text needs --ranges (its buckets cannot come from "
+                         "one embedding)")
+    if args.ranges is not None:
+        from .shards import load_ranges
+        load_ranges(args.ranges)  # a bad file fails before a model loads
     enc = _load(args)
-    emb = enc.encode(texts, prompt_name=args.prompt_name, task=args.task, normalize=not args.no_normalize,
-                     batch_size=args.batch_size, show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
+    opts = _vector_options(args, enc.dim)
+    kw = dict(prompt_name=args.prompt_name, task=args.task, normalize=not args.no_normalize,
+              batch_size=args.batch_size, long_inputs=opts["long_inputs"], chunk_overlap=opts["chunk_overlap"],
+              truncate_dim=opts["truncate_dim"])
+    calibration = None
+    if opts["calibration"] is not None:  # the float vectors of the first N texts set the buckets
+        calibration = enc.encode(texts[:opts["calibration"]], **kw, show_progress_bar=False)
+    emb = enc.encode(texts, **kw, precision=opts["precision"], ranges=opts["ranges"],
+                     calibration_embeddings=calibration, show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
     _write_output(emb, args.output)
     if args.output:
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}", file=sys.stderr)
+        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}"
+              + ("" if args.precision == "float32" else f" ({args.precision})"), file=sys.stderr)
 
 
 def cmd_score(args) -> None:
@@ -388,6 +453,23 @@ def _add_embed(sub) -> None:
     e.add_argument("--id-field", default=None, help="--output DIR: record field (Parquet: column) kept as the row "
                                                     "id (default: the row number)")
     e.add_argument("--overwrite", action="store_true", help="--output DIR: discard a previous run there")
+    v = e.add_argument_group("long inputs and compact vectors (every output; README: Long inputs and compact vectors)")
+    v.add_argument("--long-inputs", default="truncate", choices=["truncate", "chunk"],
+                   help="texts past --max-length: truncate (default), or chunk: embed windows of the whole text and "
+                        "average them by token count")
+    v.add_argument("--chunk-overlap", type=int, default=None, metavar="N",
+                   help="--long-inputs chunk: tokens consecutive windows share (default 0)")
+    v.add_argument("--truncate-dim", type=int, default=None, metavar="N",
+                   help="keep the first N components (Matryoshka models), normalised after the cut")
+    v.add_argument("--precision", default="float32", choices=["float32", "int8", "uint8", "binary", "ubinary"],
+                   help="int8/uint8: 256 buckets per dimension; binary/ubinary: sign bits packed 8 per byte "
+                        "(sentence-transformers' quantize_embeddings)")
+    v.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="int8/uint8: bucket ranges from the float vectors of the first N texts (default: all texts; "
+                        "--output DIR: the first 1000, fixed in the manifest before the run)")
+    v.add_argument("--ranges", default=None, metavar="FILE.npy|DIR",
+                   help="int8/uint8: bucket ranges [2, dim] (min, max) from a .npy file or an earlier "
+                        "--output DIR run (to quantise queries like that corpus)")
     c = e.add_argument_group("corpus runs beyond one process (--output DIR; README: Embedding a corpus on a cluster)")
     c.add_argument("--shard-size", default=None, metavar="SIZE",
                    help=".txt/.jsonl input per shard for per-host, Ray, folder, glob and Parquet runs, e.g. 512K, "

@@ -137,9 +137,22 @@ def model_facts(model, *, revision: str | None = None, max_length: int | None = 
     model_dir = hub.resolve(model, revision=revision)
     config = BertConfig.from_json(model_dir / "config.json")
     prompts, default = read_prompts(model_dir, name=str(model))
-    return SimpleNamespace(model_dir=model_dir, dim=config.hidden_size, pooling=read_pooling_mode(model_dir),
+    return SimpleNamespace(model_dir=model_dir, config=config, dim=config.hidden_size,
+                           pooling=read_pooling_mode(model_dir),
                            max_length=resolve_max_length(model_dir, config, max_length), prompts=prompts,
                            default_prompt_name=default)
+
+
+def _calibrate(*, model, revision, dtype, max_length, knobs, texts, run, batch_size):
+    """A Ray task: int8/uint8 ranges from the first texts, on an actor's kind of device (the driver loads no
+    model: on a GPU node it would take the memory the actors need)."""
+    from .encoder import load
+    from .shards import calibration_ranges
+    enc = load(model, revision=revision, dtype=dtype, max_length=max_length, **knobs)
+    try:
+        return calibration_ranges(enc, texts, run, batch_size=batch_size)
+    finally:
+        enc.close()
 
 
 def _shard_source(inputs: list[dict], plan: list[dict], todo: list[int], field: str, id_field: str | None,
@@ -270,16 +283,22 @@ def embed_corpus_ray(model, input, out_dir, *, num_actors: int, address: str | N
                      settings: dict | None = None, field: str = "text", id_field: str | None = None,
                      prompt_name: str | None = None, task: str | None = None, normalize: bool = True,
                      shard_size=SHARD_BYTES, json_records: bool = False, batch_size: int | None = None,
-                     overwrite: bool = False, show_progress: bool = True) -> dict:
+                     overwrite: bool = False, show_progress: bool = True, long_inputs: str = "truncate",
+                     chunk_overlap: int = 0, truncate_dim: int | None = None, precision: str = "float32",
+                     calibration: int | None = None, ranges=None) -> dict:
     """Embeds a corpus (the inputs of a per-host run) into Parquet shards in ``out_dir`` with ``num_actors`` Ray
     actors, resuming a previous run there. Connects to ``address`` (default: the running Ray, else a local
     one). ``gpus_per_actor`` defaults to 1 when the cluster has GPUs, else 0. ``settings``: what the manifest
     records about the model (default: model, revision, dtype, max length), as the per-host command does.
+    The vector options (``long_inputs`` ... ``ranges``): ``shards.output_options``; int8/uint8 ranges not
+    given are computed once by a Ray task (an actor's resources) from the first ``calibration`` texts and
+    written into the manifest before any actor starts; every actor quantises with the manifest's.
     Returns a summary; the shards still missing after a failed job are listed by ``read_embeddings``."""
     from tqdm.auto import tqdm
 
     from .encoder import Encoder
-    from .shards import missing_shards, open_run, plan_run
+    from .files import write_atomic
+    from .shards import MANIFEST, first_texts, missing_shards, open_run, output_options, plan_run
     for name, value in (("num_actors", num_actors),):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -292,9 +311,16 @@ def embed_corpus_ray(model, input, out_dir, *, num_actors: int, address: str | N
     settings = settings if settings is not None else {"model": str(model), "revision": revision, "dtype": dtype,
                                                       "max_length": facts.max_length}
     out_dir = Path(out_dir)
+    output = output_options(facts.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
+                            truncate_dim=truncate_dim, precision=precision, calibration=calibration, ranges=ranges)
+    if output["long_inputs"] == "chunk":  # an overlap too large for the window fails here, not in every shard
+        from .long_inputs import split
+        from .tokenizer import TextTokenizer
+        split(TextTokenizer.from_dir(facts.model_dir, facts.max_length, facts.config.pad_token_id), [""], prompt,
+              output["chunk_overlap"])
     manifest = plan_run(input, out_dir, dim=facts.dim, pooling=facts.pooling, prompt=prompt, settings=settings,
                         field=field, id_field=id_field, prompt_name=prompt_name, normalize=normalize,
-                        shard_size=shard_size, shard_format="parquet", json_records=json_records)
+                        shard_size=shard_size, shard_format="parquet", json_records=json_records, output=output)
     done = open_run(out_dir, manifest, overwrite=overwrite, primary=True)  # the driver owns every shard
     plan, run = manifest["plan"], manifest["run"]
     todo = [k for k in range(len(plan)) if k not in done]
@@ -314,8 +340,15 @@ def embed_corpus_ray(model, input, out_dir, *, num_actors: int, address: str | N
             ctx.enable_progress_bars = False  # ours below counts shards, rows and tokens/s
             if gpus_per_actor is None:
                 gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-            kwargs = {"model": str(model), "revision": revision, "dtype": dtype, "max_length": max_length,
-                      "knobs": knobs or {}, "out_dir": str(out_dir.resolve()), "width": manifest["width"],
+            model_kw = {"model": str(model), "revision": revision, "dtype": dtype, "max_length": max_length,
+                        "knobs": knobs or {}}
+            if run["calibration"] is not None and run["ranges"] is None:  # before any shard: one set of buckets
+                texts = first_texts(run["inputs"], plan, field, run["calibration"])
+                task_ = ray.remote(_calibrate).options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or 0)
+                run["ranges"] = ray.get(task_.remote(**model_kw, texts=texts, batch_size=batch_size,
+                                                     run={k: v for k, v in run.items() if k != "inputs"}))
+                write_atomic(out_dir / MANIFEST, json.dumps(manifest).encode())
+            kwargs = {**model_kw, "out_dir": str(out_dir.resolve()), "width": manifest["width"],
                       "run": {k: v for k, v in run.items() if k != "inputs"}, "batch_size": batch_size}
             # Reading is I/O: its tasks hold no CPU, which the actors reserve (on a 2-core machine, 2 actors
             # holding both cores would otherwise leave none for the reads, and the job would wait forever).

@@ -11,6 +11,10 @@ input byte offset where the next shard starts. Whatever instant a run is killed 
 complete shards, so a restart skips them, seeks to the recorded offset and goes on; files the manifest does
 not name (temporaries, a shard renamed just before the kill) are removed. Shard boundaries depend only on
 the input and ``rows_per_shard``, so a resumed run computes exactly the batches an uninterrupted one does.
+
+Every layout stores the vectors as the run asks (see "What a run stores" below): long inputs truncated or cut
+into windows, ``truncate_dim`` components, float32 or quantised (int8/uint8 [rows, dim], packed sign bits
+int8/uint8 [rows, ceil(dim / 8)]), and ``read_embeddings`` returns them as written.
 """
 
 from __future__ import annotations
@@ -30,14 +34,185 @@ import numpy as np
 
 from .corpus_inputs import (CHUNK_ROWS, SHARD_BYTES, describe_inputs, describe_shard, parse_size, plan_shards,
                             read_shard, resolve_inputs, shard_bytes_of)
-from .errors import E5LiteError
+from .errors import E5LiteError, InputError
 from .files import fsync, read_json, read_records, write_atomic
+from .long_inputs import Windows, check_long_inputs, combine, split
+from .quantize import (check_precision, check_ranges, check_truncate_dim, output_dim, output_dtype,
+                       quantize_embeddings, truncate)
 
 MANIFEST = "manifest.json"
 FORMAT = "e5lite-embeddings/1"
 ROWS_PER_SHARD = 8192  # one tokenisation chunk of the engine per shard
 TMP_SUFFIX = ".tmp"
 SHARD_FORMATS = ("npy", "parquet")
+
+
+# ------------------------------------------------------------------ what a run stores: long inputs, compact vectors
+#
+# A run's manifest records, beside the model and the prompt, how each vector is made (the order is
+# ``Encoder.encode``'s, sentence-transformers'): "long_inputs" ("truncate", or "chunk": windows of
+# "chunk_overlap" shared tokens, averaged; ``long_inputs.py``), then the first "truncate_dim" components
+# (normalised after the cut when "normalize"), then "precision". "dim" is the vector's dimension after the
+# cut; a row stores ``quantize.output_dim(precision, dim)`` values of ``quantize.output_dtype(precision)``.
+#
+# int8/uint8 buckets come from per-dimension [min, max] "ranges" [2, dim] that must be the same for every
+# shard, every process and every resume: ranges computed per shard would put equal values of two shards in
+# different buckets. So they are fixed once, before any shard is embedded, and written into the manifest:
+# either given (``ranges``: the CLI's --ranges FILE.npy or an earlier run's folder), or computed from the
+# float vectors of the first "calibration" texts of the input (sentence-transformers' calibration set;
+# default CALIBRATION_ROWS). A resumed run, every process of a per-host run (process 0 computes them and
+# hands them over jax.distributed's key-value store) and every Ray actor use the manifest's ranges.
+
+CALIBRATION_ROWS = 1000
+# The keys these options add to a run, with the values a manifest written before them implies (it resumes).
+OUTPUT_DEFAULTS = {"long_inputs": "truncate", "chunk_overlap": 0, "truncate_dim": None, "precision": "float32",
+                   "calibration": None, "ranges": None}
+_RANGES_KEY = "e5lite-embed-ranges"  # process 0 -> the others, under jax.distributed
+
+
+def output_options(dim: int, *, long_inputs: str = "truncate", chunk_overlap: int = 0,
+                   truncate_dim: int | None = None, precision: str = "float32", calibration: int | None = None,
+                   ranges=None) -> dict:
+    """The run keys of these options for a model of ``dim`` components, validated (errors name the option).
+    int8/uint8 without ``ranges`` take them from the first ``calibration`` texts (default CALIBRATION_ROWS)."""
+    check_long_inputs(long_inputs, chunk_overlap)
+    truncate_dim = check_truncate_dim(truncate_dim, dim)
+    check_precision(precision)
+    out_dim = truncate_dim or dim
+    scalar = precision in ("int8", "uint8")
+    if calibration is not None:
+        if isinstance(calibration, bool) or not isinstance(calibration, (int, np.integer)) or calibration < 1:
+            raise ValueError(f"calibration must be a positive number of texts, got {calibration!r}")
+        if not scalar:
+            raise ValueError(f"calibration sets int8/uint8 ranges; precision {precision!r} has none")
+        if ranges is not None:
+            raise ValueError("pass ranges or calibration, not both: the ranges are given, or computed from the "
+                             "first calibration texts")
+    if ranges is not None:
+        if not scalar:
+            raise ValueError(f"ranges are int8/uint8 buckets; precision {precision!r} has none")
+        check_ranges(ranges, None, out_dim)
+        ranges = np.asarray(ranges, np.float32).tolist()  # exact in JSON: float32 -> float64 -> float32
+    elif scalar and calibration is None:
+        calibration = CALIBRATION_ROWS
+    return {"dim": out_dim, "long_inputs": long_inputs, "chunk_overlap": int(chunk_overlap),
+            "truncate_dim": truncate_dim, "precision": precision,
+            "calibration": None if calibration is None else int(calibration), "ranges": ranges}
+
+
+def load_ranges(spec) -> np.ndarray:
+    """int8/uint8 ranges [2, dim] from a .npy file, or from the manifest of an earlier run's folder (so that
+    queries, or another corpus, share a corpus's buckets). Errors name the file."""
+    path = Path(spec)
+    if path.is_dir():
+        manifest = _read_manifest(path)
+        if manifest is None:
+            raise InputError(f"--ranges {spec}: a folder without {MANIFEST} (pass a .npy file [2, dim], or the "
+                             "folder of an e5lite embed --precision int8/uint8 run)")
+        ranges = manifest["run"].get("ranges")
+        if ranges is None:
+            raise InputError(f"--ranges {spec}: that run has no int8/uint8 ranges (precision "
+                             f"{manifest['run'].get('precision', 'float32')})")
+        return np.asarray(ranges, np.float32)
+    if not path.is_file():
+        raise InputError(f"--ranges {spec}: no such file or folder")
+    try:
+        ranges = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputError(f"--ranges {spec}: not a .npy array ({e})") from None
+    if ranges.ndim != 2 or ranges.shape[0] != 2:
+        raise InputError(f"--ranges {spec}: expected shape (2, dim) (row 0 the minimum, row 1 the maximum of each "
+                         f"dimension), got {ranges.shape}")
+    return ranges
+
+
+def stored_layout(run: dict) -> tuple[np.dtype, int]:
+    """(dtype, values per row) of a run's stored vectors."""
+    precision = run.get("precision", "float32")
+    return output_dtype(precision), output_dim(precision, run["dim"])
+
+
+def _opt(run: dict, key: str):
+    return run.get(key, OUTPUT_DEFAULTS.get(key))
+
+
+def prepare(enc, texts: list[str], run: dict, offset: int = 0):
+    """-> (what ``vectors`` embeds: token ids per text, or the texts' ``Windows`` in chunk mode; tokens per
+    text [n] int64)."""
+    if _opt(run, "long_inputs") == "chunk":
+        windows = split(enc.tokenizer, texts, run["prompt"], _opt(run, "chunk_overlap"), offset)
+        return windows, np.bincount(windows.owner, weights=windows.weight, minlength=windows.n).astype(np.int64)
+    ids = enc.tokenize(texts, prompt=run["prompt"])
+    return ids, np.fromiter((len(t) for t in ids), np.int64, len(ids))
+
+
+def vectors(enc, prepared, run: dict, *, batch_size: int | None = None, local: bool = True) -> np.ndarray:
+    """Float32 vectors [n, dim] as ``Encoder.encode`` computes them with the run's options (the same steps in
+    the same order), on this process's devices alone when ``local`` (see ``embed_local``)."""
+    dim = _opt(run, "truncate_dim")
+    normalize = run["normalize"] and dim is None  # with a cut, normalised after it (sentence-transformers')
+    n = prepared.n if isinstance(prepared, Windows) else len(prepared)
+    if n == 0:
+        return np.zeros((0, run["dim"]), np.float32)
+
+    def embed(ids, norm):
+        return enc.embed_ids(ids, normalize=norm, batch_size=batch_size, show_progress_bar=False, local=local)
+
+    if isinstance(prepared, Windows):
+        # As encode: texts of one window embed as the truncating path does; the windows of longer texts
+        # embed un-normalised and are averaged on the host.
+        w = prepared
+        single = w.counts == 1
+        first = np.searchsorted(w.owner, np.arange(w.n))
+        x = np.empty((w.n, enc.dim), np.float32)
+        if single.any():
+            x[single] = embed([w.ids[k] for k in first[single]], normalize)
+        if not single.all():
+            many = np.flatnonzero(~single)
+            keep = ~single[w.owner]
+            sub = Windows(ids=[ids for ids, k in zip(w.ids, keep) if k], owner=np.searchsorted(many, w.owner[keep]),
+                          weight=w.weight[keep], n=len(many))
+            x[many] = combine(sub, embed(sub.ids, False), normalize)
+    else:
+        x = embed(prepared, normalize)
+    return x if dim is None else truncate(x, dim, run["normalize"])
+
+
+def stored(x: np.ndarray, run: dict) -> np.ndarray:
+    """Float vectors -> what the run stores (``quantize_embeddings`` with the manifest's ranges)."""
+    precision = _opt(run, "precision")
+    if precision == "float32":
+        return x
+    if len(x) == 0:
+        dtype, width = stored_layout(run)
+        return np.zeros((0, width), dtype)
+    ranges = run.get("ranges")
+    if precision in ("int8", "uint8") and ranges is None:
+        raise E5LiteError(f"a {precision} run without ranges in its manifest; report this as a bug")
+    return quantize_embeddings(x, precision, None if ranges is None else np.asarray(ranges, np.float32))
+
+
+def calibration_ranges(enc, texts: list[str], run: dict, *, batch_size: int | None = None, local: bool = True
+                       ) -> list | None:
+    """int8/uint8 ranges (per-dimension [min, max], as lists) of the float vectors of ``texts`` computed with the
+    run's options; None for no texts (an empty input: nothing to quantise)."""
+    if not texts:
+        return None
+    prepared, _ = prepare(enc, texts, run)
+    x = vectors(enc, prepared, run, batch_size=batch_size, local=local)
+    return np.vstack((x.min(axis=0), x.max(axis=0))).astype(np.float32).tolist()
+
+
+def _changed_settings(old: dict, new: dict, skip=("input", "inputs")) -> list[str]:
+    """The keys of run ``new`` whose value differs in ``old`` (a key ``old`` lacks: its default). Ranges to be
+    computed from a calibration set are not compared: a resumed run takes the manifest's."""
+    changed = []
+    for k, v in new.items():
+        if k in skip or (k == "ranges" and v is None and new.get("calibration") is not None):
+            continue
+        if old.get(k, OUTPUT_DEFAULTS.get(k)) != v:
+            changed.append(k)
+    return changed
 
 
 def input_identity(path: Path, jsonl: bool) -> dict:
@@ -65,11 +240,16 @@ def _shard_names(k: int, fmt: str) -> list[str]:
     return [f"{stem}.parquet"] if fmt == "parquet" else [f"{stem}.npy", f"{stem}.ids.json"]
 
 
+def _arrow_type(dtype: np.dtype):
+    import pyarrow as pa
+    return {"float32": pa.float32(), "int8": pa.int8(), "uint8": pa.uint8()}[np.dtype(dtype).name]
+
+
 def _encode_shard(emb: np.ndarray, ids: list, fmt: str) -> list[bytes]:
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
-        col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+        col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), _arrow_type(emb.dtype)), emb.shape[1])
         buf = io.BytesIO()
         pq.write_table(pa.table({"id": ids, "embedding": col}), buf)
         return [buf.getvalue()]
@@ -102,11 +282,15 @@ def _clean(out_dir: Path, manifest: dict) -> None:
 def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field: str | None = None,
                  id_field: str | None = None, prompt_name: str | None = None, task: str | None = None,
                  normalize: bool = True, rows_per_shard: int = ROWS_PER_SHARD, shard_format: str = "npy", batch_size: int | None = None,
-                 overwrite: bool = False, show_progress: bool = True) -> dict:
+                 overwrite: bool = False, show_progress: bool = True, long_inputs: str = "truncate",
+                 chunk_overlap: int = 0, truncate_dim: int | None = None, precision: str = "float32",
+                 calibration: int | None = None, ranges=None) -> dict:
     """Embeds every row of ``input_path`` into shards under ``out_dir``, resuming a previous run there.
 
-    ``settings`` (model, dtype, max length, ...) is recorded in the manifest with the input's identity; a
-    manifest that disagrees on any of them is refused unless ``overwrite``. Returns the final manifest.
+    ``settings`` (model, dtype, max length, ...) is recorded in the manifest with the input's identity and the
+    vector options (``output_options``); a manifest that disagrees on any of them is refused unless
+    ``overwrite``. int8/uint8 ranges not given are computed from the first ``calibration`` rows before the
+    first shard and kept in the manifest. Returns the final manifest.
     """
     from tqdm.auto import tqdm
     if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
@@ -118,21 +302,32 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
             import pyarrow  # noqa: F401
         except ImportError:
             raise E5LiteError("--shard-format parquet needs pyarrow: pip install pyarrow") from None
+    output = output_options(enc.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
+                            truncate_dim=truncate_dim, precision=precision, calibration=calibration, ranges=ranges)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = input_identity(input_path, jsonl=field is not None)
     prompt = enc.prompt_prefix(prompt_name, None, task)  # bad names fail before anything is written
     run = {"input": identity, "field": field, "id_field": id_field, "prompt_name": prompt_name, "prompt": prompt,
-           "normalize": normalize, "pooling": enc.pooling, "dim": enc.dim, "rows_per_shard": rows_per_shard,
-           "shard_format": shard_format, **settings}
+           "normalize": normalize, "pooling": enc.pooling, "rows_per_shard": rows_per_shard,
+           "shard_format": shard_format, **settings, **output}
+    if output["long_inputs"] == "chunk":
+        prepare(enc, [""], run)  # an overlap too large for the window fails before anything is written
     manifest = None if overwrite else _read_manifest(out_dir)
     if manifest is not None:
         old = manifest["run"]
+        if "input" not in old:
+            raise E5LiteError(f"{out_dir} holds a per-host or Ray run ({FORMAT_SHARDED}); finish it with the same "
+                              "command (a folder, glob or Parquet input, or --shard-size), or choose another --output")
         changed = [f"input {k}" for k in identity if old["input"].get(k) != identity[k]]
-        changed += [k for k in run if k != "input" and old.get(k) != run[k]]
+        changed += _changed_settings(old, run)
         if changed:
             raise E5LiteError(f"{out_dir} holds a run with a different {', '.join(changed)}; pass --overwrite to "
                               "start again or choose another --output")
     else:
+        if run["calibration"] is not None:  # fixed once, before the first shard: every shard's buckets
+            first = [t for t, _, _ in itertools.islice(read_rows(input_path, 0, 0, field, id_field),
+                                                       run["calibration"])]
+            run["ranges"] = calibration_ranges(enc, first, run, batch_size=batch_size, local=False)
         manifest = {"format": FORMAT, "run": run, "shards": [], "rows": 0, "offset": 0, "complete": False}
     _clean(out_dir, manifest)
     write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -145,9 +340,10 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
             shard = list(itertools.islice(rows, rows_per_shard))
             if shard:
                 texts, ids, offsets = (list(c) for c in zip(*shard))
-                token_ids = enc.tokenize(texts, prompt=prompt)
-                tokens += sum(len(t) for t in token_ids)
-                emb = enc.embed_ids(token_ids, normalize=normalize, batch_size=batch_size, show_progress_bar=False)
+                prepared, lengths = prepare(enc, texts, manifest["run"], manifest["rows"])
+                tokens += int(lengths.sum())
+                emb = stored(vectors(enc, prepared, manifest["run"], batch_size=batch_size, local=False),
+                             manifest["run"])
                 names = _shard_names(len(manifest["shards"]), shard_format)
                 for name, data in zip(names, _encode_shard(emb, ids, shard_format)):
                     write_atomic(out_dir / name, data)
@@ -180,8 +376,8 @@ def open_embeddings(out_dir, *, allow_partial: bool = False) -> dict:
 
 def iter_shards(out_dir, *, allow_partial: bool = False, embeddings: bool = True
                 ) -> Iterator[tuple[np.ndarray | None, list]]:
-    """(embeddings float32 [rows, dim], ids) of each shard in input order, one shard in memory at a time;
-    ``embeddings=False`` reads the ids alone (None in place of the embeddings)."""
+    """(embeddings [rows, width] as written: float32, int8/uint8, or packed bits; ids) of each shard in input
+    order, one shard in memory at a time; ``embeddings=False`` reads the ids alone (None in their place)."""
     out_dir = Path(out_dir)
     yield from _shards(out_dir, open_embeddings(out_dir, allow_partial=allow_partial), embeddings)
 
@@ -213,26 +409,31 @@ def _shards(out_dir: Path, manifest: dict, embeddings: bool = True):
     if manifest["format"] == FORMAT_SHARDED:
         yield from _sharded(out_dir, manifest, embeddings)
         return
+    dtype, width = stored_layout(manifest["run"])
     for shard in manifest["shards"]:
         emb = None
         if manifest["run"]["shard_format"] == "parquet":
             import pyarrow.parquet as pq
             table = pq.read_table(out_dir / shard["files"][0], columns=None if embeddings else ["id"])
             if embeddings:
-                emb = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(
-                    shard["rows"], -1)
+                emb = _parquet_vectors(table, shard["rows"], dtype)
             ids = table["id"].to_pylist()
         else:
             emb = np.load(out_dir / shard["files"][0]) if embeddings else None
             ids = read_json(out_dir / shard["files"][1])
-        if (emb is not None and emb.shape != (shard["rows"], manifest["run"]["dim"])) or len(ids) != shard["rows"]:
+        if (emb is not None and (emb.shape != (shard["rows"], width) or emb.dtype != dtype)) or len(ids) != shard["rows"]:
             raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
                               "records (changed after the run?)")
         yield emb, ids
 
 
+def _parquet_vectors(table, rows: int, dtype: np.dtype) -> np.ndarray:
+    return np.asarray(table["embedding"].combine_chunks().flatten(), dtype).reshape(rows, -1)
+
+
 def _sharded(out_dir: Path, manifest: dict, embeddings: bool):
     run = manifest["run"]
+    dtype, width = stored_layout(run)
     for shard in manifest["shards"]:
         files, rows, emb, ids = shard["files"], shard["rows"], None, None
         if run["shard_format"] == "parquet":
@@ -240,7 +441,7 @@ def _sharded(out_dir: Path, manifest: dict, embeddings: bool):
             columns = (["id"] if run["id_field"] is not None else []) + (["embedding"] if embeddings else [])
             table = pq.read_table(out_dir / files[0], columns=columns)
             if embeddings:
-                emb = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32).reshape(rows, -1)
+                emb = _parquet_vectors(table, rows, dtype)
             if run["id_field"] is not None:
                 ids = table["id"].to_pylist()
         else:
@@ -249,20 +450,24 @@ def _sharded(out_dir: Path, manifest: dict, embeddings: bool):
                 ids = read_json(out_dir / files[1])
         if ids is None and shard["first_row"] is not None:  # no id field: the row numbers
             ids = list(range(shard["first_row"], shard["first_row"] + rows))
-        if (emb is not None and emb.shape != (rows, run["dim"])) or (ids is not None and len(ids) != rows):
+        if (emb is not None and (emb.shape != (rows, width) or emb.dtype != dtype)) or (
+                ids is not None and len(ids) != rows):
             raise E5LiteError(f"{out_dir / files[0]} does not hold the {rows} rows its record "
                               f"{shard_stem(shard['shard'], manifest['width'])}.json names (changed after the run?)")
         yield emb, ids
 
 
 def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = False):
-    """The embeddings of a sharded ``e5lite embed --output DIR`` run as one float32 array [rows, dim] in
-    input order (and the ids, a list, when ``with_ids``). An unfinished run raises unless ``allow_partial``
+    """The embeddings of a sharded ``e5lite embed --output DIR`` run as one array in input order, as written:
+    float32 [rows, dim], int8/uint8 [rows, dim] (``--precision int8/uint8``; the manifest's "run" holds the
+    "ranges") or packed sign bits int8/uint8 [rows, ceil(dim / 8)] (binary/ubinary); and the ids, a list,
+    when ``with_ids``. An unfinished run raises unless ``allow_partial``
     (then a per-host or Ray run without --id-field has no ids past its first missing shard: row numbers are
     counted from the shards before)."""
     out_dir = Path(out_dir)
     manifest = open_embeddings(out_dir, allow_partial=allow_partial)
-    parts, ids = [np.zeros((0, manifest["run"]["dim"]), np.float32)], []
+    dtype, width = stored_layout(manifest["run"])
+    parts, ids = [np.zeros((0, width), dtype)], []
     for emb, shard_ids in _shards(out_dir, manifest):
         if with_ids and shard_ids is None:
             raise E5LiteError(f"{out_dir}: row numbers past the first missing shard are unknown until it is done; "
@@ -302,7 +507,10 @@ def shard_stem(k: int, width: int) -> str:
 def _file_metadata(run: dict, k: int, where: str) -> dict:
     """What a Parquet shard carries in its own metadata, for readers that never see the manifest."""
     keep = ("model", "revision", "dtype", "max_length", "prompt_name", "prompt", "pooling", "normalize", "dim")
-    return {"e5lite": json.dumps({**{key: run.get(key) for key in keep}, "shard": k, "input": where})}
+    # the vector options too (ranges included: what quantises queries into the same buckets)
+    return {"e5lite": json.dumps({**{key: run.get(key) for key in keep}, **{key: _opt(run, key) for key in
+                                                                             OUTPUT_DEFAULTS},
+                                  "shard": k, "input": where})}
 
 
 class ShardOutput:
@@ -310,9 +518,12 @@ class ShardOutput:
     ``commit`` (fsynced first), so memory holds one chunk whatever the shard's size, and a kill leaves only
     temporaries, which the next run removes."""
 
-    def __init__(self, out_dir: Path, stem: str, fmt: str, dim: int, with_ids: bool, metadata: dict):
+    def __init__(self, out_dir: Path, stem: str, fmt: str, dim: int, with_ids: bool, metadata: dict,
+                 dtype=np.float32):
         import tempfile
+        # dim: values per row as stored (packed bits: ceil(dim / 8) bytes); dtype: float32, int8 or uint8
         self.out_dir, self.stem, self.fmt, self.dim, self.rows = out_dir, stem, fmt, dim, 0
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self._tmp: dict[str, str] = {}
         names = ([f"{stem}.parquet"] if fmt == "parquet" else
                  [f"{stem}.npy"] + ([f"{stem}.ids.json"] if with_ids else []))
@@ -338,13 +549,15 @@ class ShardOutput:
         self._pq = pq.ParquetWriter(self._tmp[f"{self.stem}.parquet"], self._schema)
 
     def _header(self, rows: int) -> dict:
-        return {"descr": "<f4", "fortran_order": False, "shape": (rows, self.dim)}
+        return {"descr": self.dtype.str, "fortran_order": False, "shape": (rows, self.dim)}
 
     def append(self, emb: np.ndarray, ids: list | None) -> None:
-        emb = np.ascontiguousarray(emb, dtype="<f4")
+        if emb.dtype.kind != self.dtype.kind or emb.dtype.itemsize != self.dtype.itemsize:  # no silent cast
+            raise E5LiteError(f"{self.stem}: {emb.dtype} rows for a shard of {self.dtype}; report this as a bug")
+        emb = np.ascontiguousarray(emb, dtype=self.dtype)
         if self.fmt == "parquet":
             import pyarrow as pa
-            arrays = {"embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()),
+            arrays = {"embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), _arrow_type(emb.dtype)),
                                                                      self.dim)}
             if self._with_ids:
                 try:
@@ -371,7 +584,7 @@ class ShardOutput:
             if self._pq is None:  # no rows: the file still says what it would hold
                 import pyarrow as pa
                 self._open_parquet(pa.schema(([pa.field("id", pa.string())] if self._with_ids else [])
-                                             + [pa.field("embedding", pa.list_(pa.float32(), self.dim))]))
+                                             + [pa.field("embedding", pa.list_(_arrow_type(self.dtype), self.dim))]))
             self._pq.close()
         else:
             # the header was written for 0 rows with room to grow (numpy pads it): now the real count
@@ -448,9 +661,10 @@ def _groups(shards, chunk_rows: int):
         yield group
 
 
-def _tokenized(enc, groups, prompt: str):
-    """(pieces, token ids) per group; the next group is read and tokenised on a thread while the caller embeds
-    this one (the tokenizer releases the GIL), so the devices do not wait for the input."""
+def _tokenized(enc, groups, run: dict):
+    """(pieces, (what ``vectors`` embeds, tokens per text)) per group (``prepare``: token ids, or windows in
+    chunk mode); the next group is read and tokenised on a thread while the caller embeds this one (the
+    tokenizer releases the GIL), so the devices do not wait for the input."""
     import concurrent.futures
     it = iter(groups)
 
@@ -459,7 +673,7 @@ def _tokenized(enc, groups, prompt: str):
         if group is None:
             return None
         texts = [t for piece in group for t in piece[2]]
-        return group, enc.tokenize(texts, prompt=prompt) if texts else []
+        return group, prepare(enc, texts, run) if texts else ([], np.zeros(0, np.int64))
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(produce)
@@ -481,22 +695,23 @@ def embed_shards(enc, out_dir, run: dict, width: int, shards, *, writer: str, ba
         chunk_rows = getattr(getattr(enc, "settings", None), "chunk_texts", CHUNK_ROWS)
     out_dir = Path(out_dir)
     with_ids = run["id_field"] is not None
+    dtype, stored_width = stored_layout(run)
     open_: dict[int, tuple[ShardOutput, dict]] = {}
     try:
-        for group, token_ids in _tokenized(enc, _groups(shards, chunk_rows), run["prompt"]):
+        for group, (prepared, lengths) in _tokenized(enc, _groups(shards, chunk_rows), run):
             for k, where, *_ in group:
                 if k not in open_:
-                    out = ShardOutput(out_dir, shard_stem(k, width), run["shard_format"], run["dim"], with_ids,
-                                      _file_metadata(run, k, where))
+                    out = ShardOutput(out_dir, shard_stem(k, width), run["shard_format"], stored_width, with_ids,
+                                      _file_metadata(run, k, where), dtype)
                     open_[k] = out, {"shard": k, "rows": 0, "tokens": 0, "started": time.time(), "input": where}
-            emb = embed_local(enc, token_ids, normalize=run["normalize"], batch_size=batch_size) if token_ids else None
+            emb = stored(vectors(enc, prepared, run, batch_size=batch_size), run) if len(lengths) else None
             at, nbytes = 0, 0
             for k, where, texts, ids, piece_bytes, last in group:
                 out, rec = open_[k]
                 if texts:
                     out.append(emb[at:at + len(texts)], ids)
                     rec["rows"] += len(texts)
-                    rec["tokens"] += sum(len(t) for t in token_ids[at:at + len(texts)])
+                    rec["tokens"] += int(lengths[at:at + len(texts)].sum())
                 at, nbytes = at + len(texts), nbytes + piece_bytes
                 if last:
                     del open_[k]
@@ -511,7 +726,7 @@ def embed_shards(enc, out_dir, run: dict, width: int, shards, *, writer: str, ba
                         continue
                     yield rec
             if progress is not None:
-                progress(len(token_ids), sum(len(t) for t in token_ids), nbytes)
+                progress(len(lengths), int(lengths.sum()), nbytes)
     finally:
         for out, _ in open_.values():
             out.abort()
@@ -527,8 +742,10 @@ def embed_shard(enc, out_dir, run: dict, width: int, k: int, chunks, *, where: s
 
 def plan_run(input, out_dir, *, dim: int, pooling: str, prompt: str, settings: dict | None = None,
              field: str = "text", id_field: str | None = None, prompt_name: str | None = None, normalize: bool = True,
-             shard_size: int | str = SHARD_BYTES, shard_format: str = "npy", json_records: bool = False) -> dict:
-    """The manifest of a per-host or Ray run: settings, the inputs' identity and the shard plan."""
+             shard_size: int | str = SHARD_BYTES, shard_format: str = "npy", json_records: bool = False,
+             output: dict | None = None) -> dict:
+    """The manifest of a per-host or Ray run: settings, the inputs' identity and the shard plan. ``dim``: the
+    model's; ``output``: ``output_options(dim, ...)`` (default: float32 vectors of truncated inputs)."""
     if shard_format not in SHARD_FORMATS:
         raise ValueError(f"shard format must be one of {SHARD_FORMATS}, got {shard_format!r}")
     if shard_format == "parquet":
@@ -541,8 +758,8 @@ def plan_run(input, out_dir, *, dim: int, pooling: str, prompt: str, settings: d
     inputs = describe_inputs(paths, json_records=json_records, field=field, id_field=id_field)
     plan = plan_shards(inputs, shard_bytes)
     run = {"inputs": inputs, "field": field, "id_field": id_field, "prompt_name": prompt_name, "prompt": prompt,
-           "normalize": normalize, "pooling": pooling, "dim": dim, "shard_size": shard_bytes,
-           "shard_format": shard_format, **(settings or {})}
+           "normalize": normalize, "pooling": pooling, "shard_size": shard_bytes,
+           "shard_format": shard_format, **(settings or {}), **(output or output_options(dim))}
     return {"format": FORMAT_SHARDED, "run": run, "width": max(5, len(str(max(len(plan) - 1, 0)))), "plan": plan}
 
 
@@ -556,7 +773,7 @@ def _changes(old: dict, new: dict) -> list[str]:
             name = Path(fb["path"]).name
             changed += [f"input {name} {'modification time' if k == 'mtime_ns' else k.replace('_', ' ')}"
                         for k in fb if fa.get(k) != fb[k]]
-    return changed + [k for k in b if k != "inputs" and a.get(k) != b[k]]
+    return changed + _changed_settings(a, b)
 
 
 def _listing(out_dir: Path) -> dict[int, list[str]]:
@@ -614,6 +831,9 @@ def open_run(out_dir, manifest: dict, *, overwrite: bool = False, primary: bool 
         if changed:
             raise E5LiteError(f"{out_dir} holds a run with a different {', '.join(changed)}; pass --overwrite to "
                               "start again or choose another --output")
+        run = manifest["run"]
+        if run.get("calibration") is not None and run.get("ranges") is None:
+            run["ranges"] = old["run"].get("ranges")  # fixed by the run that started it (None: not yet)
     if primary and (overwrite or old != manifest):
         write_atomic(path, json.dumps(manifest).encode())
     width, n = manifest["width"], len(manifest["plan"])
@@ -656,14 +876,18 @@ def embed_per_host(enc, input, out_dir, *, settings: dict | None = None, field: 
                    normalize: bool = True, shard_size: int | str = SHARD_BYTES, shard_format: str = "npy",
                    json_records: bool = False, batch_size: int | None = None, overwrite: bool = False,
                    process_index: int | None = None, process_count: int | None = None,
-                   show_progress: bool = True) -> dict:
+                   show_progress: bool = True, long_inputs: str = "truncate", chunk_overlap: int = 0,
+                   truncate_dim: int | None = None, precision: str = "float32", calibration: int | None = None,
+                   ranges=None) -> dict:
     """This process's share of a corpus run into ``out_dir`` (see the notes above): the shards k with
     k % process_count == process_index (default: ``jax.process_index()`` of ``jax.process_count()``), on this
     process's own devices, skipping shards already done. Returns a summary of what this process did.
 
     ``input``: a .txt, .jsonl or .parquet file, a folder or a glob of them. ``json_records``: read .txt files as
     JSONL records too (the CLI's --field). Every process must pass the same arguments. Under jax.distributed
-    the processes wait for each other at the end (``_wait_for_all_processes``), not before."""
+    the processes wait for each other at the end (``_wait_for_all_processes``), not before; an int8/uint8 run
+    whose ranges are not fixed yet also waits at the start for process 0 to compute them (``fix_ranges``).
+    The vector options (``long_inputs`` ... ``ranges``): see ``output_options``."""
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
@@ -680,10 +904,15 @@ def embed_per_host(enc, input, out_dir, *, settings: dict | None = None, field: 
     t0 = time.perf_counter()
     try:  # whatever fails here, on one host or all, every process still reaches the barrier below
         prompt = enc.prompt_prefix(prompt_name, None, task)  # bad names fail before anything is written
+        output = output_options(enc.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
+                                truncate_dim=truncate_dim, precision=precision, calibration=calibration, ranges=ranges)
         manifest = plan_run(input, out_dir, dim=enc.dim, pooling=enc.pooling, prompt=prompt, settings=settings,
                             field=field, id_field=id_field, prompt_name=prompt_name, normalize=normalize,
-                            shard_size=shard_size, shard_format=shard_format, json_records=json_records)
+                            shard_size=shard_size, shard_format=shard_format, json_records=json_records, output=output)
+        if output["long_inputs"] == "chunk":
+            prepare(enc, [""], manifest["run"])  # an overlap too large for the window fails before any write
         done = open_run(out_dir, manifest, overwrite=overwrite, primary=process_index == 0, owned=mine)
+        fix_ranges(enc, out_dir, manifest, process_index, process_count, batch_size=batch_size)
         plan = manifest["plan"]
         todo = [k for k in range(len(plan)) if mine(k) and k not in done]
         desc = f"embed {process_index}/{process_count}" if process_count > 1 else "embed"
@@ -704,11 +933,64 @@ def embed_per_host(enc, input, out_dir, *, settings: dict | None = None, field: 
 BARRIER_TIMEOUT_S = 7 * 24 * 3600  # a share may take days; only a dead process (heartbeats) ends the wait sooner
 
 
+def first_texts(inputs: list[dict], plan: list[dict], field: str, n: int) -> list[str]:
+    """The first ``n`` texts of a planned run's input, in input order (its calibration set)."""
+    texts: list[str] = []
+    for shard in plan:
+        for chunk, _, _ in read_shard(inputs, shard, field=field, id_field=None, chunk_rows=max(1, n - len(texts))):
+            texts += chunk[:n - len(texts)]
+            if len(texts) >= n:
+                return texts
+    return texts
+
+
+def _distributed_client():
+    from jax._src.distributed import global_state  # jax has no public key-value store
+    return global_state.client
+
+
+def fix_ranges(enc, out_dir, manifest: dict, process_index: int, process_count: int, *,
+               batch_size: int | None = None) -> None:
+    """Sets ``manifest["run"]["ranges"]`` of an int8/uint8 run calibrated on its first texts, the same in every
+    process: from the manifest when a previous run fixed them; else process 0 computes them, writes them into
+    the manifest before any shard is embedded and, under jax.distributed, hands them to the others (which wait
+    for them). Processes without jax.distributed (``process_index``/``process_count`` given) cannot wait for
+    each other: process 0 must have fixed them first."""
+    run = manifest["run"]
+    if run.get("calibration") is None:
+        return  # float32 or binary, or ranges given: every process has them already
+    client = _distributed_client() if process_count > 1 else None
+    if process_index == 0:
+        if run["ranges"] is None:
+            texts = first_texts(run["inputs"], manifest["plan"], run["field"], run["calibration"])
+            run["ranges"] = calibration_ranges(enc, texts, run, batch_size=batch_size)
+            write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest).encode())
+        if client is not None:
+            client.key_value_set(_RANGES_KEY, json.dumps({"ranges": run["ranges"]}))
+        return
+    if client is not None:  # process 0's, even where this process read some: one source for every process
+        got = json.loads(client.blocking_key_value_get(_RANGES_KEY, BARRIER_TIMEOUT_S * 1000))
+        if "error" in got:
+            raise E5LiteError(f"process 0 failed before fixing the {run['precision']} ranges ({got['error']})")
+        run["ranges"] = got["ranges"]
+    elif run["ranges"] is None:
+        raise E5LiteError(f"process {process_index}: the {run['precision']} ranges are not in {Path(out_dir) / MANIFEST} "
+                          "yet; without jax.distributed the processes cannot hand them over: run process 0 first "
+                          "(it computes them from the first texts), or pass the ranges")
+
+
 def wait_after_failure(process_index: int, process_count: int, error: BaseException) -> None:
     """A process that failed (bad input, a model missing on its host) says so at once, then waits for the others
     at the end barrier: they would otherwise wait there for it until the barrier's timeout."""
     print(f"e5lite: process {process_index} failed ({error}); waiting for the other processes to finish their "
           "shards", file=sys.stderr)
+    if process_index == 0:  # processes waiting for process 0's int8/uint8 ranges (fix_ranges) must not wait on
+        client = _distributed_client()
+        if client is not None:
+            try:
+                client.key_value_set(_RANGES_KEY, json.dumps({"error": str(error)}))
+            except Exception:  # set already: the ranges were handed over before the failure
+                pass
     _wait_for_all_processes(process_count, failed=True)
 
 

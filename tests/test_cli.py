@@ -96,3 +96,35 @@ def test_failed_write_keeps_old_output(tiny_dir, tmp_path):
     target.write_bytes(b"precious")
     out = run("embed", "--model", tiny_dir, "--input", tmp_path / "missing.txt", "--output", target)
     assert out.returncode == 1 and target.read_bytes() == b"precious"
+
+
+def test_embed_compact_vectors_equal_encode(tiny_dir, enc, tmp_path):
+    """--precision, --truncate-dim, --calibration, --ranges and --long-inputs to stdout, .npy and .jsonl: the
+    rows (ints where quantised) equal encode() with the same options."""
+    texts = [f"{w} number {i} " + "and more words " * (i % 7) * 9 for i, w in enumerate(["river", "bridge", "storm",
+                                                                                         "budget"] * 4)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    calib = enc.encode(texts[:5], prompt_name="query", truncate_dim=16)
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "in.txt", "--prompt-name", "query", "--precision",
+              "int8", "--truncate-dim", "16", "--calibration", "5")
+    assert out.returncode == 0, out.stderr
+    got = np.array([json.loads(line) for line in out.stdout.splitlines()])
+    assert got.dtype == np.int64 and got.shape == (16, 16)  # JSON ints
+    np.testing.assert_array_equal(got, enc.encode(texts, prompt_name="query", truncate_dim=16, precision="int8",
+                                                  calibration_embeddings=calib))
+    ranges = np.vstack((calib.min(0) - 0.1, calib.max(0) + 0.1)).astype(np.float32)
+    np.save(tmp_path / "r.npy", ranges)
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "in.txt", "--output", tmp_path / "o.jsonl",
+              "--prompt-name", "query", "--precision", "uint8", "--truncate-dim", "16", "--ranges", tmp_path / "r.npy")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 16 x 16 embeddings to" in out.stderr and "(uint8)" in out.stderr
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    np.testing.assert_array_equal([r["embedding"] for r in recs], enc.encode(
+        texts, prompt_name="query", truncate_dim=16, precision="uint8", ranges=ranges))
+    out = run("embed", "--model", tiny_dir, "--input", tmp_path / "in.txt", "--output", tmp_path / "o.npy",
+              "--max-length", "32", "--long-inputs", "chunk", "--chunk-overlap", "4", "--precision", "ubinary")
+    assert out.returncode == 0, out.stderr
+    got = np.load(tmp_path / "o.npy")
+    chunked = e5lite.load(tiny_dir, max_length=32).encode(texts, long_inputs="chunk", chunk_overlap=4)
+    assert got.dtype == np.uint8 and got.shape == (16, 4)
+    np.testing.assert_array_equal(got, np.packbits(chunked > 0, axis=1))

@@ -99,11 +99,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(model, folder, out, logs: Path, n: int = 2) -> list[subprocess.Popen]:
+def launch(model, folder, out, logs: Path, n: int = 2, extra=()) -> list[subprocess.Popen]:
     port, env = free_port(), {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
     procs = []
     for rank in range(n):
-        cmd = [sys.executable, "-m", "e5lite.cli", *embed_args(model, folder, out),
+        cmd = [sys.executable, "-m", "e5lite.cli", *embed_args(model, folder, out, *extra),
                "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(rank)]
         log = logs / f"p{rank}-{time.monotonic_ns()}.log"
         with open(log, "w") as f:  # stderr to a file: a progress bar must not block on a full pipe
@@ -271,6 +271,75 @@ def test_changed_input_or_other_layout_refused(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(embed_args(tiny_dir, folder / "a.jsonl", single)) == 1
     assert "holds a single-process run of one file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ compact vectors per host
+
+def quantized_like(emb, floats, ranges, precision="int8"):
+    """``emb`` is ``floats`` quantised with ``ranges``: exactly, except where a value computed in another batch
+    (another process's grouping of the shards) moved by an ulp across a bucket edge: one step, rarely."""
+    from e5lite.quantize import quantize_embeddings
+    want = quantize_embeddings(floats, precision, ranges=np.asarray(ranges, np.float32))
+    diff = np.abs(emb.astype(np.int16) - want.astype(np.int16))
+    assert emb.dtype == want.dtype and diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_two_processes_int8(tiny_dir, corpus, one_process, tmp_path):
+    """--precision int8 under jax.distributed: process 0 computes the ranges from the first --calibration texts,
+    writes them into the manifest and hands them to process 1; both quantise with them."""
+    out = tmp_path / "emb"
+    finish(launch(tiny_dir, corpus[0], out, tmp_path, extra=("--precision", "int8", "--calibration", "150")))
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    assert (run["precision"], run["calibration"]) == ("int8", 150)
+    first = one_process[1][:150]
+    np.testing.assert_allclose(run["ranges"], np.vstack((first.min(0), first.max(0))), atol=1e-6, rtol=0)
+    emb, ids = e5lite.read_embeddings(out, with_ids=True)
+    assert ids == one_process[2] and emb.shape == one_process[1].shape
+    assert {r["writer"] for r in records(out).values()} == {"process 0 of 2", "process 1 of 2"}
+    quantized_like(emb, one_process[1], run["ranges"])
+
+
+def test_independent_processes_quantized_and_resumed(tiny_dir, corpus, one_process, tmp_path, monkeypatch):
+    """Processes without jax.distributed cannot hand ranges over: process 1 before process 0 is refused, naming
+    the fix; after process 0 fixed them in the manifest, process 1 uses them. Shards lost to a kill are redone
+    with the manifest's ranges (not calibrated again); the others are kept as they were."""
+    import shutil
+
+    import e5lite.shards as shards
+    enc = e5lite.load(tiny_dir)
+    out = tmp_path / "emb"
+    kw = dict(settings={"model": str(tiny_dir), "revision": None, "dtype": "float32", "max_length": enc.max_length},
+              field="text", id_field="_id", prompt_name="passage", shard_size=SHARD_SIZE, show_progress=False,
+              precision="uint8", calibration=150, truncate_dim=24)
+    with pytest.raises(e5lite.E5LiteError, match=r"process 1: the uint8 ranges are not in \S*manifest.json yet; "
+                                                 r"without jax.distributed .* run process 0 first"):
+        embed_per_host(enc, corpus[0], out, process_index=1, process_count=2, **kw)
+    assert not records(out)
+    first = embed_per_host(enc, corpus[0], out, process_index=0, process_count=2, **kw)
+    assert first["missing"] and json.loads((out / "manifest.json").read_text())["run"]["ranges"] is not None
+    assert embed_per_host(enc, corpus[0], out, process_index=1, process_count=2, **kw)["missing"] == []
+    want, ids = e5lite.read_embeddings(out, with_ids=True)
+    assert want.dtype == np.uint8 and want.shape == (len(ids), 24) and ids == one_process[2]
+    ranges = json.loads((out / "manifest.json").read_text())["run"]["ranges"]
+    floats = e5lite.load(tiny_dir).encode(corpus[1], prompt_name="passage", truncate_dim=24)
+    quantized_like(want, floats, ranges, "uint8")
+
+    cut = Path(shutil.copytree(out, tmp_path / "cut"))
+    for k in (2, 3, 17):  # as a kill leaves them: a record gone (its data file stays, to be removed)
+        (cut / f"shard-{k:05d}.json").unlink()
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a resumed run must take the manifest's ranges, not compute them again")
+
+    monkeypatch.setattr(shards, "calibration_ranges", no_calibration)
+    before = {k: v for k, v in records(cut).items()}
+    s = embed_per_host(enc, corpus[0], cut, process_index=0, process_count=1, **kw)
+    assert s["embedded"] == 3 and s["missing"] == [] and {k: records(cut)[k] for k in before} == before
+    # the 3 shards now share engine calls they did not share before: equal up to an ulp's bucket edge
+    quantized_like(e5lite.read_embeddings(cut), floats, ranges, "uint8")
+    with pytest.raises(e5lite.E5LiteError, match="holds a run with a different calibration, ranges; pass --overwrite"):
+        embed_per_host(enc, corpus[0], cut, process_index=0, process_count=1,
+                       **{**kw, "calibration": None, "ranges": np.zeros((2, 24), np.float32)})
 
 
 # ------------------------------------------------------------------------------------------ inputs and errors

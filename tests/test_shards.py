@@ -156,3 +156,131 @@ def test_read_embeddings_checks_shards(reference, tmp_path):
         e5lite.read_embeddings(out)
     with pytest.raises(e5lite.E5LiteError, match="no manifest.json"):
         e5lite.read_embeddings(tmp_path)
+
+
+# ------------------------------------------------------------------------- long inputs and compact vectors
+
+def test_int8_run_equals_quantized_float_run(tiny_dir, corpus, reference, tmp_path):
+    """--precision int8: the ranges are fixed once from the first --calibration texts, recorded in the manifest,
+    and every shard is the float run's rows quantised with them (bit for bit: same shards, same batches)."""
+    from e5lite.quantize import quantize_embeddings
+    out = tmp_path / "int8"
+    assert main(embed_args(tiny_dir, corpus[0], out, "--precision", "int8", "--calibration", "300")) == 0
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    assert (run["precision"], run["calibration"], run["dim"], run["truncate_dim"]) == ("int8", 300, 32, None)
+    ranges = np.asarray(run["ranges"], np.float32)
+    first = reference[1][:300]  # the float run's first rows: the calibration set's vectors
+    np.testing.assert_allclose(ranges, np.vstack((first.min(0), first.max(0))), atol=1e-6, rtol=0)
+    emb, ids = e5lite.read_embeddings(out, with_ids=True)
+    assert emb.dtype == np.int8 and emb.shape == (ROWS, 32) and ids == reference[2]
+    np.testing.assert_array_equal(emb, quantize_embeddings(reference[1], "int8", ranges=ranges))
+    assert np.load(out / "shard-00000.npy").dtype == np.int8
+
+
+def test_quantized_resume_keeps_the_manifests_ranges(tiny_dir, corpus, tmp_path, monkeypatch, capsys):
+    """A uint8 run cut after 7 shards (the manifest of a kill) resumes without calibrating again and equals the
+    uninterrupted run; a resume with other vector settings is refused, naming them."""
+    import e5lite.shards as shards
+    full = tmp_path / "full"
+    args = ("--precision", "uint8", "--truncate-dim", "24", "--calibration", "200")
+    assert main(embed_args(tiny_dir, corpus[0], full, *args)) == 0
+    want, want_ids = e5lite.read_embeddings(full, with_ids=True)
+    assert want.dtype == np.uint8 and want.shape == (ROWS, 24)
+    out = shutil.copytree(full, tmp_path / "cut")
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = manifest["shards"][:7]
+    manifest.update(shards=kept, rows=sum(s["rows"] for s in kept), offset=kept[-1]["end_offset"], complete=False)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for changed, name in ((("--precision", "int8", "--truncate-dim", "24", "--calibration", "200"), "precision"),
+                          (("--precision", "uint8", "--truncate-dim", "16", "--calibration", "200"), "dim, truncate_dim"),
+                          (("--precision", "uint8", "--truncate-dim", "24", "--calibration", "100"), "calibration"),
+                          (("--precision", "uint8", "--truncate-dim", "24", "--calibration", "200", "--long-inputs",
+                            "chunk"), "long_inputs")):
+        assert main(embed_args(tiny_dir, corpus[0], out, *changed)) == 1
+        assert f"holds a run with a different {name}; pass --overwrite" in capsys.readouterr().err
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a resumed run must take the manifest's ranges, not compute them again")
+
+    monkeypatch.setattr(shards, "calibration_ranges", no_calibration)
+    assert main(embed_args(tiny_dir, corpus[0], out, *args)) == 0
+    emb, ids = e5lite.read_embeddings(out, with_ids=True)
+    assert ids == want_ids
+    np.testing.assert_array_equal(emb, want)
+
+
+@pytest.mark.parametrize("precision, fmt, dtype", [("binary", "parquet", np.int8), ("ubinary", "npy", np.uint8)])
+def test_packed_bits_round_trip(tiny_dir, tmp_path, precision, fmt, dtype):
+    """Sign bits of the first 20 components, packed in 3 bytes a row (the last padded), read back as written."""
+    from e5lite.quantize import quantize_embeddings
+    texts = [f"text number {i} about {w}" for i, w in enumerate(["rivers", "bridges", "protein", "winter"] * 5)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "bits"
+    assert main(["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--rows-per-shard", "7", "--shard-format", fmt, "--precision", precision,
+                 "--truncate-dim", "20"]) == 0
+    emb = e5lite.read_embeddings(out)
+    assert emb.dtype == dtype and emb.shape == (20, 3)
+    want = quantize_embeddings(e5lite.load(tiny_dir).encode(texts, truncate_dim=20), precision)
+    np.testing.assert_array_equal(emb, want)
+    # every bit: unpacked, they are the signs of the truncated vectors
+    bits = np.unpackbits(emb.view(np.uint8) if precision == "ubinary" else (emb.astype(np.int16) + 128).astype(
+        np.uint8), axis=1)[:, :20]
+    np.testing.assert_array_equal(bits, e5lite.load(tiny_dir).encode(texts, truncate_dim=20) > 0)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        import pyarrow as pa
+        kind = pq.read_schema(out / "shard-00000.parquet").field("embedding").type
+        assert (kind.value_type, kind.list_size) == (pa.int8(), 3)
+
+
+def test_long_inputs_chunk_equals_encode(tiny_dir, tmp_path):
+    """--long-inputs chunk over real paragraphs, many past --max-length 64: the rows equal encode(...,
+    long_inputs="chunk") (windows sharing --chunk-overlap tokens, averaged by token count)."""
+    from test_distributed_corpus import paragraphs
+    texts = sorted(paragraphs()[:400], key=len)[-60:]  # the longest: most span several windows
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "chunk"
+    assert main(["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+                 "--rows-per-shard", "25", "--max-length", "64", "--long-inputs", "chunk", "--chunk-overlap", "8",
+                 "--prompt-name", "passage"]) == 0
+    enc = e5lite.load(tiny_dir, max_length=64)
+    from e5lite.long_inputs import split
+    assert (split(enc.tokenizer, texts, enc.prompts["passage"], 8).counts > 1).all()  # every text is past 64
+    want = enc.encode(texts, prompt_name="passage", long_inputs="chunk", chunk_overlap=8)
+    np.testing.assert_allclose(e5lite.read_embeddings(out), want, atol=1e-6, rtol=0)
+    truncated = enc.encode(texts, prompt_name="passage")
+    assert np.abs(want - truncated).max() > 1e-2  # not the truncating path by another name
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    assert (run["long_inputs"], run["chunk_overlap"], run["max_length"]) == ("chunk", 8, 64)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--truncate-dim", "64"], "--truncate-dim 64 is larger than the model's embedding dimension 32"),
+    (["--chunk-overlap", "4"], "--chunk-overlap 4 needs --long-inputs chunk"),
+    (["--long-inputs", "chunk", "--chunk-overlap", "200", "--max-length", "64"],
+     "chunk_overlap must be less than the window of 62 text tokens"),
+    (["--calibration", "10"], "--calibration sets the int8/uint8 buckets: it needs --precision int8 or uint8"),
+    (["--precision", "binary", "--ranges", "{tmp}/r.npy"], "--ranges sets the int8/uint8 buckets"),
+    (["--precision", "int8", "--calibration", "10", "--ranges", "{tmp}/r.npy"], "--calibration N and --ranges: pass one"),
+    (["--precision", "int8", "--ranges", "{tmp}/r.npy"], "--ranges {tmp}/r.npy has 16 dimensions; the vectors have 32"),
+    (["--precision", "int8", "--ranges", "{tmp}/bad.npy"], "expected shape (2, dim)"),
+    (["--precision", "int8", "--ranges", "{tmp}/nothing.npy"], "--ranges {tmp}/nothing.npy: no such file"),
+    (["--precision", "int8", "--ranges", "{tmp}"], "a folder without manifest.json"),
+    (["--precision", "int4"], "invalid choice: 'int4'"),
+])
+@pytest.mark.parametrize("output", ["{tmp}/o.npy", "{tmp}/dir"])
+def test_bad_vector_flags(tiny_dir, tmp_path, capsys, extra, message, output):
+    np.save(tmp_path / "r.npy", np.zeros((2, 16), np.float32))
+    np.save(tmp_path / "bad.npy", np.zeros((3, 32), np.float32))
+    (tmp_path / "in.txt").write_text("one\ntwo\nthree\n")
+    argv = ["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.txt"), "--output",
+            output.format(tmp=tmp_path), *[a.format(tmp=tmp_path) for a in extra]]
+    if "invalid choice" in message:
+        with pytest.raises(SystemExit):
+            main(argv)
+    else:
+        assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "dir").exists() or not any((tmp_path / "dir").glob("shard-*"))
