@@ -124,3 +124,20 @@ def test_bad_input_is_one_line(local_ray, tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"e5lite: error: 1 of \d+ shards failed in the Ray job, the first: shard-\d+ \(x.jsonl bytes "
                         r"\d+-\d+\): \S*/x.jsonl line 71 \(byte \d+\): no field 'text' \(set --field\); .*", err), err
+
+
+def test_int8_on_ray(local_ray, tiny_dir, small_corpus, tmp_path):
+    """--engine ray --precision int8: a Ray task computes the ranges from the first --calibration texts before
+    any actor starts, the manifest records them, and the actors quantise every shard with them."""
+    from test_distributed_corpus import quantized_like
+    folder, want, want_ids = small_corpus
+    out = tmp_path / "emb"
+    assert main(args(tiny_dir, folder, out, "--engine", "ray", "--precision", "int8", "--calibration", "100")) == 0
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    np.testing.assert_allclose(run["ranges"], np.vstack((want[:100].min(0), want[:100].max(0))), atol=1e-6, rtol=0)
+    emb, ids = e5lite.read_embeddings(out, with_ids=True)
+    assert ids == want_ids and emb.dtype == np.int8
+    quantized_like(emb, want, run["ranges"])
+    import pyarrow.parquet as pq
+    meta = json.loads(pq.read_schema(out / "shard-00000.parquet").metadata[b"e5lite"])
+    assert meta["precision"] == "int8" and meta["ranges"] == run["ranges"]
