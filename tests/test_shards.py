@@ -284,3 +284,23 @@ def test_bad_vector_flags(tiny_dir, tmp_path, capsys, extra, message, output):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "dir").exists() or not any((tmp_path / "dir").glob("shard-*"))
+
+
+def test_queries_in_a_corpus_buckets(tiny_dir, tmp_path, capsys):
+    """--ranges DIR quantises queries with the ranges an int8 corpus run fixed; one text needs them."""
+    texts = [f"passage {i} on {w}" for i, w in enumerate(["rivers", "bridges", "storms"] * 10)]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "corpus"
+    assert main(["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.txt"), "--output", str(out),
+                 "--precision", "int8", "--calibration", "10"]) == 0
+    capsys.readouterr()
+    base = ["embed", "--model", str(tiny_dir), "--prompt-name", "query", "--precision", "int8"]
+    assert main([*base, "how long are bridges"]) == 1
+    assert "--precision int8 of one text needs --ranges" in capsys.readouterr().err
+    assert main([*base, "--ranges", str(out), "how long are bridges"]) == 0
+    got = np.array(json.loads(capsys.readouterr().out))
+    ranges = np.asarray(json.loads((out / "manifest.json").read_text())["run"]["ranges"], np.float32)
+    want = e5lite.load(tiny_dir).encode_queries(["how long are bridges"], precision="int8", ranges=ranges)[0]
+    np.testing.assert_array_equal(got, want)
+    assert main([*base[:-1], "float32", "--ranges", str(out), "x"]) == 1
+    assert "--ranges sets the int8/uint8 buckets" in capsys.readouterr().err
