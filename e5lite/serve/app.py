@@ -46,7 +46,10 @@ LARGE_BODY_BYTES = 1024 * 1024  # decoded in the thread pool, so that the event 
 # Longer integer literals decode as floats (so infinity): no field takes them, and int() of a long literal
 # costs time quadratic in its length (Python refuses past 4,300 digits, with a ValueError).
 MAX_INT_DIGITS = 1000
-SHUTDOWN_CLOSE_S = 2.0  # after draining: for the last responses to be written, and the worker to stop
+SHUTDOWN_CLOSE_S = 2.0
+# Requests of up to this many characters are tokenised on the event loop (tens of microseconds), larger ones in
+# the thread pool so that the loop keeps answering.
+INLINE_CHARS = 2000  # after draining: for the last responses to be written, and the worker to stop
 
 T = TypeVar("T")
 
@@ -369,8 +372,12 @@ class Server:
         ticket = self.admit(items)
 
         async def work():
-            prepared = await run_in_threadpool(self.prepare, items, prefix=prefix, field=field, status=status,
-                                               truncate=truncate, direction=direction, chunk=self.limits.chunk)
+            kw = dict(prefix=prefix, field=field, status=status, truncate=truncate, direction=direction,
+                      chunk=self.limits.chunk)
+            if ticket.chars <= INLINE_CHARS:  # a query: tokenising it costs less than the hop to a thread
+                prepared = self.prepare(items, **kw)
+            else:
+                prepared = await run_in_threadpool(self.prepare, items, **kw)
             return prepared, await self.batcher.embed(prepared.ids, ticket)
 
         try:
