@@ -453,7 +453,7 @@ def _add_embed(sub) -> None:
     e.add_argument("--id-field", default=None, help="--output DIR: record field (Parquet: column) kept as the row "
                                                     "id (default: the row number)")
     e.add_argument("--overwrite", action="store_true", help="--output DIR: discard a previous run there")
-    v = e.add_argument_group("long inputs and compact vectors (every output; README: Long inputs and compact vectors)")
+    v = e.add_argument_group("long inputs and compact vectors (every output; README: Command line)")
     v.add_argument("--long-inputs", default="truncate", choices=["truncate", "chunk"],
                    help="texts past --max-length: truncate (default), or chunk: embed windows of the whole text and "
                         "average them by token count")

@@ -421,7 +421,8 @@ def _shards(out_dir: Path, manifest: dict, embeddings: bool = True):
         else:
             emb = np.load(out_dir / shard["files"][0]) if embeddings else None
             ids = read_json(out_dir / shard["files"][1])
-        if (emb is not None and (emb.shape != (shard["rows"], width) or emb.dtype != dtype)) or len(ids) != shard["rows"]:
+        bad = emb is not None and (emb.shape != (shard["rows"], width) or emb.dtype != dtype)
+        if bad or len(ids) != shard["rows"]:
             raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
                               "records (changed after the run?)")
         yield emb, ids
@@ -974,8 +975,8 @@ def fix_ranges(enc, out_dir, manifest: dict, process_index: int, process_count: 
             raise E5LiteError(f"process 0 failed before fixing the {run['precision']} ranges ({got['error']})")
         run["ranges"] = got["ranges"]
     elif run["ranges"] is None:
-        raise E5LiteError(f"process {process_index}: the {run['precision']} ranges are not in {Path(out_dir) / MANIFEST} "
-                          "yet; without jax.distributed the processes cannot hand them over: run process 0 first "
+        raise E5LiteError(f"process {process_index}: the {run['precision']} ranges are not in "
+                          f"{Path(out_dir) / MANIFEST} yet; without jax.distributed the processes cannot hand them over: run process 0 first "
                           "(it computes them from the first texts), or pass the ranges")
 
 

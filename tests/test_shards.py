@@ -192,7 +192,8 @@ def test_quantized_resume_keeps_the_manifests_ranges(tiny_dir, corpus, tmp_path,
     manifest.update(shards=kept, rows=sum(s["rows"] for s in kept), offset=kept[-1]["end_offset"], complete=False)
     (out / "manifest.json").write_text(json.dumps(manifest))
     for changed, name in ((("--precision", "int8", "--truncate-dim", "24", "--calibration", "200"), "precision"),
-                          (("--precision", "uint8", "--truncate-dim", "16", "--calibration", "200"), "dim, truncate_dim"),
+                          (("--precision", "uint8", "--truncate-dim", "16", "--calibration", "200"),
+                           "dim, truncate_dim"),
                           (("--precision", "uint8", "--truncate-dim", "24", "--calibration", "100"), "calibration"),
                           (("--precision", "uint8", "--truncate-dim", "24", "--calibration", "200", "--long-inputs",
                             "chunk"), "long_inputs")):
@@ -262,7 +263,8 @@ def test_long_inputs_chunk_equals_encode(tiny_dir, tmp_path):
      "chunk_overlap must be less than the window of 62 text tokens"),
     (["--calibration", "10"], "--calibration sets the int8/uint8 buckets: it needs --precision int8 or uint8"),
     (["--precision", "binary", "--ranges", "{tmp}/r.npy"], "--ranges sets the int8/uint8 buckets"),
-    (["--precision", "int8", "--calibration", "10", "--ranges", "{tmp}/r.npy"], "--calibration N and --ranges: pass one"),
+    (["--precision", "int8", "--calibration", "10", "--ranges", "{tmp}/r.npy"],
+     "--calibration N and --ranges: pass one"),
     (["--precision", "int8", "--ranges", "{tmp}/r.npy"], "--ranges {tmp}/r.npy has 16 dimensions; the vectors have 32"),
     (["--precision", "int8", "--ranges", "{tmp}/bad.npy"], "expected shape (2, dim)"),
     (["--precision", "int8", "--ranges", "{tmp}/nothing.npy"], "--ranges {tmp}/nothing.npy: no such file"),
