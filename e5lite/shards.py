@@ -976,8 +976,8 @@ def fix_ranges(enc, out_dir, manifest: dict, process_index: int, process_count: 
         run["ranges"] = got["ranges"]
     elif run["ranges"] is None:
         raise E5LiteError(f"process {process_index}: the {run['precision']} ranges are not in "
-                          f"{Path(out_dir) / MANIFEST} yet; without jax.distributed the processes cannot hand them over: run process 0 first "
-                          "(it computes them from the first texts), or pass the ranges")
+                          f"{Path(out_dir) / MANIFEST} yet; without jax.distributed the processes cannot hand them "
+                          "over: run process 0 first (it computes them from the first texts), or pass the ranges")
 
 
 def wait_after_failure(process_index: int, process_count: int, error: BaseException) -> None:
