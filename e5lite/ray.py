@@ -45,7 +45,9 @@ class Embedder:
 
     Loads the model once per actor (``e5lite.load`` with ``revision``, ``dtype``, ``max_length`` and engine
     ``knobs``); batches come as Ray gives them (dicts of numpy arrays, pandas DataFrames or pyarrow Tables)
-    and leave in the same form. The engine batches by its token budget, not by Ray's ``batch_size``, and the
+    and leave in the same form. ``long_inputs``, ``chunk_overlap``, ``truncate_dim`` and ``precision`` as in
+    ``Encoder.encode``; int8/uint8 need ``ranges`` [2, dim] (buckets computed per batch would differ from batch
+    to batch: compute them once, e.g. from a sample's float vectors, or take a corpus run's). The engine batches by its token budget, not by Ray's ``batch_size``, and the
     layout chosen on the first batch is kept, so however Ray sizes its batches the compiled shapes stay
     bounded (at most 16 per layout; ``compiled_shapes``).
     """
@@ -53,8 +55,11 @@ class Embedder:
     def __init__(self, model, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
                  field: str = "text", id_field: str | None = None, keep_columns=(), normalize: bool = True,
                  output_column: str = "embedding", revision: str | None = None, dtype="float32",
-                 max_length: int | None = None, batch_size: int | None = None, **knobs):
+                 max_length: int | None = None, batch_size: int | None = None, long_inputs: str = "truncate",
+                 chunk_overlap: int = 0, truncate_dim: int | None = None, precision: str = "float32", ranges=None,
+                 **knobs):
         from .encoder import load
+        from .shards import output_options
         for name, value in (("field", field), ("output_column", output_column)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty str, got {value!r}")
@@ -64,8 +69,15 @@ class Embedder:
             raise ValueError(f"keep_columns must be a list of column names, got {keep_columns!r}")
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        if precision in ("int8", "uint8") and ranges is None:
+            raise ValueError(f"precision={precision!r} needs ranges (shape (2, dim)): the same buckets for every "
+                             "batch, which no batch can compute alone")
         self.encoder = load(model, revision=revision, dtype=dtype, max_length=max_length, **knobs)
         self.prefix = self.encoder.prompt_prefix(prompt_name, prompt, task)
+        # the corpus run's vector steps (shards.prepare / vectors / stored), with these options
+        self.run = {"prompt": self.prefix, "normalize": normalize,
+                    **output_options(self.encoder.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
+                                     truncate_dim=truncate_dim, precision=precision, ranges=ranges)}
         self.field, self.id_field, self.output_column = field, id_field, output_column
         self.keep = [id_field] * (id_field is not None) + [c for c in keep_columns if c != id_field]
         self.normalize, self.batch_size, self._pinned = normalize, batch_size, False
@@ -107,15 +119,17 @@ class Embedder:
         return value.item() if isinstance(value, np.generic) else value
 
     def __call__(self, batch):
-        from .shards import embed_local
+        from .shards import _arrow_type, prepare, stored, stored_layout, vectors
         texts, kind = self._texts(batch)
-        token_ids = self.encoder.tokenize(texts, prompt=self.prefix)
+        prepared, _ = prepare(self.encoder, texts, self.run)
+        token_ids = prepared.ids if hasattr(prepared, "owner") else prepared  # chunk mode: the windows
         if token_ids and not self._pinned:
             self._pin_layout(token_ids)
-        emb = embed_local(self.encoder, token_ids, normalize=self.normalize, batch_size=self.batch_size)
+        emb = stored(vectors(self.encoder, prepared, self.run, batch_size=self.batch_size), self.run)
         if kind == "arrow":
             import pyarrow as pa
-            vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+            width = stored_layout(self.run)[1]
+            vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), _arrow_type(emb.dtype)), width)
             return pa.table({**{c: batch.column(c) for c in self.keep}, self.output_column: vec})
         if kind == "pandas":
             import pandas as pd

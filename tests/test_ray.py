@@ -59,6 +59,26 @@ def test_embedder_any_batch_sizes_and_formats(tiny_dir, texts):
         emb({"_id": np.array(["w"]), "body": np.array(["b"]), "n": np.arange(1)})
 
 
+def test_embedder_long_inputs_and_compact_vectors(tiny_dir, texts):
+    """Embedder(long_inputs="chunk", truncate_dim=, precision=, ranges=) in batches equals encode() with the same
+    options; int8 without ranges is refused (each batch would pick its own buckets)."""
+    import pyarrow as pa
+    long_texts = sorted(texts, key=len)[-40:]
+    enc = e5lite.load(tiny_dir, max_length=64)
+    opts = dict(prompt_name="passage", long_inputs="chunk", chunk_overlap=4, truncate_dim=16)
+    floats = enc.encode(long_texts, **opts)
+    ranges = np.vstack((floats.min(0), floats.max(0)))
+    want = enc.encode(long_texts, **opts, precision="int8", ranges=ranges)
+    emb = Embedder(tiny_dir, max_length=64, field="text", precision="int8", ranges=ranges, **opts)
+    out = [emb(pa.table({"text": long_texts[:15]})), emb({"text": np.array(long_texts[15:], dtype=object)})]
+    assert out[0].schema.field("embedding").type.value_type == pa.int8()
+    got = np.concatenate([np.stack(out[0].column("embedding").to_pylist()), np.stack(list(out[1]["embedding"]))])
+    diff = np.abs(got.astype(np.int16) - want)  # other batch-mates: a value on a bucket edge may move one step
+    assert diff.max() <= 1 and (diff > 0).sum() <= 2, diff.sum()
+    with pytest.raises(ValueError, match="precision='uint8' needs ranges"):
+        Embedder(tiny_dir, precision="uint8")
+
+
 def test_embedder_in_map_batches(local_ray, tiny_dir, texts):
     ds = ray.data.from_items([{"_id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": str(tiny_dir), "prompt_name": "passage",
