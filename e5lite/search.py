@@ -91,6 +91,10 @@ def corpus_size(corpus) -> tuple[int, int]:
     if isinstance(corpus, (str, os.PathLike)):
         from .shards import open_embeddings
         manifest = open_embeddings(corpus)
+        precision = manifest["run"].get("precision", "float32")
+        if precision != "float32":  # scoring the stored ints or packed bits as floats would be silently wrong
+            raise ValueError(f"{corpus} holds {precision} embeddings (e5lite embed --precision {precision}); exact "
+                             "search needs float32 ones: embed the corpus without --precision")
         return manifest["rows"], manifest["run"]["dim"]
     if getattr(corpus, "ndim", None) != 2:
         raise ValueError(f"corpus must be a [n, dim] array or an embeddings folder, got {type(corpus).__name__} "

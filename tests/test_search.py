@@ -70,6 +70,11 @@ def test_reads_an_embeddings_folder_shard_by_shard(tiny_dir, tmp_path):
     in_memory = e5lite.search(queries, rows, 10)
     np.testing.assert_array_equal(from_folder[1], in_memory[1])
     np.testing.assert_allclose(from_folder[0], in_memory[0], atol=1e-6, rtol=0)
+    # a quantised folder holds ints or packed bits, not vectors to score: refused, naming the folder
+    embed_corpus(enc, tmp_path / "corpus.txt", tmp_path / "emb8", settings={}, rows_per_shard=10,
+                 prompt_name="passage", show_progress=False, precision="binary")
+    with pytest.raises(ValueError, match="emb8 holds binary embeddings .* exact search needs float32 ones"):
+        e5lite.search(queries, tmp_path / "emb8", 10)
 
 
 @pytest.mark.parametrize("call, message", [
