@@ -54,7 +54,7 @@ def _write_output(emb, output: str | None) -> None:
 def _load(args):
     from .encoder import load
     return load(args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length,
-                token_budget=args.token_budget, streams=args.streams)
+                token_budget=args.token_budget, streams=args.streams, weights=getattr(args, "weights", None))
 
 
 def is_output_dir(output: str) -> bool:
@@ -420,6 +420,9 @@ def _common(p) -> None:
     p.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--weights", default=None, choices=["bfloat16"],
+                   help="bfloat16: the layers' matmul weights in bfloat16 with float32 compute (faster one-query "
+                        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries)")
     p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
     p.add_argument("--token-budget", type=int, default=None,

@@ -30,13 +30,29 @@ from . import batching
 from .attention import resolve_attention_impl
 from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
-from .model import Params, forward
+from .model import MATMUL_WEIGHTS, Params, forward
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
 from .settings import EngineSettings
 
 # (start, end) -> the token id sequences of inputs start..end-1 (a Ragged or a list of arrays): tokenising
 # texts, or slicing given ids.
 Source = Callable[[int, int], Sequence[np.ndarray]]
+
+
+WEIGHTS = ("float32", "bfloat16")
+
+
+def check_weights(weights: str | None, dtype) -> str:
+    """The storage of the layers' matmul weights: None -> the compute dtype's; "bfloat16" with float32 compute
+    (bf16 operands, float32 accumulation and activations: ``model.project``)."""
+    name = jnp.dtype(dtype).name
+    if weights is None or weights == name:
+        return name
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or None: as dtype), got {weights!r}")
+    if name != "float32":
+        raise ValueError(f"weights={weights!r} needs dtype='float32' (with dtype={name!r} every weight is {name})")
+    return weights
 
 
 @functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl"))
@@ -78,8 +94,9 @@ class Engine:
     left, ``attention_impl`` the one that runs); ``stats`` and ``compiled_shapes`` accumulate over calls."""
 
     def __init__(self, config: BertConfig, params: Params, *, pooling: str, max_length: int, pad_id: int,
-                 dtype, settings: EngineSettings = EngineSettings(), devices=None):
+                 dtype, settings: EngineSettings = EngineSettings(), devices=None, weights: str | None = None):
         self.config, self.pooling, self.max_length, self.pad_id, self.dtype = config, pooling, max_length, pad_id, dtype
+        self.weights = check_weights(weights, dtype)
         self.devices = list(devices or jax.local_devices())
         self.platform = self.devices[0].platform
         self.settings = self._resolve(settings)
@@ -100,7 +117,12 @@ class Engine:
     def set_params(self, params: Params) -> None:
         """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
         like the originals; the compiled shapes stay valid."""
-        self.params = jax.device_put(jax.tree.map(lambda x: x.astype(self.dtype), params), self._param_sharding)
+        params = jax.tree.map(lambda x: x.astype(self.dtype), params)
+        if self.weights != jnp.dtype(self.dtype).name:  # narrower matmul weights, float32 around them
+            narrow = jnp.dtype(self.weights)
+            params = params._replace(layers=params.layers._replace(
+                **{f: getattr(params.layers, f).astype(narrow) for f in MATMUL_WEIGHTS}))
+        self.params = jax.device_put(params, self._param_sharding)
 
     def _resolve(self, settings: EngineSettings) -> EngineSettings:
         s = settings.for_platform(self.platform)

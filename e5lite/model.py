@@ -107,24 +107,36 @@ def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMas
                    dropout: Dropout | None = None, output_attentions: bool = False):
     """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout), and with
     ``output_attentions`` also the probabilities [B, N, S, T]."""
-    prec = precision(x_BSD.dtype)
     # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs. The 1/sqrt(K) query scale is
     # folded into the query weights and bias.
-    scale = jnp.asarray(1.0 / config.head_dim ** 0.5, p.q_DNK.dtype)
-    qkv_DCNK = jnp.stack([p.q_DNK * scale, p.k_DNK, p.v_DNK], axis=1)
-    qkv_bias_CNK = jnp.stack([p.q_bias_NK * scale, p.k_bias_NK, p.v_bias_NK])
-    qkv_BSCNK = jnp.einsum("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK, precision=prec) + qkv_bias_CNK
+    scale = 1.0 / config.head_dim ** 0.5
+    scaled = lambda w: (w.astype(jnp.float32) * scale).astype(w.dtype)  # noqa: E731 (rounded once, any dtype)
+    qkv_DCNK = jnp.stack([scaled(p.q_DNK), p.k_DNK, p.v_DNK], axis=1)
+    qkv_bias_CNK = jnp.stack([scaled(p.q_bias_NK), p.k_bias_NK, p.v_bias_NK])
+    qkv_BSCNK = project("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK) + qkv_bias_CNK
     ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
                                     None if dropout is None else (dropout.rng, dropout.attention))
-    out_BSD = jnp.einsum("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, precision=prec) + p.o_bias_D
+    out_BSD = project("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD) + p.o_bias_D
     return (out_BSD, attention_probs(qkv_BSCNK, mask)) if output_attentions else out_BSD
 
 
 def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
-    prec = precision(x_BSD.dtype)
-    h_BSF = jnp.einsum("BSD,DF->BSF", x_BSD, p.ffn_in_DF, precision=prec) + p.ffn_in_bias_F
+    h_BSF = project("BSD,DF->BSF", x_BSD, p.ffn_in_DF) + p.ffn_in_bias_F
     h_BSF = activation(h_BSF, config.activation)
-    return jnp.einsum("BSF,FD->BSD", h_BSF, p.ffn_out_FD, precision=prec) + p.ffn_out_bias_D
+    return project("BSF,FD->BSD", h_BSF, p.ffn_out_FD) + p.ffn_out_bias_D
+
+
+# The matmul weights of a layer: what ``weights="bfloat16"`` stores in bfloat16 (everything else stays float32).
+MATMUL_WEIGHTS = ("q_DNK", "k_DNK", "v_DNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
+
+
+def project(spec: str, x, w):
+    """Activations times a weight matrix. Weights stored narrower than float32 activations (``weights=
+    "bfloat16"``) multiply as bfloat16 operands accumulating in float32: at batch 1 the forward is bound by
+    reading the weights, and this reads half the bytes while the result and everything around it stay float32."""
+    if x.dtype == jnp.float32 and w.dtype != jnp.float32:
+        return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, x, w, precision=precision(x.dtype))
 
 
 def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",

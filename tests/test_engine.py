@@ -241,3 +241,22 @@ def test_warmup_compiles_what_a_query_needs(minilm_dir):
     for k in (1, 2, 3, 4):
         enc.encode_queries(QUERIES[:k])
     assert embed_batch._cache_size() == before  # nothing compiled after the warm-up
+
+
+def test_bfloat16_weights_stay_within_cosine_0999_of_float32(minilm_dir, minilm):
+    """``weights="bfloat16"``: the layers' matmul weights stored in bf16 (bf16 operands, float32 accumulation and
+    activations) against float32 on real text, on the small-input path (one query) and the packed bulk path."""
+    from pydoc_beir import QUERIES, documents
+    b = e5lite.load(minilm_dir, weights="bfloat16")
+    layers = b.engine.params.layers
+    assert b.weights == "bfloat16" and layers.q_DNK.dtype == jnp.bfloat16 and layers.ffn_out_FD.dtype == jnp.bfloat16
+    assert layers.q_bias_NK.dtype == jnp.float32 and b.engine.params.embeddings.word_VD.dtype == jnp.float32
+    texts = [q for _, q, _, _ in QUERIES] + [d["title"] + " " + d["text"] for d in documents()[:120]]
+    cos = np.sum(minilm.encode(texts, prompt_name=None) * b.encode(texts, prompt_name=None), axis=1)
+    assert cos.min() >= 0.999, cos.min()
+    one = b.encode(texts[0])  # a query alone: the small-input path
+    assert float(one @ minilm.encode(texts[0])) >= 0.999
+    with pytest.raises(ValueError, match=r"weights must be one of float32, bfloat16 \(or None: as dtype\), got 'int8'"):
+        e5lite.load(minilm_dir, weights="int8")
+    with pytest.raises(ValueError, match=r"weights='bfloat16' needs dtype='float32'"):
+        e5lite.load(minilm_dir, weights="bfloat16", dtype="float16")

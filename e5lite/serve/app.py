@@ -471,6 +471,7 @@ class Server:
         return JSONResponse({
             "model_id": self.model_name, "model_dir": str(enc.model_dir), "dim": enc.dim,
             "max_input_length": enc.max_length, "pooling": enc.pooling, "dtype": enc.dtype.name,
+            "weights": getattr(enc, "weights", enc.dtype.name),
             "devices": [str(d) for d in enc.devices], "attention_impl": enc.settings.attention_impl,
             "prompts": enc.prompts, "default_prompt_name": enc.default_prompt_name,
             "max_client_batch_size": limits.max_inputs, "max_batch_tokens": limits.max_batch_tokens,
