@@ -55,24 +55,26 @@ def check_weights(weights: str | None, dtype) -> str:
     return weights
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl", "unroll"))
 def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool,
-                attention_impl: str = "xla"):
-    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm)."""
-    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl)
+                attention_impl: str = "xla", unroll: bool = False):
+    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm).
+    ``unroll``: the layers unrolled rather than scanned (see ``Engine.unroll``)."""
+    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl, unroll=unroll)
     out_BD = pool(hidden_BSD, attention_mask, pooling)
     return l2_normalize(out_BD) if normalize else out_BD
 
 
 @functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl",
-                                             "attention_window"))
+                                             "attention_window", "unroll"))
 def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
-                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None):
+                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None,
+                 unroll: bool = False):
     """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
     g (1..G) of row b lands at b * G + g - 1 and G = num_segments. ``attention_window``: see ``forward``."""
     hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
                          position_ids=position_ids, attention_impl=attention_impl,
-                         attention_window=attention_window)
+                         attention_window=attention_window, unroll=unroll)
     out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
     out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
     return out_BGD.reshape(-1, out_BGD.shape[-1])
@@ -97,6 +99,9 @@ class Engine:
                  dtype, settings: EngineSettings = EngineSettings(), devices=None, weights: str | None = None):
         self.config, self.pooling, self.max_length, self.pad_id, self.dtype = config, pooling, max_length, pad_id, dtype
         self.weights = check_weights(weights, dtype)
+        # XLA:CPU runs bf16 x bf16 -> f32 dots slowly inside the layer scan's loop and fast unrolled (float32 the
+        # other way round; BENCHMARKS.md, "One-query latency"), so narrow weights unroll the layers.
+        self.unroll = self.weights != jnp.dtype(dtype).name
         self.devices = list(devices or jax.local_devices())
         self.platform = self.devices[0].platform
         self.settings = self._resolve(settings)
@@ -175,7 +180,7 @@ class Engine:
         put = functools.partial(jax.device_put, device=self._batch_sharding)
         self.compiled_shapes.add(batch.shape)
         kw = dict(config=self.config, pooling=self.pooling, normalize=normalize,
-                  attention_impl=self.settings.attention_impl)
+                  attention_impl=self.settings.attention_impl, unroll=self.unroll)
         if batch.packed:
             return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 num_segments=batch.num_segments, attention_window=batch.window, **kw)

@@ -1,7 +1,7 @@
 """One-query latency: e5lite against sentence-transformers, transformers + torch and ONNX Runtime, interleaved in one
 process on real short queries; then the server's round trip against in-process ``encode``.
 
-    python tools/bench_latency.py                      # all-MiniLM-L6-v2, 111 queries x 3 rounds
+    python tools/bench_latency.py                      # all-MiniLM-L6-v2, 111 queries x 3 rounds, 3 fresh servers
     python tools/bench_latency.py --rounds 5 --peers e5lite,e5lite-bf16,st,torch,ort --no-server
     python tools/bench_latency.py --no-server --peers e5lite --weight-study   # weight formats at batch 1
 
@@ -44,7 +44,9 @@ def make_peers(names: list[str], model_dir: Path, scratch: Path) -> dict:
     for name in names:
         if name.startswith("e5lite"):
             import e5lite
-            enc = e5lite.load(model_dir, dtype="bfloat16" if name == "e5lite-bf16" else "float32")
+            # e5lite-bf16: bfloat16 compute; e5lite-bf16w: the opt-in weights="bfloat16" (float32 compute)
+            enc = e5lite.load(model_dir, dtype="bfloat16" if name == "e5lite-bf16" else "float32",
+                              weights="bfloat16" if name == "e5lite-bf16w" else None)
             enc.warmup()
             peers[name] = lambda q, enc=enc: enc.encode(q)
         elif name == "st":
@@ -314,7 +316,7 @@ def server_round_trip(model_dir: Path, qs: list[str], rounds: int, in_process, s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a model folder (default: the real all-MiniLM-L6-v2)")
-    ap.add_argument("--peers", default="e5lite,st,torch,ort")
+    ap.add_argument("--peers", default="e5lite,e5lite-bf16w,st,torch,ort")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--starts", type=int, default=3, help="fresh servers whose first request is timed")
