@@ -318,6 +318,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a model folder (default: the real all-MiniLM-L6-v2)")
     ap.add_argument("--peers", default="e5lite,e5lite-bf16w,st,torch,ort")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--order", default="interleaved", choices=["interleaved", "blocks"],
+                    help="interleaved: every peer on a query before the next (a noisy machine slows all alike, "
+                         "but each peer also runs among the others' thread pools and cache traffic); blocks: "
+                         "each peer its whole round of queries in turn, rounds rotating the order")
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--starts", type=int, default=3, help="fresh servers whose first request is timed")
     ap.add_argument("--weight-study", action="store_true", help="also time the weight-format prototypes")
@@ -331,17 +335,22 @@ def main() -> None:
         times = {n: [] for n in names}
         outs = {n: {} for n in names}
         for r in range(args.rounds + 1):
-            for i, q in enumerate(qs):
-                k = (r * len(qs) + i) % len(names)
-                for n in names[k:] + names[:k]:
-                    t0 = time.perf_counter()
-                    v = peers[n]("query: " + q)
-                    if r:
-                        times[n].append(time.perf_counter() - t0)
-                    outs[n][i] = v
+            if args.order == "blocks":  # each peer its whole round, as one model in a process runs
+                order = [(n, i) for k in range(len(names)) for n in [names[(r + k) % len(names)]]
+                         for i in range(len(qs))]
+            else:  # every peer on a query before the next query, the order rotating
+                order = [(n, i) for i in range(len(qs))
+                         for n in names[(r * len(qs) + i) % len(names):] + names[:(r * len(qs) + i) % len(names)]]
+            for n, i in order:
+                t0 = time.perf_counter()
+                v = peers[n]("query: " + qs[i])
+                if r:
+                    times[n].append(time.perf_counter() - t0)
+                outs[n][i] = v
         ref = next((n for n in ("st", "torch") if n in peers), names[0])
         print(f"# e5lite one-query latency  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {os.cpu_count()} "
-              f"cpus  {model_dir.name}  {len(qs)} queries x {args.rounds} rounds (after a warm-up round)")
+              f"cpus  {model_dir.name}  {len(qs)} queries x {args.rounds} rounds (after a warm-up round), "
+              f"order {args.order}")
         base = percentiles(times[ref])[0]
         print(f"| peer | p50 ms | p99 ms | p50 vs {ref} | min cos vs {ref} |")
         print("|---|---|---|---|---|")
