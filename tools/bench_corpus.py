@@ -79,6 +79,7 @@ class TreeMonitor:
 
     def __init__(self, pids: list[int], interval: float = 0.05):
         self.pids, self.interval, self.peak_sum, self.peak_one, self.peak_anon = pids, interval, 0.0, 0.0, 0.0
+        self.peak_procs = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -95,6 +96,7 @@ class TreeMonitor:
             self.peak_anon = max(self.peak_anon, sum(_rss_mb(p, "RssAnon") for p in tree))
             self.peak_sum = max(self.peak_sum, sum(rss))
             self.peak_one = max(self.peak_one, max(rss, default=0.0))
+            self.peak_procs = max(self.peak_procs, len(tree))
             time.sleep(self.interval)
 
     def stop(self):
@@ -154,7 +156,7 @@ def run_mode(mode: str, model: Path, corpus: Path, out: Path, shard_size: str, l
     else:  # the row-shard manifest: first written before the first shard, last after the last
         start, end = first_manifest, (out / "manifest.json").stat().st_mtime
     return {"mode": mode, "wall_s": wall, "embed_s": end - start, "startup_s": wall - (end - start),
-            "peak_sum_mb": mon.peak_sum, "peak_one_mb": mon.peak_one, "peak_anon_mb": mon.peak_anon,
+            "peak_sum_mb": mon.peak_sum, "peak_one_mb": mon.peak_one, "peak_anon_mb": mon.peak_anon, "peak_procs": mon.peak_procs,
             "commands": len(cmds)}
 
 
@@ -236,8 +238,9 @@ def memory(args, tmp: Path) -> None:
     modes = tuple(args.memory_modes.split(","))
     if not set(modes) <= set(MODES):
         raise SystemExit(f"--memory-modes: any of {MODES}")
-    print("\n## Memory: a small random BERT (2 layers x 128), default shard sizes\n")
-    print("| passages | input MB | " + " | ".join(f"{m}: peak RSS MB, all (private; largest process) | {m}: wall s"
+    print(f"\n## Memory: a small random BERT (2 layers x 128), shard size {args.memory_shard_size}\n")
+    print("| passages | input MB | " + " | ".join(f"{m}: peak RSS MB, all (private; largest process; processes) | "
+                                                  f"{m}: wall s"
                                                   for m in modes) + " |")
     print("|---|---|" + "---|---|" * len(modes))
     for n in map(int, args.sizes.split(",")):
@@ -247,9 +250,10 @@ def memory(args, tmp: Path) -> None:
         for mode in modes:
             out = tmp / f"mem-out-{mode}"
             shutil.rmtree(out, ignore_errors=True)
-            r = run_mode(mode, model, corpus, out, "8M", tmp)
+            r = run_mode(mode, model, corpus, out, args.memory_shard_size, tmp)
             shutil.rmtree(out, ignore_errors=True)
-            cells.append(f"{r['peak_sum_mb']:,.0f} ({r['peak_anon_mb']:,.0f}; {r['peak_one_mb']:,.0f}) | "
+            cells.append(f"{r['peak_sum_mb']:,.0f} ({r['peak_anon_mb']:,.0f}; {r['peak_one_mb']:,.0f}; "
+                         f"{r['peak_procs']}) | "
                          f"{r['wall_s']:.0f}")
             print(f"  {n:,} {mode}: {r['peak_sum_mb']:,.0f} MB, {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
         corpus.unlink()
@@ -263,6 +267,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="part 1's modes, comma-separated (local first)")
     ap.add_argument("--shard-size", default="256K", help="--shard-size of the planned modes in part 1")
     ap.add_argument("--sizes", default="10000,100000,1000000", help="passages of part 2")
+    ap.add_argument("--memory-shard-size", default="8M", help="--shard-size of part 2 (8M: the default)")
     ap.add_argument("--memory-modes", default="local,per-host 2 procs,ray 2 actors", help="part 2's modes")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
