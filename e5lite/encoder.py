@@ -18,7 +18,7 @@ from .batching import Batch
 from .config import BertConfig
 from .engine import Engine, check_weights
 from .errors import E5LiteError
-from .long_inputs import Windows, check_long_inputs, combine, split
+from .long_inputs import check_long_inputs, embed_windows, split
 from .model import Params
 from .pooling import read_pooling_mode
 from .quantize import (check_precision, check_ranges, check_truncate_dim, quantize_embeddings,
@@ -261,7 +261,10 @@ class Encoder:
         if truncate_dim is not None:  # ST normalises after cutting: the device returns the whole pooled vector
             kw["normalize"] = False
         if long_inputs == "chunk":
-            out = self._encode_windows(split(self.tokenizer, texts, prefix, chunk_overlap), kw)
+            def embed(ids, normalize):
+                return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), **{**kw, "normalize": normalize})
+            out = embed_windows(split(self.tokenizer, texts, prefix, chunk_overlap), embed, kw["normalize"],
+                                self.dim)
         else:
             tokenize = self._tokenizer_for(prefix)
             out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts), **kw)
@@ -270,25 +273,6 @@ class Encoder:
         if precision != "float32":
             out = quantize_embeddings(out, precision, ranges, calibration_embeddings)
         return out[0] if single else out
-
-    def _encode_windows(self, windows: Windows, kw: dict) -> np.ndarray:
-        """Texts of one window embed as the truncating path does (normalised on the device, as asked); the
-        windows of longer texts embed un-normalised and are combined on the host."""
-        counts_N = windows.counts
-        first_N = np.searchsorted(windows.owner, np.arange(windows.n))
-        single_N = counts_N == 1
-        one = [windows.ids[k] for k in first_N[single_N]]
-        out_ND = np.empty((windows.n, self.dim), np.float32)
-        out_ND[single_N] = self.engine.run(lambda lo, hi: one[lo:hi], len(one), **kw)
-        if not single_N.all():
-            many_M = np.flatnonzero(~single_N)
-            keep_K = ~single_N[windows.owner]
-            sub = Windows(ids=[w for w, k in zip(windows.ids, keep_K) if k],
-                          owner=np.searchsorted(many_M, windows.owner[keep_K]), weight=windows.weight[keep_K],
-                          n=len(many_M))
-            rows_KD = self.engine.run(lambda lo, hi: sub.ids[lo:hi], len(sub.ids), **{**kw, "normalize": False})
-            out_ND[many_M] = combine(sub, rows_KD, kw["normalize"])
-        return out_ND
 
     def _run_kw(self, normalize, batch_size, show_progress_bar) -> dict:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)

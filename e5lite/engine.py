@@ -59,7 +59,7 @@ def check_weights(weights: str | None, dtype) -> str:
 def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool,
                 attention_impl: str = "xla", unroll: bool = False):
     """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm).
-    ``unroll``: the layers unrolled rather than scanned (see ``Engine.unroll``)."""
+    ``unroll``: the layers unrolled rather than scanned (see ``Engine.narrow_weights``)."""
     hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl, unroll=unroll)
     out_BD = pool(hidden_BSD, attention_mask, pooling)
     return l2_normalize(out_BD) if normalize else out_BD
@@ -99,9 +99,6 @@ class Engine:
                  dtype, settings: EngineSettings = EngineSettings(), devices=None, weights: str | None = None):
         self.config, self.pooling, self.max_length, self.pad_id, self.dtype = config, pooling, max_length, pad_id, dtype
         self.weights = check_weights(weights, dtype)
-        # XLA:CPU runs bf16 x bf16 -> f32 dots slowly inside the layer scan's loop and fast unrolled (float32 the
-        # other way round; BENCHMARKS.md, "One-query latency"), so narrow weights unroll the layers.
-        self.unroll = self.weights != jnp.dtype(dtype).name
         self.devices = list(devices or jax.local_devices())
         self.platform = self.devices[0].platform
         self.settings = self._resolve(settings)
@@ -119,11 +116,18 @@ class Engine:
         self._pools_lock = threading.Lock()
         weakref.finalize(self, _shutdown, self._pools)
 
+    @property
+    def narrow_weights(self) -> bool:
+        """The matmul weights are stored narrower than the compute dtype (``weights="bfloat16"``). Such an
+        engine also unrolls the layers: XLA:CPU runs bf16 x bf16 -> f32 dots slowly inside the layer scan's
+        loop and fast unrolled (float32 the other way round; BENCHMARKS.md, "One-query latency")."""
+        return self.weights != jnp.dtype(self.dtype).name
+
     def set_params(self, params: Params) -> None:
         """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
         like the originals; the compiled shapes stay valid."""
         params = jax.tree.map(lambda x: x.astype(self.dtype), params)
-        if self.weights != jnp.dtype(self.dtype).name:  # narrower matmul weights, float32 around them
+        if self.narrow_weights:  # float32 around them
             narrow = jnp.dtype(self.weights)
             params = params._replace(layers=params.layers._replace(
                 **{f: getattr(params.layers, f).astype(narrow) for f in MATMUL_WEIGHTS}))
@@ -180,7 +184,7 @@ class Engine:
         put = functools.partial(jax.device_put, device=self._batch_sharding)
         self.compiled_shapes.add(batch.shape)
         kw = dict(config=self.config, pooling=self.pooling, normalize=normalize,
-                  attention_impl=self.settings.attention_impl, unroll=self.unroll)
+                  attention_impl=self.settings.attention_impl, unroll=self.narrow_weights)
         if batch.packed:
             return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 num_segments=batch.num_segments, attention_window=batch.window, **kw)
@@ -223,8 +227,8 @@ class Engine:
         vectors mean pooling averages). Padded batches planned as ``encode``'s small path (length buckets),
         so a handful of shapes compile."""
         out: list = [None] * len(ids)
+        put = functools.partial(jax.device_put, device=self._batch_sharding)
         for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
-            put = functools.partial(jax.device_put, device=self._batch_sharding)
             self.compiled_shapes.add(("states", *batch.shape))
             states_BSD = np.asarray(hidden_states(self.params, put(batch.input_ids), put(batch.attention_mask),
                                                   config=self.config, attention_impl=self.settings.attention_impl))

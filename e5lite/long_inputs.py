@@ -138,3 +138,22 @@ def combine(windows: Windows, rows: np.ndarray, normalize: bool) -> np.ndarray:
         single = counts_N == 1
         out_ND[single] = rows_KD[np.searchsorted(windows.owner, np.flatnonzero(single))]
     return l2_normalize_np(out_ND) if normalize else out_ND
+
+
+def embed_windows(windows: Windows, embed, normalize: bool, dim: int) -> np.ndarray:
+    """One vector per text [n, dim] float32, ``embed(ids, normalize)`` running the model on a list of id
+    sequences. Texts of one window embed as the truncating path does (normalised on the device, as asked); the
+    windows of longer texts embed un-normalised and are combined on the host. ``encode`` and corpus runs."""
+    single_N = windows.counts == 1
+    first_N = np.searchsorted(windows.owner, np.arange(windows.n))
+    out_ND = np.empty((windows.n, dim), np.float32)
+    if single_N.any():
+        out_ND[single_N] = embed([windows.ids[k] for k in first_N[single_N]], normalize)
+    if not single_N.all():
+        many_M = np.flatnonzero(~single_N)
+        keep_K = ~single_N[windows.owner]
+        sub = Windows(ids=[w for w, k in zip(windows.ids, keep_K) if k],
+                      owner=np.searchsorted(many_M, windows.owner[keep_K]), weight=windows.weight[keep_K],
+                      n=len(many_M))
+        out_ND[many_M] = combine(sub, embed(sub.ids, False), normalize)
+    return out_ND

@@ -36,7 +36,7 @@ from .corpus_inputs import (CHUNK_ROWS, SHARD_BYTES, describe_inputs, describe_s
                             read_shard, resolve_inputs, shard_bytes_of)
 from .errors import E5LiteError, InputError
 from .files import fsync, read_json, read_records, write_atomic
-from .long_inputs import Windows, check_long_inputs, combine, split
+from .long_inputs import Windows, check_long_inputs, embed_windows, split
 from .quantize import (check_precision, check_ranges, check_truncate_dim, output_dim, output_dtype,
                        quantize_embeddings, truncate)
 
@@ -158,21 +158,8 @@ def vectors(enc, prepared, run: dict, *, batch_size: int | None = None, local: b
     def embed(ids, norm):
         return enc.embed_ids(ids, normalize=norm, batch_size=batch_size, show_progress_bar=False, local=local)
 
-    if isinstance(prepared, Windows):
-        # As encode: texts of one window embed as the truncating path does; the windows of longer texts
-        # embed un-normalised and are averaged on the host.
-        w = prepared
-        single = w.counts == 1
-        first = np.searchsorted(w.owner, np.arange(w.n))
-        x = np.empty((w.n, enc.dim), np.float32)
-        if single.any():
-            x[single] = embed([w.ids[k] for k in first[single]], normalize)
-        if not single.all():
-            many = np.flatnonzero(~single)
-            keep = ~single[w.owner]
-            sub = Windows(ids=[ids for ids, k in zip(w.ids, keep) if k], owner=np.searchsorted(many, w.owner[keep]),
-                          weight=w.weight[keep], n=len(many))
-            x[many] = combine(sub, embed(sub.ids, False), normalize)
+    if isinstance(prepared, Windows):  # as encode
+        x = embed_windows(prepared, embed, normalize, enc.dim)
     else:
         x = embed(prepared, normalize)
     return x if dim is None else truncate(x, dim, run["normalize"])
@@ -235,6 +222,17 @@ def read_rows(path: Path, offset: int, first_row: int, field: str | None, id_fie
                                 first_line=None if offset else 1)
 
 
+def _check_shard_format(shard_format: str) -> None:
+    """A known shard format, and pyarrow installed for Parquet (before any work starts)."""
+    if shard_format not in SHARD_FORMATS:
+        raise ValueError(f"shard format must be one of {SHARD_FORMATS}, got {shard_format!r}")
+    if shard_format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise E5LiteError("Parquet shards need pyarrow: pip install 'e5lite[parquet]'") from None
+
+
 def _shard_names(k: int, fmt: str) -> list[str]:
     stem = f"shard-{k:05d}"
     return [f"{stem}.parquet"] if fmt == "parquet" else [f"{stem}.npy", f"{stem}.ids.json"]
@@ -295,13 +293,7 @@ def embed_corpus(enc, input_path: Path, out_dir: Path, *, settings: dict, field:
     from tqdm.auto import tqdm
     if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be a positive int, got {rows_per_shard!r}")
-    if shard_format not in SHARD_FORMATS:
-        raise ValueError(f"shard format must be one of {SHARD_FORMATS}, got {shard_format!r}")
-    if shard_format == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise E5LiteError("--shard-format parquet needs pyarrow: pip install pyarrow") from None
+    _check_shard_format(shard_format)
     output = output_options(enc.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
                             truncate_dim=truncate_dim, precision=precision, calibration=calibration, ranges=ranges)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -747,13 +739,7 @@ def plan_run(input, out_dir, *, dim: int, pooling: str, prompt: str, settings: d
              output: dict | None = None) -> dict:
     """The manifest of a per-host or Ray run: settings, the inputs' identity and the shard plan. ``dim``: the
     model's; ``output``: ``output_options(dim, ...)`` (default: float32 vectors of truncated inputs)."""
-    if shard_format not in SHARD_FORMATS:
-        raise ValueError(f"shard format must be one of {SHARD_FORMATS}, got {shard_format!r}")
-    if shard_format == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise E5LiteError("Parquet shards need pyarrow: pip install 'e5lite[parquet]'") from None
+    _check_shard_format(shard_format)
     shard_bytes = parse_size(shard_size)
     paths = resolve_inputs(input, exclude=out_dir)
     inputs = describe_inputs(paths, json_records=json_records, field=field, id_field=id_field)

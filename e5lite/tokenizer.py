@@ -288,13 +288,11 @@ class TextTokenizer:
         encodings = self._encode_with(self._variant("left", direction="left"), list(texts), offset)
         return [np.asarray(e.ids, np.int32) for e in encodings]
 
-    def encode_tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True, direction: str | None = None,
-                      offset: int = 0) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
+    def encode_tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True, offset: int = 0
+                      ) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
         """Per text, per token: (id, token string, special?, (start, stop) character offsets in the text, or
-        None for a special token); truncated to max length from ``direction`` ("left", "right"), or not at all
-        (None: TEI's ``/tokenize``)."""
-        tok = self._variant(direction, direction=direction) if direction else self._variant("none")
-        encodings = self._encode_with(tok, list(texts), offset, add_special_tokens=add_special_tokens)
+        None for a special token), not truncated (TEI's ``/tokenize``)."""
+        encodings = self._encode_with(self._variant("none"), list(texts), offset, add_special_tokens=add_special_tokens)
         return [[(i, t, bool(s), None if s else (a, b))
                  for i, t, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)]
                 for e in encodings]

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from .. import __version__
 from .. import long_inputs
 from ..errors import ApiError, TextTooLongError
+from ..quantize import l2_normalize_np
 from ..settings import EngineSettings
 from .batcher import Batcher, TokenEmbedder
 from .limits import Limits
@@ -46,10 +47,10 @@ LARGE_BODY_BYTES = 1024 * 1024  # decoded in the thread pool, so that the event 
 # Longer integer literals decode as floats (so infinity): no field takes them, and int() of a long literal
 # costs time quadratic in its length (Python refuses past 4,300 digits, with a ValueError).
 MAX_INT_DIGITS = 1000
-SHUTDOWN_CLOSE_S = 2.0
+SHUTDOWN_CLOSE_S = 2.0  # after draining: for the last responses to be written, and the worker to stop
 # Requests of up to this many characters are tokenised on the event loop (tens of microseconds), larger ones in
 # the thread pool so that the loop keeps answering.
-INLINE_CHARS = 2000  # after draining: for the last responses to be written, and the worker to stop
+INLINE_CHARS = 2000
 
 T = TypeVar("T")
 
@@ -87,8 +88,6 @@ class ServedEncoder(TokenEmbedder, Protocol):
 
     def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None) -> str: ...
 
-    def encode(self, texts, *, show_progress_bar: bool | None = None) -> np.ndarray: ...
-    def warmup(self, max_length: int = 128) -> list: ...
 
 
 def _decode_int(literal: str) -> int | float:
@@ -171,11 +170,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     await asyncio.wait((task,))  # let the cancellation reach the queue before answering
     raise ClientGone
-
-
-def normalize_rows(x_ND: np.ndarray) -> np.ndarray:
-    """Unit L2 rows, as ``l2_normalize`` (eps 1e-12)."""
-    return x_ND / np.maximum(np.linalg.norm(x_ND, axis=-1, keepdims=True), 1e-12)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -335,22 +329,21 @@ class Server:
             seqs[i] = ids
         if windows is None:
             return Prepared(seqs)
-        # every input's windows in input order: a text's from the split, token ids as one window
-        per_text = {t: [] for t in range(len(texts))}
-        for w, t in enumerate(windows.owner):
-            per_text[int(t)].append(w)
+        # every input's windows in input order: a text's from the split (text k's are consecutive, from
+        # bounds[k] to bounds[k + 1]), token ids as one window
+        bounds = np.searchsorted(windows.owner, np.arange(len(texts) + 1))
+        text_of = {i: k for k, i in enumerate(at)}
         ids, owner, weight = [], [], []
-        texts_of = dict(zip(at, range(len(texts))))
-        for i, x in enumerate(items):
-            if i in texts_of:
-                for w in per_text[texts_of[i]]:
-                    ids.append(windows.ids[w])
-                    owner.append(i)
-                    weight.append(windows.weight[w])
+        for i in range(len(items)):
+            if i in text_of:
+                span = range(bounds[text_of[i]], bounds[text_of[i] + 1])
+                ids += [windows.ids[w] for w in span]
+                weight += [windows.weight[w] for w in span]
             else:
+                span = range(1)
                 ids.append(seqs[i])
-                owner.append(i)
                 weight.append(len(seqs[i]))
+            owner += [i] * len(span)
         return Prepared(ids, long_inputs.Windows(ids=ids, owner=np.asarray(owner, np.int64),
                                                  weight=np.asarray(weight, np.float32), n=len(items)))
 
@@ -387,7 +380,7 @@ class Server:
         rows = prepared.rows(emb)
         if dimensions is not None:
             rows = rows[:, :dimensions]
-        return prepared.tokens, normalize_rows(rows) if normalize else rows
+        return prepared.tokens, l2_normalize_np(rows) if normalize else rows
 
     async def openai_embeddings(self, request: Request) -> Response:
         req = parse(EmbeddingRequest, await read_json(request, EmbeddingRequest.status), **self.context)

@@ -55,41 +55,50 @@ def _is_ids(value) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
+def _check_text(text: str, where: str) -> None:
+    if not text:
+        raise refuse("empty", f"{where} is an empty string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise refuse("string_unicode", f"{where} is not valid Unicode text (a lone surrogate escape)") from None
+
+
+def _check_ids(ids: list[int], where: str, info: ValidationInfo) -> None:
+    vocab = (info.context or {}).get("vocab_size")
+    bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise refuse("token_id", f"{where} has token id {shown(bad)}, outside the vocabulary "
+                                 f"[0, {vocab if vocab is not None else 'vocab_size'})")
+
+
+def _check_count(value: list, info: ValidationInfo) -> list:
+    # the limit is a server flag, so it comes in the validation context rather than the type
+    limit = (info.context or {}).get("max_inputs")
+    if limit is not None and len(value) > limit:
+        raise refuse("too_many_inputs", f"'{info.field_name}' has {len(value)} items; at most {limit} per request")
+    return value
+
+
 def _inputs(value, info: ValidationInfo) -> list:
     """One input or a list of them, each a text or token ids (TEI's ``Input``): a list of texts and id lists
     once validated. Bad items are named by index. Token ids are checked against the vocabulary here; their
     length against the model's maximum where they are embedded (as texts' are)."""
-    field, ctx = info.field_name, info.context or {}
+    field = info.field_name
     if isinstance(value, str) or _is_ids(value):
         value = [value]
     if not isinstance(value, list):
         raise refuse("list_type", f"'{field}' must be a string, a list of strings or token ids, got {json_type(value)}")
     if not value:
         raise refuse("too_short", f"'{field}' must not be empty")
-    vocab = ctx.get("vocab_size")
     for i, item in enumerate(value):
         if isinstance(item, str):
-            if not item:
-                raise refuse("empty", f"{field}[{i}] is an empty string")
-            _check_unicode(item, f"{field}[{i}]")
+            _check_text(item, f"{field}[{i}]")
         elif _is_ids(item):
-            bad = next((t for t in item if t < 0 or (vocab is not None and t >= vocab)), None)
-            if bad is not None:
-                raise refuse("token_id", f"{field}[{i}] has token id {shown(bad)}, outside the vocabulary "
-                                         f"[0, {vocab if vocab is not None else 'vocab_size'})")
+            _check_ids(item, f"{field}[{i}]", info)
         else:
             raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a string or a list of token ids")
-    limit = ctx.get("max_inputs")
-    if limit is not None and len(value) > limit:
-        raise refuse("too_many_inputs", f"'{field}' has {len(value)} items; at most {limit} per request")
-    return value
-
-
-def _check_unicode(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise refuse("string_unicode", f"{where} is not valid Unicode text (a lone surrogate escape)") from None
+    return _check_count(value, info)
 
 
 def _texts(value, info: ValidationInfo) -> list[str]:
@@ -104,13 +113,8 @@ def _texts(value, info: ValidationInfo) -> list[str]:
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a string")
-        if not item:
-            raise refuse("empty", f"{field}[{i}] is an empty string")
-        _check_unicode(item, f"{field}[{i}]")
-    limit = (info.context or {}).get("max_inputs")
-    if limit is not None and len(value) > limit:
-        raise refuse("too_many_inputs", f"'{field}' has {len(value)} items; at most {limit} per request")
-    return value
+        _check_text(item, f"{field}[{i}]")
+    return _check_count(value, info)
 
 
 def _id_lists(value, info: ValidationInfo) -> list[list[int]]:
@@ -121,14 +125,10 @@ def _id_lists(value, info: ValidationInfo) -> list[list[int]]:
     if not isinstance(value, list) or not value:
         raise refuse("list_type", f"'{field}' must be a list of token ids or a list of such lists, got "
                                   f"{json_type(value) if value != [] else 'an empty array'}")
-    vocab = (info.context or {}).get("vocab_size")
     for i, item in enumerate(value):
         if not _is_ids(item):
             raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a list of token ids")
-        bad = next((t for t in item if t < 0 or (vocab is not None and t >= vocab)), None)
-        if bad is not None:
-            raise refuse("token_id", f"{field}[{i}] has token id {shown(bad)}, outside the vocabulary "
-                                     f"[0, {vocab if vocab is not None else 'vocab_size'})")
+        _check_ids(item, f"{field}[{i}]", info)
     return value
 
 
