@@ -44,7 +44,7 @@ WEIGHTS = ("float32", "bfloat16")
 
 def check_weights(weights: str | None, dtype) -> str:
     """The storage of the layers' matmul weights: None -> the compute dtype's; "bfloat16" with float32 compute
-    (bf16 operands, float32 accumulation and activations: ``model.project``)."""
+    (bf16 operands, float32 accumulation and activations: ``matmul.project``)."""
     name = jnp.dtype(dtype).name
     if weights is None or weights == name:
         return name

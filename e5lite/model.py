@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .attention import AttentionMask, attention_probs, drop, multi_head_attention, precision
+from .attention import AttentionMask, attention_probs, drop, multi_head_attention
 from .config import BertConfig
+from .matmul import project
 
 
 class EmbeddingParams(NamedTuple):
@@ -113,30 +114,23 @@ def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMas
     scaled = lambda w: (w.astype(jnp.float32) * scale).astype(w.dtype)  # noqa: E731 (rounded once, any dtype)
     qkv_DCNK = jnp.stack([scaled(p.q_DNK), p.k_DNK, p.v_DNK], axis=1)
     qkv_bias_CNK = jnp.stack([scaled(p.q_bias_NK), p.k_bias_NK, p.v_bias_NK])
-    qkv_BSCNK = project("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK) + qkv_bias_CNK
+    qkv_BSCNK = project("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK, qkv_bias_CNK)
     ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
                                     None if dropout is None else (dropout.rng, dropout.attention))
-    out_BSD = project("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD) + p.o_bias_D
+    out_BSD = project("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, p.o_bias_D)
     return (out_BSD, attention_probs(qkv_BSCNK, mask)) if output_attentions else out_BSD
 
 
 def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
-    h_BSF = project("BSD,DF->BSF", x_BSD, p.ffn_in_DF) + p.ffn_in_bias_F
+    h_BSF = project("BSD,DF->BSF", x_BSD, p.ffn_in_DF, p.ffn_in_bias_F)
     h_BSF = activation(h_BSF, config.activation)
-    return project("BSF,FD->BSD", h_BSF, p.ffn_out_FD) + p.ffn_out_bias_D
+    return project("BSF,FD->BSD", h_BSF, p.ffn_out_FD, p.ffn_out_bias_D)
 
 
 # The matmul weights of a layer: what ``weights="bfloat16"`` stores in bfloat16 (everything else stays float32).
 MATMUL_WEIGHTS = ("q_DNK", "k_DNK", "v_DNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
-
-
-def project(spec: str, x, w):
-    """Activations times a weight matrix. Weights stored narrower than float32 activations (``weights=
-    "bfloat16"``) multiply as bfloat16 operands accumulating in float32: at batch 1 the forward is bound by
-    reading the weights, and this reads half the bytes while the result and everything around it stay float32."""
-    if x.dtype == jnp.float32 and w.dtype != jnp.float32:
-        return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-    return jnp.einsum(spec, x, w, precision=precision(x.dtype))
+# ... and their biases: training in bfloat16 keeps both float32 (``project`` narrows the weights itself).
+PROJECTION_BIASES = ("q_bias_NK", "k_bias_NK", "v_bias_NK", "o_bias_D", "ffn_in_bias_F", "ffn_out_bias_D")
 
 
 def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",

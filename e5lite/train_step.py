@@ -18,7 +18,7 @@ from jax import lax
 
 from .config import BertConfig
 from .loss import info_nce
-from .model import Dropout, EmbeddingParams, LayerParams, Params, forward
+from .model import MATMUL_WEIGHTS, PROJECTION_BIASES, Dropout, EmbeddingParams, LayerParams, Params, forward
 from .pooling import l2_normalize, pool
 
 
@@ -53,7 +53,11 @@ def decay_mask(params: Params) -> Params:
 
 def embed(params: Params, ids, mask, key, sc: StepConfig):
     """L2-normalised pooled embeddings [R, D] float32 of one block of rows, with dropout when training."""
-    p = jax.tree.map(lambda x: x.astype(sc.compute_dtype), params)  # float32 master weights stay outside
+    # bfloat16 compute: the float32 master weights stay outside. The projections' weights and biases go in as
+    # float32: ``project`` multiplies as bfloat16 operands and returns their gradients summed in float32.
+    p = jax.tree.map(lambda x: x.astype(sc.compute_dtype), params)
+    p = p._replace(layers=p.layers._replace(**{k: getattr(params.layers, k)
+                                               for k in MATMUL_WEIGHTS + PROJECTION_BIASES}))
     dropout = None
     if sc.hidden_dropout or sc.attention_dropout:
         dropout = Dropout(key, sc.hidden_dropout, sc.attention_dropout)
