@@ -6,6 +6,7 @@ projections (query, key, value) of a fused QKV tensor. Logits and softmax run in
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import NamedTuple
@@ -68,18 +69,76 @@ class AttentionMask(NamedTuple):
 def attend(q_BNSK, k_BNTK, v_BNTK, allowed, dropout=None):
     """softmax(q k^T masked) v, with logits and softmax in float32. q is pre-scaled; ``allowed`` broadcasts
     to [B, N, S, T]. ``dropout`` (rng, rate): training-time dropout of the attention probabilities."""
-    prec = precision(q_BNSK.dtype)
-    logits_BNST = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=prec,
-                             preferred_element_type=jnp.float32)
+    rng, rate = dropout if dropout is not None and dropout[1] else (jnp.zeros((2,), jnp.uint32), 0.0)
+    return _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng)
+
+
+def _scores(q_BNSK, k_BNTK, allowed, prec):
+    logits_BNST = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=prec, preferred_element_type=jnp.float32)
     # finfo.min as transformers' additive mask: a fully masked (padding) row stays finite.
     logits_BNST = jnp.where(allowed, logits_BNST, jnp.finfo(jnp.float32).min)
     # softmax(x) v = (exp(x - max) v) / sum(exp(x - max)): dividing the [S, K] context instead of the [S, T]
     # probabilities saves a pass over the scores.
     e_BNST = jnp.exp(logits_BNST - jnp.max(logits_BNST, axis=-1, keepdims=True))
-    kept_BNST = e_BNST if dropout is None else drop(e_BNST, *dropout)  # dropping before the division is the same
+    return e_BNST, jnp.sum(e_BNST, axis=-1, keepdims=True)
+
+
+def _context(e_BNST, sum_BNS1, v_BNTK, rng, rate, prec):
+    kept_BNST = drop(e_BNST, rng, rate)  # dropping before the division is the same
     ctx_BNSK = jnp.einsum("BNST,BNTK->BNSK", kept_BNST.astype(v_BNTK.dtype), v_BNTK, precision=prec,
                           preferred_element_type=jnp.float32)
-    return (ctx_BNSK / jnp.sum(e_BNST, axis=-1, keepdims=True)).astype(v_BNTK.dtype)
+    return (ctx_BNSK / sum_BNS1).astype(v_BNTK.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
+    prec = precision(q_BNSK.dtype)
+    return _context(*_scores(q_BNSK, k_BNTK, allowed, prec), v_BNTK, rng, rate, prec)
+
+
+# The backward pass by hand, for the reason of matmul.py: autodiff's dv = p^T dctx and dk = dlogits^T q contract
+# the query axis of a transposed operand, which XLA:CPU's fast bfloat16 kernels do not take; here every dot is
+# one they do (q, k, v and the small [S, K] operands moved in memory first). Float32 gives autodiff's
+# gradients to rounding.
+
+def _physical(x_BNAB):
+    """x with its last two axes swapped, really moved in memory (see matmul._transposed)."""
+    *lead, a, b = x_BNAB.shape
+    x_BNAB = lax.optimization_barrier(x_BNAB)  # or a dot producing x would be told to write it transposed
+    return lax.optimization_barrier(jnp.swapaxes(x_BNAB, -1, -2).reshape(-1)).reshape(*lead, b, a)
+
+
+def _in_memory(x):
+    """x laid out row-major as its shape says: a transposed view (q, k, v cut from the fused QKV) is copied."""
+    return lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
+
+
+def _attend_fwd(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
+    prec = precision(q_BNSK.dtype)
+    q_BNSK, k_BNTK, v_BNTK = (_in_memory(a) for a in (q_BNSK, k_BNTK, v_BNTK))
+    e_BNST, sum_BNS1 = _scores(q_BNSK, k_BNTK, allowed, prec)
+    ctx_BNSK = _context(e_BNST, sum_BNS1, v_BNTK, rng, rate, prec)
+    return ctx_BNSK, (q_BNSK, k_BNTK, v_BNTK, allowed, rng, e_BNST, sum_BNS1, ctx_BNSK)
+
+
+def _attend_bwd(rate, res, g_BNSK):
+    q_BNSK, k_BNTK, v_BNTK, allowed, rng, e_BNST, sum_BNS1, ctx_BNSK = res
+    op, prec, f32 = v_BNTK.dtype, precision(v_BNTK.dtype), jnp.float32
+    dot = functools.partial(jnp.einsum, precision=prec, preferred_element_type=f32)
+    g_BNSK = g_BNSK.astype(f32)
+    du_BNSK = (g_BNSK / sum_BNS1).astype(op)  # ctx = u / sum, u = dropped(e) v
+    dsum_BNS1 = -jnp.sum(g_BNSK * ctx_BNSK.astype(f32), axis=-1, keepdims=True) / sum_BNS1
+    kept_BNST = drop(e_BNST, rng, rate).astype(op)
+    dv_BNKT = dot("BNKS,BNST->BNKT", _physical(du_BNSK), kept_BNST)
+    de_BNST = drop(dot("BNSK,BNTK->BNST", du_BNSK, v_BNTK), rng, rate) + dsum_BNS1  # dropout: same mask, scale
+    dlogits_BNST = jnp.where(allowed, de_BNST * e_BNST, 0).astype(op)  # e = exp(logits - max)
+    dq_BNSK = dot("BNST,BNTK->BNSK", dlogits_BNST, k_BNTK)
+    dk_BNKT = dot("BNKS,BNST->BNKT", _physical(q_BNSK), dlogits_BNST)
+    return (dq_BNSK.astype(q_BNSK.dtype), _physical(dk_BNKT).astype(k_BNTK.dtype),
+            _physical(dv_BNKT).astype(v_BNTK.dtype), None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attention_probs(qkv_BSCNK, mask: AttentionMask):

@@ -59,7 +59,8 @@ def _transposed(a):
     """``a.T`` [K, M] of a matrix [M, K], really moved in memory: flattening a transposed view forces the copy,
     and the barrier keeps the simplifier from folding it back into the consumer as a transposed operand."""
     m, k = a.shape
-    return lax.optimization_barrier(a.T.reshape(-1)).reshape(k, m)
+    a = lax.optimization_barrier(a)  # or a dot producing ``a`` would be told to write it transposed, which no
+    return lax.optimization_barrier(a.T.reshape(-1)).reshape(k, m)  # fast kernel does
 
 
 def _dot(a, b, contract: tuple[int, int], op):
@@ -90,8 +91,7 @@ def _project_bwd(spec, res, g):
     if K <= N:
         dw = _dot(_transposed(x2), g2, (1, 0), op)  # x^T [K, M] . g [M, N]
     else:  # transpose the narrower g instead, then the small [N, K] result
-        # (the barrier: XLA would otherwise have the dot write a transposed layout, which no fast kernel does)
-        dw = _transposed(lax.optimization_barrier(_dot(_transposed(g2), x2, (1, 0), op)))
+        dw = _transposed(_dot(_transposed(g2), x2, (1, 0), op))
     # the bias gradient summed in float32: XLA:CPU sums bfloat16 through a slow pairwise reduce-window
     db = jnp.sum(g2.astype(jnp.float32), axis=0)
     return (dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape),

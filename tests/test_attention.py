@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -127,3 +128,66 @@ def test_output_attentions_needs_whole_rows_and_xla(tiny_dir):
         e5lite.forward(enc.params, enc.config, ids, ids, output_attentions=True, attention_impl="pallas")
     with pytest.raises(ValueError, match="attention windows never form"):
         e5lite.forward(enc.params, enc.config, ids, ids, segment_ids=ids, attention_window=8, output_attentions=True)
+
+
+# ------------------------------------------------------------------ training: attention's backward and dropout
+
+def _reference_attend(q, k, v, allowed, key, rate):
+    """softmax(q k^T masked) with dropout, times v: jnp and autodiff only (the pre-VJP formulation)."""
+    from e5lite.attention import drop
+    logits = jnp.einsum("BNSK,BNTK->BNST", q, k, precision="highest")
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(logits - logits.max(-1, keepdims=True))
+    return jnp.einsum("BNST,BNTK->BNSK", drop(e, key, rate), v, precision="highest") / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+@pytest.mark.parametrize("segments", [False, True])
+def test_attention_gradients_equal_autodiff(rate, segments):
+    """The hand-written backward pass of attend (float32) against autodiff of the same forward, on padded rows
+    (one with a single real key) and packed rows (block-diagonal masks); padding queries carry no gradient."""
+    from e5lite.attention import attend
+    B, N, S, K = 3, 2, 12, 4
+    rng = np.random.default_rng(0)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((B, N, S, K)), jnp.float32) for _ in range(4))
+    lens = np.array([12, 7, 1])
+    real = np.arange(S)[None, :] < lens[:, None]
+    if segments:
+        seg = np.where(real, 1 + (np.arange(S)[None, :] >= 4), 0)
+        allowed = jnp.asarray((seg[:, :, None] == seg[:, None, :]) & real[:, None, :])[:, None]
+    else:
+        allowed = jnp.asarray(real)[:, None, None, :]
+    w = w * jnp.asarray(real, jnp.float32)[:, None, :, None]  # as pooling: padding queries reach no loss
+    key = jax.random.PRNGKey(3)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)  # noqa: E731
+    got = jax.grad(loss(lambda q, k, v: attend(q, k, v, allowed, (key, rate))), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: _reference_attend(q, k, v, allowed, key, rate)), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", got, want):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max(), name
+
+
+def test_threefry_equals_jax():
+    from jax.extend.random import threefry_2x32
+
+    from e5lite.attention import threefry2x32
+    key = jax.random.PRNGKey(12345)
+    x0 = jnp.arange(5000, dtype=jnp.uint32) * np.uint32(2654435761)
+    x1 = jnp.arange(5000, dtype=jnp.uint32)[::-1]
+    want = threefry_2x32(key, jnp.concatenate([x0, x1]))
+    np.testing.assert_array_equal(jnp.concatenate(threefry2x32(key[0], key[1], x0, x1)), want)
+
+
+@pytest.mark.parametrize("shape", [(48, 8, 256), (7, 333)])  # the second takes jax.random.bernoulli (odd width)
+def test_dropout_rate_scale_and_key(shape):
+    from e5lite.attention import drop
+    x = jnp.ones(shape, jnp.float32)
+    a = np.asarray(drop(x, jax.random.PRNGKey(0), 0.1))
+    n = a.size
+    dropped = (a == 0).mean()
+    assert abs(dropped - 0.1) <= 4 * (0.1 * 0.9 / n) ** 0.5, dropped  # binomial: within 4 sigma
+    np.testing.assert_allclose(a[a != 0], 1 / 0.9, rtol=1e-6)
+    np.testing.assert_array_equal(a, drop(x, jax.random.PRNGKey(0), 0.1))
+    assert (a != np.asarray(drop(x, jax.random.PRNGKey(1), 0.1))).mean() > 0.1
+    # rows are not copies of each other (the counter runs over the whole array)
+    rows = a.reshape(-1, shape[-1])
+    assert len({r.tobytes() for r in rows}) == len(rows)
