@@ -103,6 +103,8 @@ def _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
 
 def _physical(x_BNAB):
     """x with its last two axes swapped, really moved in memory (see matmul._transposed)."""
+    if jax.default_backend() != "cpu":  # other compilers lay out dots freely
+        return jnp.swapaxes(x_BNAB, -1, -2)
     *lead, a, b = x_BNAB.shape
     x_BNAB = lax.optimization_barrier(x_BNAB)  # or a dot producing x would be told to write it transposed
     return lax.optimization_barrier(jnp.swapaxes(x_BNAB, -1, -2).reshape(-1)).reshape(*lead, b, a)
@@ -110,6 +112,8 @@ def _physical(x_BNAB):
 
 def _in_memory(x):
     """x laid out row-major as its shape says: a transposed view (q, k, v cut from the fused QKV) is copied."""
+    if jax.default_backend() != "cpu":
+        return x
     return lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 

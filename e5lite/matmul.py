@@ -7,7 +7,7 @@ widened to float32 and run on the generic kernel at a third of the speed or less
 gradient as ``x^T g`` (contracting the token axis of both: the left operand is transposed), which is that
 case. Here the narrower of ``x`` and ``g`` is first transposed in memory (a copy XLA cannot fold back into
 the dot: it is flattened behind an optimization barrier), so every dot of the backward pass is one the fast
-kernels take. Float32 keeps autodiff's dots, which run at the same speed either way. BENCHMARKS.md has the
+kernels take. Float32, and other backends than CPU, keep autodiff's dots. BENCHMARKS.md has the
 measurements ("Training speed").
 
 The gradients are the same sums in another order: float32 results equal autodiff's to rounding, bfloat16
@@ -82,7 +82,8 @@ def _project_bwd(spec, res, g):
     x, w, b = res
     dims = _dims(spec, x, w)
     op = _narrow(x.dtype, w.dtype)
-    if dims is None or op == jnp.float32:  # autodiff's own dots (float32 runs as fast either way)
+    # autodiff's own dots: for float32 (as fast either way) and off CPUs (other compilers lay out dots freely)
+    if dims is None or op == jnp.float32 or jax.default_backend() != "cpu":
         _, vjp = jax.vjp(functools.partial(_einsum, spec), x, w, b)
         return vjp(g)
     M, K, N = dims
