@@ -82,8 +82,10 @@ def _project_bwd(spec, res, g):
     x, w, b = res
     dims = _dims(spec, x, w)
     op = _narrow(x.dtype, w.dtype)
-    # autodiff's own dots: for float32 (as fast either way) and off CPUs (other compilers lay out dots freely)
-    if dims is None or op == jnp.float32 or jax.default_backend() != "cpu":
+    # autodiff's own dots: for float32 (as fast either way), off CPUs (other compilers lay out dots freely), and
+    # over several devices: there the rows are split between devices, and a transposed copy of [rows, K] cannot
+    # stay split (XLA would gather every device's activations instead of summing the devices' weight gradients)
+    if dims is None or op == jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() > 1:
         _, vjp = jax.vjp(functools.partial(_einsum, spec), x, w, b)
         return vjp(g)
     M, K, N = dims

@@ -71,3 +71,28 @@ def test_a_spec_not_laid_out_as_a_matrix_product_falls_back_to_autodiff():
                    xb, w, b)[1](g)
     for a, ref in zip(got, want):
         np.testing.assert_array_equal(a, ref)
+
+
+def test_split_rows_are_not_gathered_for_the_backward_pass():
+    """Data parallel over two host devices: the weight gradient is each device's partial sum, all-reduced;
+    the single-device layout trick (a transposed copy of all rows) would gather every device's activations."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from e5lite.matmul import project
+        mesh = Mesh(jax.devices(), ("data",))
+        rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        x = jax.device_put(jnp.ones((8, 16, 64), jnp.bfloat16), rows)
+        w, b = (jax.device_put(a, whole) for a in (jnp.ones((64, 256)), jnp.ones((256,))))
+        loss = lambda w, b: jnp.sum(project("BSD,DF->BSF", x, w, b).astype(jnp.float32) ** 2)
+        print(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, b).compile().as_text())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu",
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert " all-reduce(" in out.stdout and " all-gather(" not in out.stdout
