@@ -7,7 +7,7 @@ widened to float32 and run on the generic kernel at a third of the speed or less
 gradient as ``x^T g`` (contracting the token axis of both: the left operand is transposed), which is that
 case. Here the narrower of ``x`` and ``g`` is first transposed in memory (a copy XLA cannot fold back into
 the dot: it is flattened behind an optimization barrier), so every dot of the backward pass is one the fast
-kernels take. Float32, and other backends than CPU, keep autodiff's dots. BENCHMARKS.md has the
+kernels take. Float32, other backends than CPU, and several devices (data parallel) keep autodiff's dots. BENCHMARKS.md has the
 measurements ("Training speed").
 
 The gradients are the same sums in another order: float32 results equal autodiff's to rounding, bfloat16

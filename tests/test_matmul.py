@@ -88,8 +88,8 @@ def test_split_rows_are_not_gathered_for_the_backward_pass():
         rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         x = jax.device_put(jnp.ones((8, 16, 64), jnp.bfloat16), rows)
         w, b = (jax.device_put(a, whole) for a in (jnp.ones((64, 256)), jnp.ones((256,))))
-        loss = lambda w, b: jnp.sum(project("BSD,DF->BSF", x, w, b).astype(jnp.float32) ** 2)
-        print(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, b).compile().as_text())
+        loss = lambda x, w, b: jnp.sum(project("BSD,DF->BSF", x, w, b).astype(jnp.float32) ** 2)
+        print(jax.jit(jax.grad(loss, argnums=(1, 2))).lower(x, w, b).compile().as_text())
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "JAX_PLATFORMS": "cpu",
