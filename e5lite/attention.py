@@ -101,13 +101,17 @@ def _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
 # one they do (q, k, v and the small [S, K] operands moved in memory first). Float32 gives autodiff's
 # gradients to rounding.
 
-def _physical(x_BNAB):
-    """x with its last two axes swapped, really moved in memory (see matmul._transposed)."""
-    if jax.default_backend() != "cpu":  # other compilers lay out dots freely
-        return jnp.swapaxes(x_BNAB, -1, -2)
-    *lead, a, b = x_BNAB.shape
-    x_BNAB = lax.optimization_barrier(x_BNAB)  # or a dot producing x would be told to write it transposed
-    return lax.optimization_barrier(jnp.swapaxes(x_BNAB, -1, -2).reshape(-1)).reshape(*lead, b, a)
+def swapped_in_memory(x):
+    """x with its last two axes swapped, really moved in memory on CPUs: flattening the swapped view forces the
+    copy, and the barriers keep XLA from folding it back into the consumer as a transposed operand, or into a
+    dot producing x as a transposed output (no fast kernel takes either). Axes before the last two stay major,
+    so attention's batch axis, split over devices, stays split (a matrix's rows do not: see matmul.py). Other
+    compilers lay out dots freely: there it is a plain swap."""
+    if jax.default_backend() != "cpu":
+        return jnp.swapaxes(x, -1, -2)
+    *lead, a, b = x.shape
+    x = lax.optimization_barrier(x)
+    return lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1)).reshape(*lead, b, a)
 
 
 def _in_memory(x):
@@ -133,13 +137,13 @@ def _attend_bwd(rate, res, g_BNSK):
     du_BNSK = (g_BNSK / sum_BNS1).astype(op)  # ctx = u / sum, u = dropped(e) v
     dsum_BNS1 = -jnp.sum(g_BNSK * ctx_BNSK.astype(f32), axis=-1, keepdims=True) / sum_BNS1
     kept_BNST = drop(e_BNST, rng, rate).astype(op)
-    dv_BNKT = dot("BNKS,BNST->BNKT", _physical(du_BNSK), kept_BNST)
+    dv_BNKT = dot("BNKS,BNST->BNKT", swapped_in_memory(du_BNSK), kept_BNST)
     de_BNST = drop(dot("BNSK,BNTK->BNST", du_BNSK, v_BNTK), rng, rate) + dsum_BNS1  # dropout: same mask, scale
     dlogits_BNST = jnp.where(allowed, de_BNST * e_BNST, 0).astype(op)  # e = exp(logits - max)
     dq_BNSK = dot("BNST,BNTK->BNSK", dlogits_BNST, k_BNTK)
-    dk_BNKT = dot("BNKS,BNST->BNKT", _physical(q_BNSK), dlogits_BNST)
-    return (dq_BNSK.astype(q_BNSK.dtype), _physical(dk_BNKT).astype(k_BNTK.dtype),
-            _physical(dv_BNKT).astype(v_BNTK.dtype), None, None)
+    dk_BNKT = dot("BNKS,BNST->BNKT", swapped_in_memory(q_BNSK), dlogits_BNST)
+    return (dq_BNSK.astype(q_BNSK.dtype), swapped_in_memory(dk_BNKT).astype(k_BNTK.dtype),
+            swapped_in_memory(dv_BNKT).astype(v_BNTK.dtype), None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

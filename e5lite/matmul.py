@@ -7,8 +7,8 @@ widened to float32 and run on the generic kernel at a third of the speed or less
 gradient as ``x^T g`` (contracting the token axis of both: the left operand is transposed), which is that
 case. Here the narrower of ``x`` and ``g`` is first transposed in memory (a copy XLA cannot fold back into
 the dot: it is flattened behind an optimization barrier), so every dot of the backward pass is one the fast
-kernels take. Float32, other backends than CPU, and several devices (data parallel) keep autodiff's dots. BENCHMARKS.md has the
-measurements ("Training speed").
+kernels take. Float32, other backends than CPU, and several devices (data parallel) keep autodiff's dots.
+BENCHMARKS.md has the measurements ("Training speed").
 
 The gradients are the same sums in another order: float32 results equal autodiff's to rounding, bfloat16
 operands accumulate in float32 as before.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .attention import precision
+from .attention import precision, swapped_in_memory
 
 
 def _narrow(*dtypes):
@@ -55,14 +55,6 @@ def _dims(spec: str, x, w):
     return x.size // k, k, w.size // k
 
 
-def _transposed(a):
-    """``a.T`` [K, M] of a matrix [M, K], really moved in memory: flattening a transposed view forces the copy,
-    and the barrier keeps the simplifier from folding it back into the consumer as a transposed operand."""
-    m, k = a.shape
-    a = lax.optimization_barrier(a)  # or a dot producing ``a`` would be told to write it transposed, which no
-    return lax.optimization_barrier(a.T.reshape(-1)).reshape(k, m)  # fast kernel does
-
-
 def _dot(a, b, contract: tuple[int, int], op):
     return lax.dot_general(a.astype(op), b.astype(op), ((contract[:1], contract[1:]), ((), ())),
                            precision=precision(op), preferred_element_type=jnp.float32)
@@ -92,9 +84,9 @@ def _project_bwd(spec, res, g):
     x2, g2, w2 = x.reshape(M, K).astype(op), g.reshape(M, N).astype(op), w.reshape(K, N)
     dx = _dot(g2, w2, (1, 1), op)  # g w^T: both contract their last axis
     if K <= N:
-        dw = _dot(_transposed(x2), g2, (1, 0), op)  # x^T [K, M] . g [M, N]
+        dw = _dot(swapped_in_memory(x2), g2, (1, 0), op)  # x^T [K, M] . g [M, N]
     else:  # transpose the narrower g instead, then the small [N, K] result
-        dw = _transposed(_dot(_transposed(g2), x2, (1, 0), op))
+        dw = swapped_in_memory(_dot(swapped_in_memory(g2), x2, (1, 0), op))
     # the bias gradient summed in float32: XLA:CPU sums bfloat16 through a slow pairwise reduce-window
     db = jnp.sum(g2.astype(jnp.float32), axis=0)
     return (dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape),

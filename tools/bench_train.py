@@ -9,9 +9,11 @@ Peers (each in its own process, loaded once, then --warmup + --steps optimiser s
 --warmup are not timed): `e5lite` runs the code `e5lite.train.fit` runs per step (TokenisedPairs, batch_index,
 train_step, make_optimizer: AdamW, lr 2e-5, weight decay 0.01, no warm-up, dropout from the checkpoint), but
 no checkpoints, log or export, and it first compiles every batch shape of the run on throw-away copies of
-its state (time and count in "compiles s (shapes)"), since a long run compiles each shape once; `st` runs SentenceTransformerTrainer with MultipleNegativesRankingLoss(scale=100,
-i.e. temperature 0.01), the same optimiser and schedule. `-cached`: GradCache, chunks of a quarter batch
-(chunk_size / CachedMNRL mini_batch_size); `-bf16` / `-fp16`: mixed precision (GPU). Records: Python's pydoc
+its state (time and count in "compiles s (shapes)"), since a long run compiles each shape once; `st` runs
+SentenceTransformerTrainer with MultipleNegativesRankingLoss(scale=100, i.e. temperature 0.01), the same
+optimiser and schedule. `-cached`: GradCache, chunks of a quarter batch (chunk_size / CachedMNRL
+mini_batch_size); `-bf16`: bfloat16 compute (e5lite's dtype, the trainer's bf16=True: CPU or GPU autocast);
+`-fp16` (st, GPU): float16 mixed precision. Records: Python's pydoc
 topics (tests/pydoc_beir.py), each with its opening as positive and the next topic's opening as its one hard
 negative, in list order (no shuffle), prefixed with the model's "query: " / "passage: " prompts for both peers.
 Tokens/s counts the real (unpadded) tokens of the timed steps, computed once here with e5lite's tokenizer.
@@ -143,7 +145,8 @@ def run_st(cfg: dict, mods: set, scratch: str) -> dict:
     args = SentenceTransformerTrainingArguments(
         output_dir=scratch, per_device_train_batch_size=B, max_steps=total, learning_rate=2e-5, weight_decay=0.01,
         warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=0.0,  # e5lite does not clip: same update
-        fp16="fp16" in mods, bf16="bf16" in mods, batch_sampler=InOrder, dataloader_num_workers=0, logging_steps=1,  # loss every step
+        fp16="fp16" in mods, bf16="bf16" in mods, batch_sampler=InOrder, dataloader_num_workers=0,
+        logging_steps=1,  # loss every step
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=0, use_cpu=not cuda)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss,
                                          callbacks=[Clock()])
