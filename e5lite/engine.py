@@ -30,7 +30,7 @@ from . import batching
 from .attention import resolve_attention_impl
 from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
-from .model import MATMUL_WEIGHTS, Params, forward
+from .model import FusedLayerParams, Params, forward, fuse_layers, unfuse_layers
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
 from .settings import EngineSettings
 
@@ -40,6 +40,8 @@ Source = Callable[[int, int], Sequence[np.ndarray]]
 
 
 WEIGHTS = ("float32", "bfloat16")
+# What ``weights="bfloat16"`` stores in bfloat16: the layers' matmul weights (model.MATMUL_WEIGHTS, QKV fused).
+RUN_MATMUL_WEIGHTS = ("qkv_DCNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
 
 
 def check_weights(weights: str | None, dtype) -> str:
@@ -55,26 +57,26 @@ def check_weights(weights: str | None, dtype) -> str:
     return weights
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl", "unroll"))
+# ``params`` of these functions: stacked layers run scanned, a tuple of per-layer ones unrolled (model.encoder).
+
+@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl"))
 def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool,
-                attention_impl: str = "xla", unroll: bool = False):
-    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm).
-    ``unroll``: the layers unrolled rather than scanned (see ``Engine.narrow_weights``)."""
-    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl, unroll=unroll)
+                attention_impl: str = "xla"):
+    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm)."""
+    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl)
     out_BD = pool(hidden_BSD, attention_mask, pooling)
     return l2_normalize(out_BD) if normalize else out_BD
 
 
 @functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl",
-                                             "attention_window", "unroll"))
+                                             "attention_window"))
 def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
-                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None,
-                 unroll: bool = False):
+                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None):
     """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
     g (1..G) of row b lands at b * G + g - 1 and G = num_segments. ``attention_window``: see ``forward``."""
     hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
                          position_ids=position_ids, attention_impl=attention_impl,
-                         attention_window=attention_window, unroll=unroll)
+                         attention_window=attention_window)
     out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
     out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
     return out_BGD.reshape(-1, out_BGD.shape[-1])
@@ -118,20 +120,33 @@ class Engine:
 
     @property
     def narrow_weights(self) -> bool:
-        """The matmul weights are stored narrower than the compute dtype (``weights="bfloat16"``). Such an
-        engine also unrolls the layers: XLA:CPU runs bf16 x bf16 -> f32 dots slowly inside the layer scan's
-        loop and fast unrolled (float32 the other way round; BENCHMARKS.md, "One-query latency")."""
+        """The matmul weights are stored narrower than the compute dtype (``weights="bfloat16"``)."""
         return self.weights != jnp.dtype(self.dtype).name
 
     def set_params(self, params: Params) -> None:
         """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
-        like the originals; the compiled shapes stay valid."""
-        params = jax.tree.map(lambda x: x.astype(self.dtype), params)
-        if self.narrow_weights:  # float32 around them
-            narrow = jnp.dtype(self.weights)
-            params = params._replace(layers=params.layers._replace(
-                **{f: getattr(params.layers, f).astype(narrow) for f in MATMUL_WEIGHTS}))
-        self.params = jax.device_put(params, self._param_sharding)
+        like the originals; the compiled shapes stay valid (for the same ``unroll`` setting).
+
+        Kept in the forward's own layout, built here once rather than on every call: query, key and value
+        fused (``model.FusedLayerParams``), and with ``unroll`` one array per layer rather than stacked."""
+        host = jax.tree.map(np.asarray, params)  # a CPU device array is viewed, not copied
+        layers = fuse_layers(host.layers, xp=np)
+        narrow = jnp.dtype(self.weights)  # the matmul weights (float32 around them with weights="bfloat16")
+        layers = FusedLayerParams(*(x.astype(narrow if f in RUN_MATMUL_WEIGHTS else self.dtype)
+                                    for f, x in zip(FusedLayerParams._fields, layers)))
+        if self.settings.unroll:
+            layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(self.config.num_hidden_layers))
+        embeddings = jax.tree.map(lambda x: x.astype(self.dtype), host.embeddings)
+        self._run_params = jax.device_put(Params(embeddings, layers), self._param_sharding)
+
+    @property
+    def params(self) -> Params:
+        """The weights as ``load`` gives them (``model.Params``, layers stacked) in the engine's dtypes, rebuilt
+        from the forward's layout (see ``set_params``) on each access."""
+        layers = self._run_params.layers
+        if not isinstance(layers, FusedLayerParams):
+            layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        return Params(self._run_params.embeddings, unfuse_layers(layers))
 
     def _resolve(self, settings: EngineSettings) -> EngineSettings:
         s = settings.for_platform(self.platform)
@@ -145,7 +160,10 @@ class Engine:
 
     def configure(self, **changes) -> EngineSettings:
         """Changes settings between calls (validated; None restores the backend default); returns the new ones."""
+        params = self.params if "unroll" in changes else None
         self.settings = self._resolve(self.settings.replace(**changes))
+        if params is not None:
+            self.set_params(params)  # the other layout
         return self.settings
 
     # ------------------------------------------------------------------------------------------ planning
@@ -184,11 +202,11 @@ class Engine:
         put = functools.partial(jax.device_put, device=self._batch_sharding)
         self.compiled_shapes.add(batch.shape)
         kw = dict(config=self.config, pooling=self.pooling, normalize=normalize,
-                  attention_impl=self.settings.attention_impl, unroll=self.narrow_weights)
+                  attention_impl=self.settings.attention_impl)
         if batch.packed:
-            return embed_packed(self.params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
+            return embed_packed(self._run_params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 num_segments=batch.num_segments, attention_window=batch.window, **kw)
-        return embed_batch(self.params, put(batch.input_ids), put(batch.attention_mask), **kw)
+        return embed_batch(self._run_params, put(batch.input_ids), put(batch.attention_mask), **kw)
 
     def run(self, source: Source, n: int, *, normalize: bool = True, batch_size: int | None = None,
             show_progress_bar: bool = False, local: bool = False) -> np.ndarray:
@@ -230,7 +248,7 @@ class Engine:
         put = functools.partial(jax.device_put, device=self._batch_sharding)
         for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
             self.compiled_shapes.add(("states", *batch.shape))
-            states_BSD = np.asarray(hidden_states(self.params, put(batch.input_ids), put(batch.attention_mask),
+            states_BSD = np.asarray(hidden_states(self._run_params, put(batch.input_ids), put(batch.attention_mask),
                                                   config=self.config, attention_impl=self.settings.attention_impl))
             for j, slot in zip(batch.index, batch.slot):
                 out[j] = states_BSD[slot, :len(ids[j])]

@@ -51,9 +51,28 @@ class LayerParams(NamedTuple):
     ffn_ln_bias_D: jax.Array
 
 
+class FusedLayerParams(NamedTuple):
+    """One encoder layer as inference runs it: the query, key and value weights as one [D, 3, N, K] matrix (one
+    wide GEMM), stored so rather than stacked on every call. The rest is ``LayerParams``' fields."""
+    qkv_DCNK: jax.Array
+    qkv_bias_CNK: jax.Array
+    o_NKD: jax.Array
+    o_bias_D: jax.Array
+    attn_ln_scale_D: jax.Array
+    attn_ln_bias_D: jax.Array
+    ffn_in_DF: jax.Array
+    ffn_in_bias_F: jax.Array
+    ffn_out_FD: jax.Array
+    ffn_out_bias_D: jax.Array
+    ffn_ln_scale_D: jax.Array
+    ffn_ln_bias_D: jax.Array
+
+
 class Params(NamedTuple):
     embeddings: EmbeddingParams
-    layers: LayerParams  # stacked: leaves are [L, ...]
+    # stacked (leaves [L, ...], run under lax.scan), or a tuple of L per-layer ones (run unrolled); each
+    # LayerParams or FusedLayerParams
+    layers: LayerParams | FusedLayerParams | tuple
 
 
 class Dropout(NamedTuple):
@@ -104,24 +123,38 @@ def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_B
     return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
 
 
-def self_attention(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
+def self_attention(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
                    dropout: Dropout | None = None, output_attentions: bool = False):
     """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout), and with
     ``output_attentions`` also the probabilities [B, N, S, T]."""
-    # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs. The 1/sqrt(K) query scale is
-    # folded into the query weights and bias.
-    scale = 1.0 / config.head_dim ** 0.5
-    scaled = lambda w: (w.astype(jnp.float32) * scale).astype(w.dtype)  # noqa: E731 (rounded once, any dtype)
-    qkv_DCNK = jnp.stack([scaled(p.q_DNK), p.k_DNK, p.v_DNK], axis=1)
-    qkv_bias_CNK = jnp.stack([scaled(p.q_bias_NK), p.k_bias_NK, p.v_bias_NK])
-    qkv_BSCNK = project("BSD,DCNK->BSCNK", x_BSD, qkv_DCNK, qkv_bias_CNK)
+    # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs.
+    f = p if isinstance(p, FusedLayerParams) else fuse_layers(p)
+    qkv_BSCNK = project("BSD,DCNK->BSCNK", x_BSD, f.qkv_DCNK, f.qkv_bias_CNK)
+    # the 1/sqrt(K) query scale (pre-scaled queries: see attention.attention_core), rounded once to the
+    # activations' dtype; XLA fuses it into the copies that split the heads
+    scale_C11 = jnp.array([1.0 / config.head_dim ** 0.5, 1.0, 1.0], jnp.float32)[:, None, None]
+    qkv_BSCNK = (qkv_BSCNK.astype(jnp.float32) * scale_C11).astype(qkv_BSCNK.dtype)
     ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
                                     None if dropout is None else (dropout.rng, dropout.attention))
     out_BSD = project("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, p.o_bias_D)
     return (out_BSD, attention_probs(qkv_BSCNK, mask)) if output_attentions else out_BSD
 
 
-def feed_forward(p: LayerParams, config: BertConfig, x_BSD):
+def fuse_layers(p: LayerParams, xp=jnp) -> FusedLayerParams:
+    """The query, key and value weights (and biases) stacked into one, for one layer or stacked layers
+    (``xp``: jax.numpy, or numpy for host arrays)."""
+    qkv_DCNK = xp.stack([p.q_DNK, p.k_DNK, p.v_DNK], axis=-3)
+    qkv_bias_CNK = xp.stack([p.q_bias_NK, p.k_bias_NK, p.v_bias_NK], axis=-3)
+    return FusedLayerParams(qkv_DCNK, qkv_bias_CNK, *(getattr(p, f) for f in FusedLayerParams._fields[2:]))
+
+
+def unfuse_layers(f: FusedLayerParams) -> LayerParams:
+    """``fuse_layers`` undone, exactly (the query scale is applied to the projected queries, not the weights)."""
+    (q, k, v), (qb, kb, vb) = (jnp.moveaxis(a, -3, 0) for a in (f.qkv_DCNK, f.qkv_bias_CNK))
+    return LayerParams(q, qb, k, kb, v, vb, *(getattr(f, n) for n in FusedLayerParams._fields[2:]))
+
+
+def feed_forward(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD):
     h_BSF = project("BSD,DF->BSF", x_BSD, p.ffn_in_DF, p.ffn_in_bias_F)
     h_BSF = activation(h_BSF, config.activation)
     return project("BSF,FD->BSD", h_BSF, p.ffn_out_FD, p.ffn_out_bias_D)
@@ -133,7 +166,7 @@ MATMUL_WEIGHTS = ("q_DNK", "k_DNK", "v_DNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
 PROJECTION_BIASES = ("q_bias_NK", "k_bias_NK", "v_bias_NK", "o_bias_D", "ffn_in_bias_F", "ffn_out_bias_D")
 
 
-def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
+def layer(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
           dropout: Dropout | None = None, output_attentions: bool = False):
     """One post-LayerNorm BERT layer: attention -> (dropout) add & norm -> FFN -> (dropout) add & norm.
     With ``output_attentions`` returns (output, attention probabilities)."""
@@ -152,8 +185,9 @@ def layer(p: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attent
 def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False,
             attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False, unroll: bool = False,
             output_attentions: bool = False):
-    """Runs the stacked layers with lax.scan (one layer is compiled, not L; ``unroll`` compiles all L, which
-    XLA:CPU runs faster in the backward pass).
+    """Runs the layers: stacked ones ([L, ...] leaves) with lax.scan (one layer is compiled, not L; ``unroll``
+    compiles all L, which XLA:CPU runs faster in the backward pass), a tuple of per-layer ones one after the
+    other (compiled L times, and no layer's weights sliced out of the stack on each call: XLA:CPU copies them).
 
     Returns the last hidden state [B, S, D], every layer's output [L, B, S, D] (or None) and every layer's
     attention probabilities [L, B, N, S, T] (or None). ``remat``
@@ -167,9 +201,16 @@ def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
         return y, (y if output_hidden_states else None, probs)
 
     keys = None if dropout is None else jax.random.split(dropout.rng, config.num_hidden_layers)
-    x_BSD, (hidden_LBSD, probs_LBNST) = lax.scan(jax.checkpoint(step) if remat else step, x_BSD, (layers, keys),
-                                                 unroll=True if unroll else 1)
-    return x_BSD, hidden_LBSD, probs_LBNST
+    step = jax.checkpoint(step) if remat else step
+    if isinstance(layers, (LayerParams, FusedLayerParams)):
+        x_BSD, (hidden_LBSD, probs_LBNST) = lax.scan(step, x_BSD, (layers, keys), unroll=True if unroll else 1)
+        return x_BSD, hidden_LBSD, probs_LBNST
+    outs = []
+    for i, p in enumerate(layers):
+        x_BSD, out = step(x_BSD, (p, None if keys is None else keys[i]))
+        outs.append(out)
+    stacked = lambda xs: None if xs[0] is None else jnp.stack(xs)  # noqa: E731
+    return x_BSD, stacked([h for h, _ in outs]), stacked([a for _, a in outs])
 
 
 def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,

@@ -14,10 +14,13 @@ PACKING = ("auto", True, False)
 # The knobs left as None are filled per backend. CPUs run best on cache-sized batches, accelerators on large
 # ones. Streams: XLA:CPU runs much of a forward on one core, so a second batch in flight fills the other;
 # accelerators queue asynchronous dispatches already. Attention windows: measured on CPU only, off elsewhere.
+# Unrolled layers: XLA:CPU copies a scanned layer's weights out of the stack on every call (a quarter of a
+# one-query forward), and runs unrolled layers faster in bulk too; it costs compile time (L layers compiled,
+# not one), which accelerators, with their longer compiles and no such copies to save, keep.
 # The measurements behind each number are in BENCHMARKS.md.
 BACKEND_DEFAULTS = {
-    "cpu": {"token_budget": 1024, "streams": 2, "min_window": 64},
-    "accelerator": {"token_budget": 65536, "streams": 1, "min_window": 0},
+    "cpu": {"token_budget": 1024, "streams": 2, "min_window": 64, "unroll": True},
+    "accelerator": {"token_budget": 65536, "streams": 1, "min_window": 0, "unroll": False},
 }
 
 
@@ -45,6 +48,8 @@ class EngineSettings:
       ``first_chunk_texts`` is smaller, so the device starts sooner.
     - ``small_inputs``: calls with at most this many inputs (a query, a few) take the small-input path: on
       the caller's thread, padded rows of the precompilable ladder, no planner or layout choice (0: never).
+    - ``unroll``: the encoder's layers compiled one after the other, each with its own weights, rather than
+      one layer run L times under ``lax.scan`` over stacked weights: faster on CPU, compiles take longer.
     """
     token_budget: int | None = None
     packing: bool | str = "auto"
@@ -57,6 +62,7 @@ class EngineSettings:
     chunk_texts: int = 8192
     first_chunk_texts: int = 2048
     small_inputs: int = 16
+    unroll: bool | None = None
 
     def __post_init__(self):
         if self.packing not in PACKING or not isinstance(self.packing, (bool, str)):
@@ -71,6 +77,8 @@ class EngineSettings:
             raise ValueError(f"pack_length must be at least 2, got {self.pack_length}")
         if isinstance(self.small_inputs, bool) or not isinstance(self.small_inputs, int) or self.small_inputs < 0:
             raise ValueError(f"small_inputs must be an int >= 0 (0: never), got {self.small_inputs!r}")
+        if self.unroll is not None and not isinstance(self.unroll, bool):
+            raise ValueError(f"unroll must be True, False or None (the backend's default), got {self.unroll!r}")
         w = self.min_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
             raise ValueError(f"min_window must be an int >= 0 (0: no windows), got {w!r}")

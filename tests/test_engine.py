@@ -260,3 +260,28 @@ def test_bfloat16_weights_stay_within_cosine_0999_of_float32(minilm_dir, minilm)
         e5lite.load(minilm_dir, weights="int8")
     with pytest.raises(ValueError, match=r"weights='bfloat16' needs dtype='float32'"):
         e5lite.load(minilm_dir, weights="bfloat16", dtype="float16")
+
+
+@pytest.mark.parametrize("weights", [None, "bfloat16"])
+def test_unrolled_and_scanned_layouts_agree(minilm_dir, reference, weights):
+    """``unroll`` (the CPU default: per-layer weights, QKV fused once at load) and the scanned stack give the
+    same embeddings on both paths; ``params`` gives back the loaded weights exactly in either layout, and
+    ``configure(unroll=...)`` switches layouts in place."""
+    from e5lite.model import FusedLayerParams
+    from e5lite.weights import load_params
+    enc = e5lite.load(minilm_dir, packing=False, weights=weights)
+    assert enc.settings.unroll is True and isinstance(enc.engine._run_params.layers, tuple)
+    loaded = load_params(minilm_dir, enc.config, jnp.float32)
+    unrolled = [enc.encode(CORPUS), enc.encode(CORPUS[:2])]
+    for layout in ("unrolled", "scanned"):
+        for f, a, b in zip(loaded.layers._fields, enc.params.layers, loaded.layers):
+            narrow = weights is not None and f in e5lite.model.MATMUL_WEIGHTS
+            assert a.shape == b.shape and a.dtype == (jnp.bfloat16 if narrow else jnp.float32), (layout, f)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(a.dtype), err_msg=f"{layout} {f}")
+        enc.configure(unroll=False)
+    assert isinstance(enc.engine._run_params.layers, FusedLayerParams)
+    scanned = [enc.encode(CORPUS), enc.encode(CORPUS[:2])]
+    for u, s in zip(unrolled, scanned):
+        np.testing.assert_allclose(u, s, atol=1e-6, rtol=0)
+    if weights is None:
+        np.testing.assert_allclose(unrolled[0], reference, atol=1e-5, rtol=0)

@@ -53,3 +53,26 @@ def test_forward_is_differentiable(tiny):
     grads = jax.grad(loss)(tiny.params)
     norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= len(norms) - 1  # token-type row 1 unused
+
+
+def test_fused_and_per_layer_layouts_run_the_same_forward(tiny):
+    """The engine's layouts of the same weights (model.fuse_layers; a tuple of per-layer ones run unrolled)
+    give the stacked scan's hidden states, states of every layer and dropout masks; unfusing is exact."""
+    from e5lite.model import Dropout, FusedLayerParams, Params, fuse_layers, unfuse_layers
+    p = tiny.params
+    fused = fuse_layers(p.layers)
+    assert isinstance(fused, FusedLayerParams) and fused.qkv_DCNK.shape[-4:] == (tiny.config.hidden_size, 3,
+                                                                                  *p.layers.q_DNK.shape[-2:])
+    for a, b in zip(unfuse_layers(fused), p.layers):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], fused) for i in range(tiny.config.num_hidden_layers))
+    ids = np.asarray(tiny.tokenizer(["query: how are layers stored", "passage: one after the other"])[1])[None]
+    mask = np.ones_like(ids)
+    dropout = Dropout(jax.random.PRNGKey(3), 0.2, 0.2)
+    for kw in ({}, {"output_hidden_states": True, "output_attentions": True}, {"dropout": dropout}):
+        ref = jax.tree.leaves(e5lite.forward(p, tiny.config, ids, mask, **kw))
+        for layers in (fused, per_layer):
+            out = jax.tree.leaves(e5lite.forward(Params(p.embeddings, layers), tiny.config, ids, mask, **kw))
+            assert [o.shape for o in out] == [r.shape for r in ref]
+            for o, r in zip(out, ref):
+                np.testing.assert_allclose(np.asarray(o), np.asarray(r), atol=1e-6, rtol=0)

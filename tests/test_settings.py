@@ -14,7 +14,8 @@ def test_defaults_are_filled_per_backend():
     s = EngineSettings()
     assert s.token_budget is None and s.streams is None and s.min_window is None
     cpu, gpu = s.for_platform("cpu"), s.for_platform("gpu")
-    assert (cpu.token_budget, cpu.streams, cpu.min_window) == (1024, 2, 64)
+    assert (cpu.token_budget, cpu.streams, cpu.min_window, cpu.unroll) == (1024, 2, 64, True)
+    assert gpu.unroll is False
     assert (gpu.token_budget, gpu.streams, gpu.min_window) == (65536, 1, 0) == tuple(
         BACKEND_DEFAULTS["accelerator"][k] for k in ("token_budget", "streams", "min_window"))
     assert s.replace(token_budget=333).for_platform("tpu").token_budget == 333  # a choice is kept
@@ -34,6 +35,7 @@ def test_defaults_are_filled_per_backend():
     ("min_window", -1, "min_window must be an int >= 0"),
     ("min_window", True, "min_window must be an int >= 0"),
     ("min_window", 2.0, "min_window must be an int >= 0"),
+    ("unroll", 1, r"unroll must be True, False or None \(the backend's default\), got 1"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
