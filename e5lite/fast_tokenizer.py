@@ -15,7 +15,8 @@ it is another implementation, so e5lite uses it only as far as it is seen to agr
 - on every call, a sample of the texts (the first, the longest, and evenly spaced others) is re-encoded by the
   reference; on any difference the call is redone by the reference, the fast path is switched off for good
   and a warning names the text. A systematic difference therefore cannot pass; a difference confined to
-  texts that are neither probed nor sampled could, which is why ``tokenizer_backend="tokenizers"`` exists.
+  texts that are neither probed nor sampled could, which is why ``tokenizer_backend="tokenizers"`` exists;
+- a call of at most ``SAMPLE`` texts (a query) goes to the reference alone: the sample would be all of it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from tokenizers.models import Unigram
 from .batching import Ragged
 from .config import BertConfig
 from .errors import E5LiteError, TextEncodingError, TextTooLongError
-from .fast_tokenizer import TokieFastPath
+from .fast_tokenizer import SAMPLE as FAST_PATH_SAMPLE, TokieFastPath
 from .files import json_field, json_type, read_json
 
 logger = logging.getLogger("e5lite")
@@ -201,7 +201,9 @@ class TextTokenizer:
         """As ``__call__``, laid end to end in one ``Ragged`` (what the planner takes: no array per text)."""
         texts = list(texts)
         fast = self._fast
-        if fast is not None:
+        # a call of at most SAMPLE texts would be encoded twice (all of them are re-encoded as the sample), so
+        # the reference alone does it (a query: half the time)
+        if fast is not None and len(texts) > FAST_PATH_SAMPLE:
             try:
                 ids, full = fast.encode(texts)
             except Exception:  # e.g. a lone surrogate: the reference path below names the text

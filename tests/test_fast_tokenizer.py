@@ -114,3 +114,20 @@ def test_backend_choice_through_load(tiny_dir):
     a = e5lite.load(tiny_dir).encode(TEXTS)
     b = e5lite.load(tiny_dir, tokenizer_backend="tokenizers").encode(TEXTS)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_few_texts_are_encoded_once_by_the_reference(minilm_dir, monkeypatch):
+    """A call of at most SAMPLE texts would be re-encoded whole by the reference, so tokie is not run for it;
+    a larger call takes the fast path."""
+    from e5lite.fast_tokenizer import SAMPLE
+    tok = TextTokenizer.from_dir(minilm_dir, 512, backend="tokie")
+    ref = TextTokenizer.from_dir(minilm_dir, 512, backend="tokenizers")
+    calls = []
+    real_encode = TokieFastPath.encode
+    monkeypatch.setattr(TokieFastPath, "encode", lambda self, batch: calls.append(len(batch)) or real_encode(self, batch))
+    few, many = TEXTS[:SAMPLE], (TEXTS * (SAMPLE + 1))[:SAMPLE + 1]
+    assert [t.tolist() for t in tok(few)] == [t.tolist() for t in ref(few)] and calls == []
+    assert [t.tolist() for t in tok(many)] == [t.tolist() for t in ref(many)] and calls == [SAMPLE + 1]
+    assert tok.backend == "tokie"
+    with pytest.raises(TextTooLongError, match="text 1 is longer"):
+        tok(["short", "word " * 600], truncate=False)
