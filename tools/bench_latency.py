@@ -16,6 +16,7 @@ on each, then POST /embed of one query per request on the last.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -288,10 +289,26 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+class KeptConnection:
+    """POST over one kept-alive HTTP/1.1 connection (http.client), as a service's pooled client sends them."""
+
+    def __init__(self, base: str):
+        host, port = base.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def post(self, path: str, body: dict) -> tuple[float, object]:
+        data = json.dumps(body).encode()
+        t = time.perf_counter()
+        self.conn.request("POST", path, data, {"Content-Type": "application/json"})
+        out = json.loads(self.conn.getresponse().read())
+        return time.perf_counter() - t, out
+
+
 def server_round_trip(model_dir: Path, qs: list[str], rounds: int, in_process, starts: int) -> dict:
     """The first request after /health said ready, over ``starts`` fresh servers (one sample each, so several:
     a single request is at the mercy of the machine); then the p50 of one query per request on the last one,
-    interleaved with in-process ``encode`` of the same query."""
+    over a new connection each (urllib) and over one kept-alive connection, interleaved with in-process
+    ``encode`` of the same query."""
     firsts = []
     for k in range(starts):
         proc, base = start_server(model_dir)
@@ -300,17 +317,20 @@ def server_round_trip(model_dir: Path, qs: list[str], rounds: int, in_process, s
             firsts.append(first)
             if k < starts - 1:
                 continue
-            served, local = [], []
+            served, kept, local = [], [], []
+            conn = KeptConnection(base)
             for r in range(rounds):
                 for q in qs:
                     t, _ = post(base + "/embed", {"inputs": "query: " + q})
                     served.append(t)
+                    t, _ = conn.post("/embed", {"inputs": "query: " + q})
+                    kept.append(t)
                     t0 = time.perf_counter()
                     in_process("query: " + q)
                     local.append(time.perf_counter() - t0)
         finally:
             stop(proc)
-    return {"firsts": firsts, "served": percentiles(served), "local": percentiles(local)}
+    return {"firsts": firsts, "served": percentiles(served), "kept": percentiles(kept), "local": percentiles(local)}
 
 
 def main() -> None:
@@ -367,9 +387,11 @@ def main() -> None:
                 e5 = enc.encode
             s = server_round_trip(model_dir, qs, max(1, args.rounds - 1), e5, args.starts)
             first = float(np.median(s["firsts"])) * 1e3
-            print(f"\nserver POST /embed of one query: p50 {s['served'][0]:.2f} ms, p99 {s['served'][1]:.2f} ms; "
-                  f"in-process encode in the same loop: p50 {s['local'][0]:.2f} ms, p99 {s['local'][1]:.2f} ms; "
-                  f"added p50 {s['served'][0] - s['local'][0]:.2f} ms; first request after /health said ready, median of "
+            print(f"\nserver POST /embed of one query, a new connection each: p50 {s['served'][0]:.2f} ms, p99 "
+                  f"{s['served'][1]:.2f} ms; over a kept-alive connection: p50 {s['kept'][0]:.2f} ms, p99 "
+                  f"{s['kept'][1]:.2f} ms; in-process encode in the same loop: p50 {s['local'][0]:.2f} ms, p99 "
+                  f"{s['local'][1]:.2f} ms; added p50 {s['served'][0] - s['local'][0]:.2f} ms (new connections), "
+                  f"{s['kept'][0] - s['local'][0]:.2f} ms (kept alive); first request after /health said ready, median of "
                   f"{len(s['firsts'])} fresh servers: {first:.1f} ms ({first / s['served'][0]:.1f}x the served p50; "
                   f"each: {', '.join(f'{t * 1e3:.1f}' for t in s['firsts'])} ms)")
         if args.weight_study:

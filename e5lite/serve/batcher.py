@@ -207,21 +207,26 @@ class Batcher:
             self._jobs.append(job)
             self._queued_tokens += job.tokens
             self._cond.notify()
+        # refused at the deadline, not when the worker next looks (which may be a long call later); one timer
+        # on the loop rather than wait_for(shield(...)), whose extra futures cost a request several loop turns
+        timer = loop.call_later(max(0.0, job.expires - time.monotonic()), self._expire_if_waiting, job)
         try:
-            # at the deadline, not when the worker next looks (which may be a long call later)
-            with contextlib.suppress(asyncio.TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(job.future), max(0.0, job.expires - time.monotonic()))
-            with self._cond:
-                expired = job.taken == 0 and not job.dropped
-                if expired:
-                    job.dropped = True
-                    self._forget(job)
-            if expired:
-                raise self._expired(job)
-            return await job.future  # started in time: it finishes
+            return await job.future  # a job started in time finishes
         except asyncio.CancelledError:
             self.abandon(job)
             raise
+        finally:
+            timer.cancel()
+
+    def _expire_if_waiting(self, job: Job) -> None:
+        """On the loop at a job's deadline: refuses it (429) unless the worker has started on it."""
+        with self._cond:
+            expired = job.taken == 0 and not job.dropped
+            if expired:
+                job.dropped = True
+                self._forget(job)
+        if expired:
+            _settle(job.future, None, self._expired(job))
 
     def abandon(self, job: Job) -> None:
         """Takes a job whose client went away off the queue; a part in flight still finishes."""
