@@ -132,11 +132,11 @@ class Engine:
         host = jax.tree.map(np.asarray, params)  # a CPU device array is viewed, not copied
         layers = fuse_layers(host.layers, xp=np)
         narrow = jnp.dtype(self.weights)  # the matmul weights (float32 around them with weights="bfloat16")
-        layers = FusedLayerParams(*(x.astype(narrow if f in RUN_MATMUL_WEIGHTS else self.dtype)
+        layers = FusedLayerParams(*(x.astype(narrow if f in RUN_MATMUL_WEIGHTS else self.dtype, copy=False)
                                     for f, x in zip(FusedLayerParams._fields, layers)))
         if self.settings.unroll:
             layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(self.config.num_hidden_layers))
-        embeddings = jax.tree.map(lambda x: x.astype(self.dtype), host.embeddings)
+        embeddings = jax.tree.map(lambda x: x.astype(self.dtype, copy=False), host.embeddings)
         self._run_params = jax.device_put(Params(embeddings, layers), self._param_sharding)
 
     @property
