@@ -51,21 +51,12 @@ class LayerParams(NamedTuple):
     ffn_ln_bias_D: jax.Array
 
 
-class FusedLayerParams(NamedTuple):
-    """One encoder layer as inference runs it: the query, key and value weights as one [D, 3, N, K] matrix (one
-    wide GEMM), stored so rather than stacked on every call. The rest is ``LayerParams``' fields."""
-    qkv_DCNK: jax.Array
-    qkv_bias_CNK: jax.Array
-    o_NKD: jax.Array
-    o_bias_D: jax.Array
-    attn_ln_scale_D: jax.Array
-    attn_ln_bias_D: jax.Array
-    ffn_in_DF: jax.Array
-    ffn_in_bias_F: jax.Array
-    ffn_out_FD: jax.Array
-    ffn_out_bias_D: jax.Array
-    ffn_ln_scale_D: jax.Array
-    ffn_ln_bias_D: jax.Array
+# One encoder layer as inference runs it: the query, key and value weights as one [D, 3, N, K] matrix (one
+# wide GEMM) and their biases as [3, N, K], stored so rather than stacked on every call; the rest are
+# LayerParams' own fields, in its order (fuse_layers and unfuse_layers rely on that).
+FusedLayerParams = NamedTuple("FusedLayerParams", [("qkv_DCNK", jax.Array), ("qkv_bias_CNK", jax.Array)]
+                              + [(f, jax.Array) for f in LayerParams._fields[6:]])
+assert LayerParams._fields[:6] == ("q_DNK", "q_bias_NK", "k_DNK", "k_bias_NK", "v_DNK", "v_bias_NK")
 
 
 class Params(NamedTuple):
@@ -123,7 +114,8 @@ def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_B
     return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
 
 
-def self_attention(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
+def self_attention(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
+                   attention_impl: str = "xla",
                    dropout: Dropout | None = None, output_attentions: bool = False):
     """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout), and with
     ``output_attentions`` also the probabilities [B, N, S, T]."""
@@ -166,7 +158,8 @@ MATMUL_WEIGHTS = ("q_DNK", "k_DNK", "v_DNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
 PROJECTION_BIASES = ("q_bias_NK", "k_bias_NK", "v_bias_NK", "o_bias_D", "ffn_in_bias_F", "ffn_out_bias_D")
 
 
-def layer(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask, attention_impl: str = "xla",
+def layer(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
+          attention_impl: str = "xla",
           dropout: Dropout | None = None, output_attentions: bool = False):
     """One post-LayerNorm BERT layer: attention -> (dropout) add & norm -> FFN -> (dropout) add & norm.
     With ``output_attentions`` returns (output, attention probabilities)."""

@@ -124,7 +124,8 @@ def test_a_few_texts_are_encoded_once_by_the_reference(minilm_dir, monkeypatch):
     ref = TextTokenizer.from_dir(minilm_dir, 512, backend="tokenizers")
     calls = []
     real_encode = TokieFastPath.encode
-    monkeypatch.setattr(TokieFastPath, "encode", lambda self, batch: calls.append(len(batch)) or real_encode(self, batch))
+    monkeypatch.setattr(TokieFastPath, "encode",
+                        lambda self, batch: calls.append(len(batch)) or real_encode(self, batch))
     few, many = TEXTS[:SAMPLE], (TEXTS * (SAMPLE + 1))[:SAMPLE + 1]
     assert [t.tolist() for t in tok(few)] == [t.tolist() for t in ref(few)] and calls == []
     assert [t.tolist() for t in tok(many)] == [t.tolist() for t in ref(many)] and calls == [SAMPLE + 1]

@@ -391,7 +391,8 @@ def main() -> None:
                   f"{s['served'][1]:.2f} ms; over a kept-alive connection: p50 {s['kept'][0]:.2f} ms, p99 "
                   f"{s['kept'][1]:.2f} ms; in-process encode in the same loop: p50 {s['local'][0]:.2f} ms, p99 "
                   f"{s['local'][1]:.2f} ms; added p50 {s['served'][0] - s['local'][0]:.2f} ms (new connections), "
-                  f"{s['kept'][0] - s['local'][0]:.2f} ms (kept alive); first request after /health said ready, median of "
+                  f"{s['kept'][0] - s['local'][0]:.2f} ms (kept alive); first request after /health said ready, "
+                  f"median of "
                   f"{len(s['firsts'])} fresh servers: {first:.1f} ms ({first / s['served'][0]:.1f}x the served p50; "
                   f"each: {', '.join(f'{t * 1e3:.1f}' for t in s['firsts'])} ms)")
         if args.weight_study:
