@@ -119,7 +119,8 @@ class Encoder:
 
     @property
     def params(self) -> Params:
-        """The weights, placed on the engine's devices."""
+        """The weights as loaded (``model.Params``, layers stacked), placed on the engine's devices; rebuilt on
+        each access from the layout the engine runs (``Engine.set_params``), so keep the result to reuse it."""
         return self.engine.params
 
     @property
