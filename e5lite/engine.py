@@ -30,7 +30,7 @@ from . import batching
 from .attention import resolve_attention_impl
 from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
-from .model import FusedLayerParams, Params, forward, fuse_layers, unfuse_layers
+from .model import FUSED_MATMUL_WEIGHTS, FusedLayerParams, Params, forward, fuse_layers, unfuse_layers
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
 from .settings import EngineSettings
 
@@ -40,8 +40,6 @@ Source = Callable[[int, int], Sequence[np.ndarray]]
 
 
 WEIGHTS = ("float32", "bfloat16")
-# What ``weights="bfloat16"`` stores in bfloat16: the layers' matmul weights (model.MATMUL_WEIGHTS, QKV fused).
-RUN_MATMUL_WEIGHTS = ("qkv_DCNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
 
 
 def check_weights(weights: str | None, dtype) -> str:
@@ -118,11 +116,6 @@ class Engine:
         self._pools_lock = threading.Lock()
         weakref.finalize(self, _shutdown, self._pools)
 
-    @property
-    def narrow_weights(self) -> bool:
-        """The matmul weights are stored narrower than the compute dtype (``weights="bfloat16"``)."""
-        return self.weights != jnp.dtype(self.dtype).name
-
     def set_params(self, params: Params) -> None:
         """Runs these weights from now on (e.g. after training steps), cast to the engine's dtype and placed
         like the originals; the compiled shapes stay valid (for the same ``unroll`` setting).
@@ -132,7 +125,7 @@ class Engine:
         host = jax.tree.map(np.asarray, params)  # a CPU device array is viewed, not copied
         layers = fuse_layers(host.layers, xp=np)
         narrow = jnp.dtype(self.weights)  # the matmul weights (float32 around them with weights="bfloat16")
-        layers = FusedLayerParams(*(x.astype(narrow if f in RUN_MATMUL_WEIGHTS else self.dtype, copy=False)
+        layers = FusedLayerParams(*(x.astype(narrow if f in FUSED_MATMUL_WEIGHTS else self.dtype, copy=False)
                                     for f, x in zip(FusedLayerParams._fields, layers)))
         if self.settings.unroll:
             layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(self.config.num_hidden_layers))
@@ -199,10 +192,7 @@ class Engine:
 
     def dispatch(self, batch: Batch, normalize: bool):
         """Starts one batch on the devices; returns the (asynchronous) result array, one row per slot."""
-        # one device: host arrays go to the jitted function as they are (it places them beside the weights,
-        # for less dispatch work than a device_put each: a query's forward is a few milliseconds)
-        put = (functools.partial(jax.device_put, device=self._batch_sharding) if len(self.devices) > 1
-               else lambda x: x)
+        put = self._put
         self.compiled_shapes.add(batch.shape)
         kw = dict(config=self.config, pooling=self.pooling, normalize=normalize,
                   attention_impl=self.settings.attention_impl)
@@ -210,6 +200,12 @@ class Engine:
             return embed_packed(self._run_params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
                                 num_segments=batch.num_segments, attention_window=batch.window, **kw)
         return embed_batch(self._run_params, put(batch.input_ids), put(batch.attention_mask), **kw)
+
+    def _put(self, x: np.ndarray):
+        """A batch's host array as the jitted functions take it: split over the devices, or, on one device, as
+        it is (jit places it beside the weights, for less dispatch work than a device_put: a query's forward
+        is a few milliseconds)."""
+        return jax.device_put(x, self._batch_sharding) if len(self.devices) > 1 else x
 
     def run(self, source: Source, n: int, *, normalize: bool = True, batch_size: int | None = None,
             show_progress_bar: bool = False, local: bool = False) -> np.ndarray:
@@ -248,7 +244,7 @@ class Engine:
         vectors mean pooling averages). Padded batches planned as ``encode``'s small path (length buckets),
         so a handful of shapes compile."""
         out: list = [None] * len(ids)
-        put = functools.partial(jax.device_put, device=self._batch_sharding)
+        put = self._put
         for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
             self.compiled_shapes.add(("states", *batch.shape))
             states_BSD = np.asarray(hidden_states(self._run_params, put(batch.input_ids), put(batch.attention_mask),

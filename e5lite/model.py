@@ -154,6 +154,8 @@ def feed_forward(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD):
 
 # The matmul weights of a layer: what ``weights="bfloat16"`` stores in bfloat16 (everything else stays float32).
 MATMUL_WEIGHTS = ("q_DNK", "k_DNK", "v_DNK", "o_NKD", "ffn_in_DF", "ffn_out_FD")
+# ... the same weights in a FusedLayerParams (Q, K and V as one)
+FUSED_MATMUL_WEIGHTS = ("qkv_DCNK", *(f for f in MATMUL_WEIGHTS if f in FusedLayerParams._fields))
 # ... and their biases: training in bfloat16 keeps both float32 (``project`` narrows the weights itself).
 PROJECTION_BIASES = ("q_bias_NK", "k_bias_NK", "v_bias_NK", "o_bias_D", "ffn_in_bias_F", "ffn_out_bias_D")
 
