@@ -128,7 +128,10 @@ def self_attention(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD,
     qkv_BSCNK = (qkv_BSCNK.astype(jnp.float32) * scale_C11).astype(qkv_BSCNK.dtype)
     ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
                                     None if dropout is None else (dropout.rng, dropout.attention))
-    out_BSD = project("BSNK,NKD->BSD", ctx_BSNK, p.o_NKD, p.o_bias_D)
+    # heads flattened before the product: contracting N and K as two axes, XLA:CPU chose to transpose the
+    # [N, K, D] weight on every call (K before N) rather than the few tokens' context
+    B, S, N, K = ctx_BSNK.shape
+    out_BSD = project("BSX,XD->BSD", ctx_BSNK.reshape(B, S, N * K), p.o_NKD.reshape(N * K, -1), p.o_bias_D)
     return (out_BSD, attention_probs(qkv_BSCNK, mask)) if output_attentions else out_BSD
 
 
