@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .attention import AttentionMask, attention_probs, drop, multi_head_attention
@@ -90,9 +91,13 @@ def layer_norm(x, scale, bias, eps: float):
 def activation(x, kind: str):
     if kind == "relu":
         return jax.nn.relu(x)
-    # "gelu" is the exact erf form (torch's default); jax.nn.gelu defaults to the tanh approximation.
-    y = jax.nn.gelu(x.astype(jnp.float32), approximate=(kind == "gelu_tanh"))
-    return y.astype(x.dtype)
+    dtype, x = x.dtype, x.astype(jnp.float32)
+    if kind == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True).astype(dtype)
+    # "gelu" is the exact erf form, written as torch computes it: x / 2 (1 + erf(x / sqrt 2)). (jax.nn.gelu
+    # defaults to the tanh approximation, and its exact form goes through erfc, which XLA:CPU computes at
+    # twice the cost of erf.)
+    return (0.5 * x * (1.0 + lax.erf(x * np.float32(np.sqrt(0.5))))).astype(dtype)
 
 
 def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_BS=None, position_ids_BS=None):
