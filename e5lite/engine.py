@@ -30,7 +30,8 @@ from . import batching
 from .attention import resolve_attention_impl
 from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
-from .model import FUSED_MATMUL_WEIGHTS, FusedLayerParams, Params, forward, fuse_layers, unfuse_layers
+from .model import (FUSED_MATMUL_WEIGHTS, FusedLayerParams, Params, forward, fuse_layers, transposed, unfuse_layers,
+                    untransposed)
 from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
 from .settings import EngineSettings
 
@@ -127,6 +128,8 @@ class Engine:
         narrow = jnp.dtype(self.weights)  # the matmul weights (float32 around them with weights="bfloat16")
         layers = FusedLayerParams(*(x.astype(narrow if f in FUSED_MATMUL_WEIGHTS else self.dtype, copy=False)
                                     for f, x in zip(FusedLayerParams._fields, layers)))
+        if self.weights == "bfloat16":
+            layers = layers._replace(ffn_out_FD=transposed(layers.ffn_out_FD, xp=np))
         if self.settings.unroll:
             layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(self.config.num_hidden_layers))
         embeddings = jax.tree.map(lambda x: x.astype(self.dtype, copy=False), host.embeddings)
@@ -139,6 +142,7 @@ class Engine:
         layers = self._run_params.layers
         if not isinstance(layers, FusedLayerParams):
             layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        layers = layers._replace(ffn_out_FD=untransposed(layers.ffn_out_FD))
         return Params(self._run_params.embeddings, unfuse_layers(layers))
 
     def _resolve(self, settings: EngineSettings) -> EngineSettings:

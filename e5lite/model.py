@@ -60,6 +60,23 @@ FusedLayerParams = NamedTuple("FusedLayerParams", [("qkv_DCNK", jax.Array), ("qk
 assert LayerParams._fields[:6] == ("q_DNK", "q_bias_NK", "k_DNK", "k_bias_NK", "v_DNK", "v_bias_NK")
 
 
+class Transposed(NamedTuple):
+    """A matmul weight kept [out, in] (as torch's Linear stores it) rather than [in, out]. The engine keeps the
+    FFN's output weight so with ``weights="bfloat16"``: XLA:CPU's kernels multiply a few tokens by a bfloat16
+    [F, D] weight faster with F as its last axis (float32 ones are faster as they are)."""
+    w_OI: jax.Array
+
+
+def transposed(w_IO, xp=jnp) -> Transposed:
+    """w [..., in, out] as a Transposed [..., out, in] (a copy in that order)."""
+    return Transposed(xp.swapaxes(w_IO, -1, -2).copy())
+
+
+def untransposed(w):
+    """A weight back as [..., in, out] from a Transposed, exactly; any other weight as it is."""
+    return jnp.swapaxes(w.w_OI, -1, -2) if isinstance(w, Transposed) else w
+
+
 class Params(NamedTuple):
     embeddings: EmbeddingParams
     # stacked (leaves [L, ...], run under lax.scan), or a tuple of L per-layer ones (run unrolled); each
@@ -157,6 +174,8 @@ def unfuse_layers(f: FusedLayerParams) -> LayerParams:
 def feed_forward(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD):
     h_BSF = project("BSD,DF->BSF", x_BSD, p.ffn_in_DF, p.ffn_in_bias_F)
     h_BSF = activation(h_BSF, config.activation)
+    if isinstance(p.ffn_out_FD, Transposed):
+        return project("BSF,DF->BSD", h_BSF, p.ffn_out_FD.w_OI, p.ffn_out_bias_D)
     return project("BSF,FD->BSD", h_BSF, p.ffn_out_FD, p.ffn_out_bias_D)
 
 

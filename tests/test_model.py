@@ -56,9 +56,11 @@ def test_forward_is_differentiable(tiny):
 
 
 def test_fused_and_per_layer_layouts_run_the_same_forward(tiny):
-    """The engine's layouts of the same weights (model.fuse_layers; a tuple of per-layer ones run unrolled)
-    give the stacked scan's hidden states, states of every layer and dropout masks; unfusing is exact."""
-    from e5lite.model import Dropout, FusedLayerParams, Params, fuse_layers, unfuse_layers
+    """The engine's layouts of the same weights (model.fuse_layers; a tuple of per-layer ones run unrolled; the
+    FFN output weight kept transposed, as with bfloat16 weights) give the stacked scan's hidden states, states
+    of every layer and dropout masks; unfusing and untransposing are exact."""
+    from e5lite.model import (Dropout, FusedLayerParams, Params, fuse_layers, transposed, unfuse_layers,
+                              untransposed)
     p = tiny.params
     fused = fuse_layers(p.layers)
     assert isinstance(fused, FusedLayerParams) and fused.qkv_DCNK.shape[-4:] == (tiny.config.hidden_size, 3,
@@ -66,12 +68,15 @@ def test_fused_and_per_layer_layouts_run_the_same_forward(tiny):
     for a, b in zip(unfuse_layers(fused), p.layers):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     per_layer = tuple(jax.tree.map(lambda x, i=i: x[i], fused) for i in range(tiny.config.num_hidden_layers))
+    flipped = fused._replace(ffn_out_FD=transposed(fused.ffn_out_FD))
+    assert flipped.ffn_out_FD.w_OI.shape == p.layers.ffn_out_FD.shape[:1] + p.layers.ffn_out_FD.shape[:0:-1]
+    np.testing.assert_array_equal(np.asarray(untransposed(flipped.ffn_out_FD)), np.asarray(p.layers.ffn_out_FD))
     ids = np.asarray(tiny.tokenizer(["query: how are layers stored", "passage: one after the other"])[1])[None]
     mask = np.ones_like(ids)
     dropout = Dropout(jax.random.PRNGKey(3), 0.2, 0.2)
     for kw in ({}, {"output_hidden_states": True, "output_attentions": True}, {"dropout": dropout}):
         ref = jax.tree.leaves(e5lite.forward(p, tiny.config, ids, mask, **kw))
-        for layers in (fused, per_layer):
+        for layers in (fused, per_layer, flipped):
             out = jax.tree.leaves(e5lite.forward(Params(p.embeddings, layers), tiny.config, ids, mask, **kw))
             assert [o.shape for o in out] == [r.shape for r in ref]
             for o, r in zip(out, ref):
