@@ -236,6 +236,8 @@ class Engine:
     def small_batches(self, ids, batch_size: int | None = None) -> list[Batch]:
         """The padded batches of the small-input path: one per length bucket, rows on the ladder 1, 4, 16
         (times the devices), so a handful of shapes covers every query (see ``warmup``)."""
+        if len(ids) == 1:
+            return [batching.single_batch(ids[0], self.max_length, len(self.devices), self.pad_id)]
         return list(plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(batch_size)))
 
     def _run_small(self, ids, out: np.ndarray, normalize: bool, batch_size) -> None:

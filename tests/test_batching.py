@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from e5lite.batching import pack_windows, plan_packed, plan_padded, planned_shapes, seq_bucket, windows_for
+from e5lite.batching import (Ragged, pack_windows, plan_packed, plan_padded, planned_shapes, seq_bucket, single_batch,
+                             windows_for)
 
 
 def fake_ids(lengths):
@@ -15,6 +16,23 @@ def fake_ids(lengths):
 def test_bucket_lengths():
     assert seq_bucket(17, 128) == 32 and seq_bucket(120, 128) == 128 and seq_bucket(300, 300) == 300
     assert seq_bucket(3, 512) == 16 and seq_bucket(385, 512) == 512
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_single_batch_is_the_plan_of_one_text(devices):
+    """The one-query shortcut (engine.small_batches) builds exactly the batch plan_padded plans for one text."""
+    for n in (1, 5, 16, 17, 100, 128):
+        seq = np.arange(7, 7 + n, dtype=np.int32)
+        (want,) = plan_padded([seq], max_length=128, token_budget=1024, multiple=devices, pad_id=3)
+        got = single_batch(seq, 128, devices, pad_id=3)
+        assert got.shape == want.shape and got.real_tokens == want.real_tokens == n and not got.packed
+        for f in ("input_ids", "attention_mask", "index", "slot"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+            assert getattr(got, f).dtype == getattr(want, f).dtype
+        one, of = Ragged.one(seq.tolist()), Ragged.of([seq])
+        for f in ("ids", "lengths", "starts"):
+            np.testing.assert_array_equal(getattr(one, f), getattr(of, f))
+            assert getattr(one, f).dtype == getattr(of, f).dtype
 
 
 @pytest.mark.parametrize("budget, devices", [(4096, 1), (65536, 1), (4096, 4)])
