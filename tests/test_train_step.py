@@ -28,6 +28,11 @@ PAIRS = Pairs(
 )
 
 
+# jitted once per StepConfig and shared by the tests: op by op, the unrolled layers' forward and backward (and
+# dropout's masks) took up to 20 s a call
+step = jax.jit(loss_and_grads, static_argnames="sc")
+
+
 def step_config(enc, dropout=0.0, chunk_size=None, remat=False, dtype="float32"):
     return StepConfig(enc.config, enc.pooling, 0.01, dropout, dropout, dtype, remat, chunk_size)
 
@@ -60,7 +65,7 @@ def test_loss_and_gradient_equal_torch(minilm_dir, setup):
     enc, batch = setup
     assert batch.p_valid.tolist() == [True] * 4 + [True, True, False, False]  # padded negative rows
     want_loss, want = torch_loss_and_grads(minilm_dir, batch)
-    loss, grads = loss_and_grads(enc.params, batch, jax.random.PRNGKey(0), step_config(enc))
+    loss, grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc))
     assert abs(float(loss) - want_loss) <= 1e-4 * abs(want_loss), (float(loss), want_loss)
     got = to_state_dict(grads, enc.config)
     assert set(want) <= set(got)
@@ -75,8 +80,8 @@ def test_loss_and_gradient_equal_torch(minilm_dir, setup):
 def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
     enc, batch = setup
     key = jax.random.PRNGKey(0)
-    loss, grads = loss_and_grads(enc.params, batch, key, step_config(enc))
-    c_loss, c_grads = loss_and_grads(enc.params, batch, key, step_config(enc, chunk_size=chunk_size, remat=remat))
+    loss, grads = step(enc.params, batch, key, sc=step_config(enc))
+    c_loss, c_grads = step(enc.params, batch, key, sc=step_config(enc, chunk_size=chunk_size, remat=remat))
     assert abs(float(c_loss) - float(loss)) <= 1e-5 * abs(float(loss))  # fp32 rounding of other GEMM shapes
     scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads))
     for a, b in zip(jax.tree.leaves(c_grads), jax.tree.leaves(grads)):
@@ -86,17 +91,17 @@ def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
 def test_dropout_is_random_per_key_and_off_at_zero(setup):
     enc, batch = setup
     sc = step_config(enc, dropout=0.1)
-    a, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(1), sc)
-    b, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(1), sc)
-    c, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(2), sc)
-    off, _ = loss_and_grads(enc.params, batch, jax.random.PRNGKey(1), step_config(enc))
+    a, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=sc)
+    b, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=sc)
+    c, _ = step(enc.params, batch, jax.random.PRNGKey(2), sc=sc)
+    off, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=step_config(enc))
     assert float(a) == float(b) and float(a) != float(c) and float(a) != float(off)
 
 
 def test_bf16_compute_keeps_float32_gradients(setup):
     enc, batch = setup
-    loss, grads = loss_and_grads(enc.params, batch, jax.random.PRNGKey(0), step_config(enc, dtype="bfloat16"))
-    ref, ref_grads = loss_and_grads(enc.params, batch, jax.random.PRNGKey(0), step_config(enc))
+    loss, grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc, dtype="bfloat16"))
+    ref, ref_grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc))
     assert all(g.dtype == np.float32 for g in jax.tree.leaves(grads))
     assert abs(float(loss) - float(ref)) < 0.05 * abs(float(ref))
     # the gradient (float32 ones are tested against torch above) points the same way: cosine per parameter
