@@ -150,8 +150,9 @@ def reference(model, tokenizer, texts: list[str], prompt: str = "", max_length: 
     import torch
     batch = tokenizer([prompt + t for t in texts], padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
+    from conftest import each_alone
     with torch.no_grad():
-        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        h = each_alone(model, batch["input_ids"], batch["attention_mask"])
     m = batch["attention_mask"].unsqueeze(-1).float()
     pooled = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
     mask = batch["attention_mask"].numpy()
