@@ -87,7 +87,9 @@ def train_cmd(model, records, out, *extra):
 def test_a_killed_run_resumes_bit_identically(tiny_dir, records_file, tmp_path):
     """Dropout on (the checkpoint's 0.1), shuffled epochs: kill -9 after a checkpoint, resume, and the final
     weights equal an uninterrupted run's exactly."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # one compilation cache for the three runs (the same program: the same executable, so bit-equality still
+    # tests the checkpoint), so that the second and third do not compile again
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "E5LITE_COMPILATION_CACHE": str(tmp_path / "jax-cache")}
     whole = subprocess.run(train_cmd(tiny_dir, records_file, tmp_path / "whole"), env=env, capture_output=True,
                            text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
