@@ -91,14 +91,6 @@ class Ragged:
         self.starts = np.cumsum(self.lengths) - self.lengths
 
     @classmethod
-    def one(cls, ids) -> "Ragged":
-        """A Ragged of one sequence, built with fewer numpy calls (a query waits on them)."""
-        r = cls.__new__(cls)
-        r.ids = np.array(ids, dtype=np.int32)
-        r.lengths, r.starts = np.array([len(r.ids)], dtype=np.int64), np.zeros(1, dtype=np.int64)
-        return r
-
-    @classmethod
     def of(cls, seqs) -> "Ragged":
         """A Ragged of any sequence of token id sequences (a Ragged is returned as is)."""
         if isinstance(seqs, Ragged):

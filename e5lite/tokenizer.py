@@ -229,8 +229,6 @@ class TextTokenizer:
             for i, e in enumerate(encodings):
                 if e.overflowing:
                     raise TextTooLongError(offset + i, self.max_length)
-        if len(encodings) == 1:  # a query: fewer numpy calls on its way (see batching.single_batch)
-            return Ragged.one(encodings[0].ids)
         lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
         return Ragged(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32,
                                   int(lengths.sum())), lengths)
