@@ -7,7 +7,9 @@ widened to float32 and run on the generic kernel at a third of the speed or less
 gradient as ``x^T g`` (contracting the token axis of both: the left operand is transposed), which is that
 case. Here the narrower of ``x`` and ``g`` is first transposed in memory (a copy XLA cannot fold back into
 the dot: it is flattened behind an optimization barrier), so every dot of the backward pass is one the fast
-kernels take. Float32, other backends than CPU, and several devices (data parallel) keep autodiff's dots.
+kernels take. Float32 gains too: autodiff transposes the gradient, which for the query/key/value projection is
+three times wider than its input. Other backends than CPU, and several devices (data parallel), keep autodiff's
+dots.
 BENCHMARKS.md has the measurements ("Training speed").
 
 The gradients are the same sums in another order: float32 results equal autodiff's to rounding, bfloat16
@@ -74,10 +76,9 @@ def _project_bwd(spec, res, g):
     x, w, b = res
     dims = _dims(spec, x, w)
     op = _narrow(x.dtype, w.dtype)
-    # autodiff's own dots: for float32 (as fast either way), off CPUs (other compilers lay out dots freely), and
-    # over several devices: there the rows are split between devices, and a transposed copy of [rows, K] cannot
-    # stay split (XLA would gather every device's activations instead of summing the devices' weight gradients)
-    if dims is None or op == jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() > 1:
+    # autodiff's own dots off CPUs (other compilers lay out dots freely) and over several devices: there the
+    # rows are split between devices, and a transposed copy of [rows, K] cannot stay split (XLA would gather every device's activations instead of summing the devices' weight gradients)
+    if dims is None or jax.default_backend() != "cpu" or jax.device_count() > 1:
         _, vjp = jax.vjp(functools.partial(_einsum, spec), x, w, b)
         return vjp(g)
     M, K, N = dims
