@@ -77,7 +77,8 @@ def _project_bwd(spec, res, g):
     dims = _dims(spec, x, w)
     op = _narrow(x.dtype, w.dtype)
     # autodiff's own dots off CPUs (other compilers lay out dots freely) and over several devices: there the
-    # rows are split between devices, and a transposed copy of [rows, K] cannot stay split (XLA would gather every device's activations instead of summing the devices' weight gradients)
+    # rows are split between devices, and a transposed copy of [rows, K] cannot stay split (XLA would gather
+    # every device's activations instead of summing the devices' weight gradients)
     if dims is None or jax.default_backend() != "cpu" or jax.device_count() > 1:
         _, vjp = jax.vjp(functools.partial(_einsum, spec), x, w, b)
         return vjp(g)
