@@ -595,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "train":  # a command line of its own, not a call from Python
+        from .runtime import restart_with_huge_pages
+        restart_with_huge_pages()
     if getattr(args, "command", None) == "embed":
         args.field_given = args.field is not None
         args.field = args.field or "text"

@@ -1,13 +1,19 @@
-"""Process-level JAX set-up: the persistent compilation cache and multi-process (multi-host) runs."""
+"""Process-level set-up: the persistent compilation cache, multi-process (multi-host) runs, and huge pages for
+training on CPU."""
 
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from pathlib import Path
 
 import jax
 
 CACHE_ENV = "E5LITE_COMPILATION_CACHE"
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_ENV = "E5LITE_HUGE_PAGES"  # "0": `e5lite train` does not restart itself with HUGE_PAGES
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
@@ -33,3 +39,53 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id, **kw)
+
+
+def huge_pages_tunables(environ=None) -> str | None:
+    """The ``GLIBC_TUNABLES`` value under which glibc's malloc asks the kernel for transparent huge pages, or
+    None where that is set already, would change nothing, or is switched off ($E5LITE_HUGE_PAGES=0).
+
+    Why: a training step on XLA:CPU allocates and frees gigabytes of buffers; glibc maps each large one afresh
+    and unmaps it when freed, so the kernel faults in and zeroes every 4 KiB page again at every step (2.4 GB a
+    MiniLM step, a fifth of its time: BENCHMARKS.md, "Training speed"). In 2 MiB pages that is 512 times fewer
+    faults. glibc reads the setting only when a process starts, and it helps only where the kernel gives huge
+    pages on request (``madvise`` mode; in ``always`` mode every large mapping gets them anyway).
+    """
+    environ = os.environ if environ is None else environ
+    current = environ.get("GLIBC_TUNABLES", "")
+    # "restarted": set by restart_with_huge_pages, so that a process whose loader drops GLIBC_TUNABLES (setuid)
+    # cannot restart itself for ever
+    if (environ.get(HUGE_PAGES_ENV, "1") in ("0", "restarted") or "glibc.malloc.hugetlb" in current
+            or platform.system() != "Linux"):
+        return None
+    libc, version = platform.libc_ver()
+    try:
+        new_enough = libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)  # the tunable's first
+        thp_on_request = "[madvise]" in THP_MODE.read_text()
+    except (OSError, ValueError):
+        return None
+    if not (new_enough and thp_on_request):
+        return None
+    return f"{current}:{HUGE_PAGES}" if current else HUGE_PAGES
+
+
+def restart_with_huge_pages() -> None:
+    """Starts this program again, in place (same process id, arguments and open files), with glibc's malloc
+    asking for huge pages (``huge_pages_tunables``); returns without doing anything where that would change
+    nothing. ``e5lite train`` calls it first thing; from Python, start the process with
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` instead."""
+    value = huge_pages_tunables()
+    if value is None:
+        return
+    before = {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", HUGE_PAGES_ENV)}
+    os.environ.update({"GLIBC_TUNABLES": value, HUGE_PAGES_ENV: "restarted"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:  # carry on as we are: slower, not wrong
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v

@@ -9,7 +9,9 @@ Peers (each in its own process, loaded once, then --warmup + --steps optimiser s
 --warmup are not timed): `e5lite` runs the code `e5lite.train.fit` runs per step (TokenisedPairs, batch_index,
 train_step, make_optimizer: AdamW, lr 2e-5, weight decay 0.01, no warm-up, dropout from the checkpoint), but
 no checkpoints, log or export, and it first compiles every batch shape of the run on throw-away copies of
-its state (time and count in "compiles s (shapes)"), since a long run compiles each shape once; `st` runs
+its state (time and count in "compiles s (shapes)"), since a long run compiles each shape once, and it runs
+in the environment `e5lite train` restarts itself with (huge pages for glibc's malloc, e5lite/runtime.py;
+the header says which); `st` runs
 SentenceTransformerTrainer with MultipleNegativesRankingLoss(scale=100, i.e. temperature 0.01), the same
 optimiser and schedule. `-cached`: GradCache, chunks of a quarter batch (chunk_size / CachedMNRL
 mini_batch_size); `-bf16`: bfloat16 compute (e5lite's dtype, the trainer's bf16=True: CPU or GPU autocast);
@@ -179,6 +181,9 @@ def worker(peer: str, cfg_path: str, scratch: str) -> dict:
 
 def run_peer(peer: str, cfg_path: Path, scratch: Path, timeout, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker", peer, "--cfg", str(cfg_path), "--scratch", str(scratch / peer)]
+    if peer.startswith("e5lite"):  # the environment `e5lite train` restarts itself with (runtime.py)
+        from e5lite.runtime import huge_pages_tunables
+        env = {**env, "GLIBC_TUNABLES": huge_pages_tunables(env) or env.get("GLIBC_TUNABLES", "")}
     with tempfile.TemporaryFile(mode="w+") as err:  # a file, not a pipe: a chatty worker cannot block
         try:
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, env=env)
@@ -231,6 +236,8 @@ def main() -> None:
             versions.append(f"{dist} absent")
     print(f"# e5lite training benchmark  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {os.cpu_count()} cpus  "
           f"{platform.processor() or platform.machine()}  " + "  ".join(versions))
+    from e5lite.runtime import huge_pages_tunables
+    print(f"# e5lite's GLIBC_TUNABLES: {huge_pages_tunables(env) or env.get('GLIBC_TUNABLES') or '(none)'}")
     with tempfile.TemporaryDirectory(prefix="e5lite-bench-train-") as tmp:
         tmp = Path(tmp)
         model_dir = prepare_model(args.model, tmp) if args.model != "minilm" else minilm_dir()
