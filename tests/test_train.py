@@ -4,6 +4,7 @@ killed run resumes bit-identically, evaluation during training, and one-line err
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from safetensors.numpy import load_file
 
 import e5lite
 from e5lite.cli import main
+from e5lite.runtime import huge_pages_tunables
 from e5lite.train_data import TokenisedPairs, read_pairs
 
 
@@ -114,7 +116,8 @@ def test_a_killed_run_resumes_bit_identically(tiny_dir, records_file, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 28)) and [r["loss"] for r in log] == [r["loss"] for r in whole_log]
 
 
-def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path, capsys):
+def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, "e5lite")
     out = tmp_path / "model"
     assert main(["train", "--model", str(tiny_dir), "--train", str(records_file), "--output", str(out),
                  "--batch-size", "8", "--max-steps", "4", "--eval", str(pydoc_beir), "--eval-every", "2"]) == 0
@@ -122,6 +125,9 @@ def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path
     evals = [r for r in log if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval"]["ndcg_at_10"] <= 1 for r in evals)
     assert "| 10 |" in capsys.readouterr().out  # the final evaluation's table
+    # this process did not start with huge pages (runtime.py): fit says how to, where it would help
+    hint = [r for r in caplog.records if "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in r.getMessage()]
+    assert len(hint) == (huge_pages_tunables() is not None)
 
 
 @pytest.mark.parametrize("records, args, message", [

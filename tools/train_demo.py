@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128, help="tokens per text (MiniLM allows 256)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of training")
     args = ap.parse_args()
+    from e5lite.runtime import restart_with_huge_pages
+    restart_with_huge_pages()  # as `e5lite train` does: fit() runs in this process
     sys.path.insert(0, str(Path(__file__).parent))
     from bench import minilm_dir
 
