@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import E5LiteError, InputError
 from .files import read_records, write_atomic
-from .settings import BACKEND_DEFAULTS, default_help
+from .settings import default_help
 from .shards import ROWS_PER_SHARD
 
 PROGRESS_MIN_TEXTS = 256  # show a progress bar on stderr from this many texts
