@@ -75,15 +75,20 @@ def restart_with_huge_pages() -> None:
     nothing. ``e5lite train`` calls it first thing; from Python, start the process with
     ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` instead."""
     value = huge_pages_tunables()
-    if value is None:
+    args = sys.orig_argv[1:]
+    # Only a program whose command line says all: not a script read from stdin (a second start would find it
+    # empty), nor one that rewrote sys.argv before calling us (it would start again from the top).
+    if (value is None or not sys.executable or sys.argv[0] in ("", "-")
+            or args[len(args) - (len(sys.argv) - 1):] != sys.argv[1:]):
         return
     before = {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", HUGE_PAGES_ENV)}
     os.environ.update({"GLIBC_TUNABLES": value, HUGE_PAGES_ENV: "restarted"})
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     try:
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    except OSError:  # carry on as we are: slower, not wrong
+        os.execv(sys.executable, [sys.executable, *args])
+    except (OSError, ValueError):  # carry on as we are: slower, not wrong
         for k, v in before.items():
             if v is None:
                 del os.environ[k]

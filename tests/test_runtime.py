@@ -100,3 +100,23 @@ def test_huge_pages_spare_the_page_faults_of_a_fresh_large_buffer():
                                       env={**env, **extra}).stdout) for extra in ({}, {"GLIBC_TUNABLES": HUGE_PAGES}))
     assert plain >= 30_000  # 32,768 pages of 4 KiB
     assert huge <= plain // 20, (plain, huge)
+
+
+@pytest.mark.parametrize("how", ["stdin", "argv rewritten"])
+def test_no_restart_where_the_command_line_cannot_start_it_again(how):
+    """A script read from stdin would find stdin empty the second time; a program that set sys.argv itself
+    would start again from the top: both carry on without huge pages."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        print("start", os.environ.get("GLIBC_TUNABLES"), flush=True)
+        if {how == "argv rewritten"}:
+            sys.argv = ["e5lite", "train", "--model", "m"]
+        from e5lite.runtime import restart_with_huge_pages
+        restart_with_huge_pages()
+        print("carried on")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "E5LITE_HUGE_PAGES")}
+    cmd = [sys.executable, "-", "train"] if how == "stdin" else [sys.executable, "-c", code, "train"]
+    p = subprocess.run(cmd, input=code if how == "stdin" else None, capture_output=True, text=True, env=env,
+                       timeout=120, check=True)
+    assert p.stdout.splitlines() == ["start None", "carried on"], p.stdout
