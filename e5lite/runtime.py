@@ -46,7 +46,7 @@ def huge_pages_tunables(environ=None) -> str | None:
     None where that is set already, would change nothing, or is switched off ($E5LITE_HUGE_PAGES=0).
 
     Why: a training step on XLA:CPU allocates and frees gigabytes of buffers; glibc maps each large one afresh
-    and unmaps it when freed, so the kernel faults in and zeroes every 4 KiB page again at every step (2.4 GB a
+    and unmaps it when freed, so the kernel faults in and zeroes every 4 KiB page again at every step (2.4 GiB a
     MiniLM step, a fifth of its time: BENCHMARKS.md, "Training speed"). In 2 MiB pages that is 512 times fewer
     faults. glibc reads the setting only when a process starts, and it helps only where the kernel gives huge
     pages on request (``madvise`` mode; in ``always`` mode every large mapping gets them anyway).

@@ -181,9 +181,6 @@ def worker(peer: str, cfg_path: str, scratch: str) -> dict:
 
 def run_peer(peer: str, cfg_path: Path, scratch: Path, timeout, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker", peer, "--cfg", str(cfg_path), "--scratch", str(scratch / peer)]
-    if peer.startswith("e5lite"):  # the environment `e5lite train` restarts itself with (runtime.py)
-        from e5lite.runtime import huge_pages_tunables
-        env = {**env, "GLIBC_TUNABLES": huge_pages_tunables(env) or env.get("GLIBC_TUNABLES", "")}
     with tempfile.TemporaryFile(mode="w+") as err:  # a file, not a pipe: a chatty worker cannot block
         try:
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, env=env)
@@ -236,8 +233,9 @@ def main() -> None:
             versions.append(f"{dist} absent")
     print(f"# e5lite training benchmark  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {os.cpu_count()} cpus  "
           f"{platform.processor() or platform.machine()}  " + "  ".join(versions))
-    from e5lite.runtime import huge_pages_tunables
-    print(f"# e5lite's GLIBC_TUNABLES: {huge_pages_tunables(env) or env.get('GLIBC_TUNABLES') or '(none)'}")
+    from e5lite.runtime import huge_pages_tunables  # e5lite's workers: the environment `e5lite train` restarts with
+    e5_env = {**env, "GLIBC_TUNABLES": huge_pages_tunables(env) or env.get("GLIBC_TUNABLES", "")}
+    print(f"# e5lite's GLIBC_TUNABLES: {e5_env['GLIBC_TUNABLES'] or '(none)'}")
     with tempfile.TemporaryDirectory(prefix="e5lite-bench-train-") as tmp:
         tmp = Path(tmp)
         model_dir = prepare_model(args.model, tmp) if args.model != "minilm" else minilm_dir()
@@ -259,7 +257,8 @@ def main() -> None:
         for rep in range(args.repeats):
             for peer in peers[rep % len(peers):] + peers[:rep % len(peers)]:
                 print(f"  run {rep + 1}/{args.repeats}: {peer} ...", file=sys.stderr, flush=True)
-                runs[peer].append(run_peer(peer, cfg_path, tmp, args.peer_timeout, env))
+                runs[peer].append(run_peer(peer, cfg_path, tmp, args.peer_timeout,
+                                            e5_env if peer.startswith("e5lite") else env))
     rows = []
     for peer, rs in runs.items():
         ok = [r for r in rs if "times" in r and len(r["times"]) == total]
