@@ -305,7 +305,7 @@ def test_independent_processes_quantized_and_resumed(tiny_dir, corpus, one_proce
     with the manifest's ranges (not calibrated again); the others are kept as they were."""
     import shutil
 
-    import e5lite.shards as shards
+    import e5lite.shards.coordination as coordination  # where the calibration is looked up
     enc = e5lite.load(tiny_dir)
     out = tmp_path / "emb"
     kw = dict(settings={"model": str(tiny_dir), "revision": None, "dtype": "float32", "max_length": enc.max_length},
@@ -331,7 +331,7 @@ def test_independent_processes_quantized_and_resumed(tiny_dir, corpus, one_proce
     def no_calibration(*a, **k):
         raise AssertionError("a resumed run must take the manifest's ranges, not compute them again")
 
-    monkeypatch.setattr(shards, "calibration_ranges", no_calibration)
+    monkeypatch.setattr(coordination, "calibration_ranges", no_calibration)
     before = {k: v for k, v in records(cut).items()}
     s = embed_per_host(enc, corpus[0], cut, process_index=0, process_count=1, **kw)
     assert s["embedded"] == 3 and s["missing"] == [] and {k: records(cut)[k] for k in before} == before

@@ -180,7 +180,7 @@ def test_int8_run_equals_quantized_float_run(tiny_dir, corpus, reference, tmp_pa
 def test_quantized_resume_keeps_the_manifests_ranges(tiny_dir, corpus, tmp_path, monkeypatch, capsys):
     """A uint8 run cut after 7 shards (the manifest of a kill) resumes without calibrating again and equals the
     uninterrupted run; a resume with other vector settings is refused, naming them."""
-    import e5lite.shards as shards
+    import e5lite.shards.writer as writer  # where the calibration is looked up
     full = tmp_path / "full"
     args = ("--precision", "uint8", "--truncate-dim", "24", "--calibration", "200")
     assert main(embed_args(tiny_dir, corpus[0], full, *args)) == 0
@@ -203,7 +203,7 @@ def test_quantized_resume_keeps_the_manifests_ranges(tiny_dir, corpus, tmp_path,
     def no_calibration(*a, **k):
         raise AssertionError("a resumed run must take the manifest's ranges, not compute them again")
 
-    monkeypatch.setattr(shards, "calibration_ranges", no_calibration)
+    monkeypatch.setattr(writer, "calibration_ranges", no_calibration)
     assert main(embed_args(tiny_dir, corpus[0], out, *args)) == 0
     emb, ids = e5lite.read_embeddings(out, with_ids=True)
     assert ids == want_ids
