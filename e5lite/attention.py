@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from .dropout import drop
 from .errors import E5LiteError
+from .numerics import in_memory, precision, swapped_in_memory
 
 logger = logging.getLogger("e5lite")
 
@@ -28,14 +28,9 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 AUTO_ATTENTION = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
 
 # Query rows per attention block. Scores for one block, [B, N, block, T], stay cache-sized on CPUs, where
-# materialising all [B, N, S, T] at S = 256..512 runs at half speed; results are identical either way.
+# materialising all [B, N, S, T] at S = 256..512 spills out of the caches and runs far slower (BENCHMARKS.md,
+# "Attention implementations"); results are identical either way.
 ATTENTION_BLOCK = 128
-
-
-def precision(dtype):
-    """Matmul precision: fp32 weights promise fp32 results, so stop TPUs (bf16 passes) and GPUs (TF32) from
-    cutting it."""
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 class AttentionMask(NamedTuple):
@@ -101,29 +96,9 @@ def _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
 # one they do (q, k, v and the small [S, K] operands moved in memory first). Float32 gives autodiff's
 # gradients to rounding.
 
-def swapped_in_memory(x):
-    """x with its last two axes swapped, really moved in memory on CPUs: flattening the swapped view forces the
-    copy, and the barriers keep XLA from folding it back into the consumer as a transposed operand, or into a
-    dot producing x as a transposed output (no fast kernel takes either). Axes before the last two stay major,
-    so attention's batch axis, split over devices, stays split (a matrix's rows do not: see matmul.py). Other
-    compilers lay out dots freely: there it is a plain swap."""
-    if jax.default_backend() != "cpu":
-        return jnp.swapaxes(x, -1, -2)
-    *lead, a, b = x.shape
-    x = lax.optimization_barrier(x)
-    return lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1)).reshape(*lead, b, a)
-
-
-def _in_memory(x):
-    """x laid out row-major as its shape says: a transposed view (q, k, v cut from the fused QKV) is copied."""
-    if jax.default_backend() != "cpu":
-        return x
-    return lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
-
-
 def _attend_fwd(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
     prec = precision(q_BNSK.dtype)
-    q_BNSK, k_BNTK, v_BNTK = (_in_memory(a) for a in (q_BNSK, k_BNTK, v_BNTK))
+    q_BNSK, k_BNTK, v_BNTK = (in_memory(a) for a in (q_BNSK, k_BNTK, v_BNTK))
     e_BNST, sum_BNS1 = _scores(q_BNSK, k_BNTK, allowed, prec)
     ctx_BNSK = _context(e_BNST, sum_BNS1, v_BNTK, rng, rate, prec)
     return ctx_BNSK, (q_BNSK, k_BNTK, v_BNTK, allowed, rng, e_BNST, sum_BNS1, ctx_BNSK)
@@ -157,49 +132,6 @@ def attention_probs(qkv_BSCNK, mask: AttentionMask):
                              preferred_element_type=jnp.float32)
     logits_BNST = jnp.where(mask.logits_mask(), logits_BNST, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits_BNST, axis=-1)
-
-
-# Dropout masks: Threefry-2x32 (the hash behind jax.random) of element counters, written out unrolled. On CPUs
-# jax.random lowers the hash as a rolled loop that XLA cannot fuse into its consumer, and dropout's masks then
-# took a fifth of a training step; unrolled, hash, comparison and select are one fused loop (4x faster,
-# BENCHMARKS.md "Training speed"). Each hash gives 64 bits, four 16-bit uniforms: ``rate`` is resolved to
-# 1/65536 (0.1 -> 0.100006).
-DROPOUT_BITS = 16
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def threefry2x32(k0, k1, x0, x1):
-    """The Threefry-2x32 block cipher (20 rounds; Salmon et al. 2011) of counters (x0, x1) under key (k0, k1),
-    all uint32; equal to ``jax.extend.random.threefry_2x32`` bit for bit."""
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for i in range(5):
-        for r in _ROTATIONS[i % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
-        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
-    return x0, x1
-
-
-def dropout_bits(rng, shape):
-    """uint16 uniforms of ``shape`` (its last axis a multiple of 4) from a PRNG key: one hash per 4 elements."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.key_data(rng)
-    *lead, last = shape
-    counter = lax.iota(jnp.uint32, math.prod(lead) * (last // 4)).reshape(*lead, last // 4)
-    y0, y1 = threefry2x32(rng[0], rng[1], counter, jnp.zeros_like(counter))
-    return lax.bitcast_convert_type(jnp.concatenate([y0, y1], axis=-1), jnp.uint16).reshape(shape)
-
-
-def drop(x, rng, rate: float):
-    """Inverted dropout: each element zeroed with probability ``rate``, the rest scaled by 1 / (1 - rate)."""
-    if not rate:
-        return x
-    if x.shape[-1] % 4:
-        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    else:
-        keep = dropout_bits(rng, x.shape) >= round(rate * 2 ** DROPOUT_BITS)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def attend_blocked(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, block: int = ATTENTION_BLOCK, dropout=None):
@@ -256,7 +188,8 @@ def multi_head_attention(qkv_BSCNK, mask: AttentionMask, impl: str = "xla", drop
         qkv_BSCNK = qkv_BSCNK.reshape(B * S // mask.window, mask.window, *qkv_BSCNK.shape[2:])
         mask = mask.windowed()
     # split, not three slices: the gradient of a split is one concatenation, where that of slices is three
-    # zero-padded copies summed (every element computed three times: 5% of a training step on CPU)
+    # zero-padded copies summed (every element computed three times, a visible share of a training step on CPU:
+    # BENCHMARKS.md, "Training speed")
     q_BNSK, k_BNTK, v_BNTK = (x[:, :, 0].transpose(0, 2, 1, 3) for x in jnp.split(qkv_BSCNK, 3, axis=2))
     ctx_BNSK = attention_core(q_BNSK, k_BNTK, v_BNTK, mask, impl, dropout)
     return ctx_BNSK.transpose(0, 2, 1, 3).reshape(B, S, N, K)

@@ -28,7 +28,7 @@ import tempfile
 
 import numpy as np
 
-from .batching import Ragged
+from .ragged import Ragged
 
 logger = logging.getLogger("e5lite")
 

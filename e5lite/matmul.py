@@ -3,7 +3,7 @@
 Forward: ``project`` is one einsum. Backward: a custom VJP, because what autodiff emits runs slowly on
 XLA:CPU. Its kernel library (YNNPACK) multiplies bfloat16 operands on the CPU's matrix units (AMX, AVX512-
 BF16) only when the left operand contracts its last axis and both are row-major; other bfloat16 dots are
-widened to float32 and run on the generic kernel at a third of the speed or less. Autodiff writes the weight
+widened to float32 and run on the generic kernel, far slower. Autodiff writes the weight
 gradient as ``x^T g`` (contracting the token axis of both: the left operand is transposed), which is that
 case. Here the narrower of ``x`` and ``g`` is first transposed in memory (a copy XLA cannot fold back into
 the dot: it is flattened behind an optimization barrier), so every dot of the backward pass is one the fast
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .attention import precision, swapped_in_memory
+from .numerics import precision, swapped_in_memory
 
 
 def _narrow(*dtypes):

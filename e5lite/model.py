@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .attention import AttentionMask, attention_probs, drop, multi_head_attention
+from .attention import AttentionMask, attention_probs, multi_head_attention
 from .config import BertConfig
+from .dropout import drop
 from .matmul import project
 
 
@@ -112,8 +113,8 @@ def activation(x, kind: str):
     if kind == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True).astype(dtype)
     # "gelu" is the exact erf form, written as torch computes it: x / 2 (1 + erf(x / sqrt 2)). (jax.nn.gelu
-    # defaults to the tanh approximation, and its exact form goes through erfc, which XLA:CPU computes at
-    # twice the cost of erf.)
+    # defaults to the tanh approximation, and its exact form goes through erfc, which XLA:CPU computes at a
+    # higher cost than erf: BENCHMARKS.md, "One-query latency".)
     return (0.5 * x * (1.0 + lax.erf(x * np.float32(np.sqrt(0.5))))).astype(dtype)
 
 

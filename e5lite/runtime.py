@@ -25,7 +25,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     p = Path(path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "e5lite" / "jax").expanduser()
     p.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(p))
-    # Cache every executable: an encoder's shapes each compile in about a second, under JAX's defaults.
+    # Cache every executable: an encoder's shapes compile quickly, many under JAX's default threshold (one
+    # second of compile time), which would leave them out of the cache.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return p
@@ -46,8 +47,8 @@ def huge_pages_tunables(environ=None) -> str | None:
     None where that is set already, would change nothing, or is switched off ($E5LITE_HUGE_PAGES=0).
 
     Why: a training step on XLA:CPU allocates and frees gigabytes of buffers; glibc maps each large one afresh
-    and unmaps it when freed, so the kernel faults in and zeroes every 4 KiB page again at every step (2.4 GiB a
-    MiniLM step, a fifth of its time: BENCHMARKS.md, "Training speed"). In 2 MiB pages that is 512 times fewer
+    and unmaps it when freed, so the kernel faults in and zeroes every 4 KiB page again at every step (gigabytes
+    a MiniLM step, a large share of its time: BENCHMARKS.md, "Training speed"). In 2 MiB pages that is 512 times fewer
     faults. glibc reads the setting only when a process starts, and it helps only where the kernel gives huge
     pages on request (``madvise`` mode; in ``always`` mode every large mapping gets them anyway).
     """

@@ -14,8 +14,8 @@ PACKING = ("auto", True, False)
 # The knobs left as None are filled per backend. CPUs run best on cache-sized batches, accelerators on large
 # ones. Streams: XLA:CPU runs much of a forward on one core, so a second batch in flight fills the other;
 # accelerators queue asynchronous dispatches already. Attention windows: measured on CPU only, off elsewhere.
-# Unrolled layers: XLA:CPU copies a scanned layer's weights out of the stack on every call (a quarter of a
-# one-query forward), and runs unrolled layers faster in bulk too; it costs compile time (L layers compiled,
+# Unrolled layers: XLA:CPU copies a scanned layer's weights out of the stack on every call (a large share of
+# a one-query forward), and runs unrolled layers faster in bulk too; it costs compile time (L layers compiled,
 # not one), which accelerators, with their longer compiles and no such copies to save, keep.
 # The measurements behind each number are in BENCHMARKS.md.
 BACKEND_DEFAULTS = {

@@ -141,7 +141,8 @@ def fit(model, train, output, *, settings: TrainSettings | None = None, eval_dat
     ``eval_data``: a BEIR folder evaluated every ``eval_every`` steps and at the end.
 
     On CPU under glibc, start the process with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``e5lite train``
-    restarts itself so): steps are about a fifth shorter (``e5lite/runtime.py`` says why)."""
+    restarts itself so): steps are shorter (``e5lite/runtime.py`` says why; BENCHMARKS.md, "Training speed",
+    has the figures)."""
     import jax
 
     from .runtime import huge_pages_tunables

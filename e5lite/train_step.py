@@ -61,7 +61,7 @@ def embed(params: Params, ids, mask, key, sc: StepConfig):
     dropout = None
     if sc.hidden_dropout or sc.attention_dropout:
         dropout = Dropout(key, sc.hidden_dropout, sc.attention_dropout)
-    # unrolled layers: the backward pass runs 1.2x faster on CPU than through the scan (BENCHMARKS.md)
+    # unrolled layers: XLA:CPU runs the backward pass faster than through the scan (BENCHMARKS.md, "Training speed")
     hidden = forward(p, sc.config, ids, mask, dropout=dropout, remat=sc.remat, unroll=True)
     return l2_normalize(pool(hidden, mask, sc.pooling))
 

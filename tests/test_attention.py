@@ -56,8 +56,8 @@ def test_pallas_e5_base_shape_hidden_states(tmp_path, minilm_dir):
     ids = enc.tokenizer([TEXTS[0], TEXTS[2]])
     want_h, mask, want = torch_reference(model, ids)
     np.testing.assert_allclose(enc.encode([TEXTS[0], TEXTS[2]]), want, atol=1e-5, rtol=0)
-    got_h = np.asarray(e5lite.forward(enc.params, enc.config, np.stack([np.pad(ids[0], (0, 512 - len(ids[0]))), ids[1]]),
-                                      mask.astype(np.int32), attention_impl="pallas"))
+    padded = np.stack([np.pad(ids[0], (0, 512 - len(ids[0]))), ids[1]])
+    got_h = np.asarray(e5lite.forward(enc.params, enc.config, padded, mask.astype(np.int32), attention_impl="pallas"))
     real = mask.astype(bool)
     assert np.abs(got_h[real] - want_h[real]).max() <= 1e-4
 
@@ -134,7 +134,7 @@ def test_output_attentions_needs_whole_rows_and_xla(tiny_dir):
 
 def _reference_attend(q, k, v, allowed, key, rate):
     """softmax(q k^T masked) with dropout, times v: jnp and autodiff only (the pre-VJP formulation)."""
-    from e5lite.attention import drop
+    from e5lite.dropout import drop
     logits = jnp.einsum("BNSK,BNTK->BNST", q, k, precision="highest")
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     e = jnp.exp(logits - logits.max(-1, keepdims=True))
@@ -164,30 +164,3 @@ def test_attention_gradients_equal_autodiff(rate, segments):
     want = jax.grad(loss(lambda q, k, v: _reference_attend(q, k, v, allowed, key, rate)), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", got, want):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max(), name
-
-
-def test_threefry_equals_jax():
-    from jax.extend.random import threefry_2x32
-
-    from e5lite.attention import threefry2x32
-    key = jax.random.PRNGKey(12345)
-    x0 = jnp.arange(5000, dtype=jnp.uint32) * np.uint32(2654435761)
-    x1 = jnp.arange(5000, dtype=jnp.uint32)[::-1]
-    want = threefry_2x32(key, jnp.concatenate([x0, x1]))
-    np.testing.assert_array_equal(jnp.concatenate(threefry2x32(key[0], key[1], x0, x1)), want)
-
-
-@pytest.mark.parametrize("shape", [(48, 8, 256), (7, 333)])  # the second takes jax.random.bernoulli (odd width)
-def test_dropout_rate_scale_and_key(shape):
-    from e5lite.attention import drop
-    x = jnp.ones(shape, jnp.float32)
-    a = np.asarray(drop(x, jax.random.PRNGKey(0), 0.1))
-    n = a.size
-    dropped = (a == 0).mean()
-    assert abs(dropped - 0.1) <= 4 * (0.1 * 0.9 / n) ** 0.5, dropped  # binomial: within 4 sigma
-    np.testing.assert_allclose(a[a != 0], 1 / 0.9, rtol=1e-6)
-    np.testing.assert_array_equal(a, drop(x, jax.random.PRNGKey(0), 0.1))
-    assert (a != np.asarray(drop(x, jax.random.PRNGKey(1), 0.1))).mean() > 0.1
-    # rows are not copies of each other (the counter runs over the whole array)
-    rows = a.reshape(-1, shape[-1])
-    assert len({r.tobytes() for r in rows}) == len(rows)
