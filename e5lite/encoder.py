@@ -1,7 +1,10 @@
 """``e5lite.load(...)`` and ``Encoder``: prompts, tokenisation and the public embedding calls.
 
-``Encoder.encode`` = ``tokenize`` + ``embed_ids``; the batching, devices and threads behind ``embed_ids`` are
-the engine's (``engine.py``), configured by one ``EngineSettings``.
+``Encoder.encode`` = ``tokenize`` + ``embed_ids`` (+ windows, ``truncate_dim``, quantisation): the steps are
+``pipeline.py``'s, with the engine as the model; the batching, devices and threads behind it are the engine's
+(``engine.py``), configured by one ``EngineSettings``. The server's needs (``prepare``, ``embed_valid_ids``,
+``token_states``, ``token_spans``, ``decode``, ...) are public methods here, so that it never reaches into the
+engine or the tokenizer.
 """
 
 from __future__ import annotations
@@ -13,16 +16,15 @@ from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import hub
+from . import hub, pipeline
 from .batching import Batch
 from .config import BertConfig
 from .engine import Engine, check_weights
 from .errors import E5LiteError
-from .long_inputs import check_long_inputs, embed_windows, split
+from .long_inputs import window_length
 from .model import Params
+from .pipeline import Prepared, Recipe
 from .pooling import read_pooling_mode
-from .quantize import (check_precision, check_ranges, check_truncate_dim, quantize_embeddings,
-                       truncate)
 from .runtime import CACHE_ENV, enable_compilation_cache
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer, read_prompts, resolve_max_length
@@ -118,6 +120,11 @@ class Encoder:
         return self.tokenizer.max_length
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this (the model's embedding table; the tokenizer may use fewer)."""
+        return self.config.vocab_size
+
+    @property
     def params(self) -> Params:
         """The weights as loaded (``model.Params``, layers stacked), placed on the engine's devices; rebuilt on
         each access from the layout the engine runs (``Engine.set_params``), so keep the result to reuse it."""
@@ -135,11 +142,12 @@ class Encoder:
         """Embeds with these weights from now on (same shapes; e.g. fine-tuned ones from ``e5lite.train``)."""
         self.engine.set_params(params)
 
-    def warmup(self, max_length: int = 128) -> list[tuple]:
+    def warmup(self, max_length: int = 128, normalize: bool = True) -> list[tuple]:
         """Compiles the shapes a query or a few texts of up to ``max_length`` tokens can hit (the small-input
-        path), so that the first call is as fast as the hundredth; returns them. With the persistent
-        compilation cache (``E5LITE_COMPILATION_CACHE``) a restarted process loads them instead of compiling."""
-        return self.engine.warmup(max_length)
+        path), so that the first call is as fast as the hundredth; returns them. ``normalize=False``: the
+        un-normalised variant (what the server's batch worker runs). With the persistent compilation cache
+        (``E5LITE_COMPILATION_CACHE``) a restarted process loads them instead of compiling."""
+        return self.engine.warmup(max_length, normalize)
 
     def close(self) -> None:
         """Stops the engine's worker threads (also done when the Encoder is garbage collected)."""
@@ -187,17 +195,39 @@ class Encoder:
         ``e5lite eval``, ``e5lite train`` and the MTEB adapter for the query and passage sides."""
         return self.prompts[name] if name in self.prompts else ""
 
-    def tokenize(self, texts: Sequence[str], *, prompt_name=None, prompt=None, task=None, truncate: bool = True
-                 ) -> list[np.ndarray]:
-        """Token ids per text (int32 arrays), with the prompt prepended and truncation to max_length applied;
-        ``truncate=False`` raises TextTooLongError (its ``index`` names the text) instead of cutting."""
+    def tokenize(self, texts: Sequence[str], *, prompt_name=None, prompt=None, task=None, truncate: bool = True,
+                 direction: str = "right") -> list[np.ndarray]:
+        """Token ids per text (int32 arrays), with the prompt prepended and truncation to max_length applied
+        (``direction="left"``: a long text keeps its last tokens, the special tokens stay); ``truncate=False``
+        raises TextTooLongError (its ``index`` names the text) instead of cutting."""
         texts, _ = _check_texts(texts)
-        return self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task), truncate)(texts).tolist()
+        recipe = self.recipe(prompt_name=prompt_name, prompt=prompt, task=task, truncate=truncate, direction=direction)
+        return pipeline.prepare(self.tokenizer, texts, recipe).ids
 
-    def _tokenizer_for(self, prefix: str, truncate: bool = True):
-        """texts, offset (of texts[0] in the caller's list, for error messages) -> token ids."""
-        return lambda texts, offset=0: self.tokenizer.encode_ragged([prefix + t for t in texts] if prefix else texts,
-                                                                    truncate=truncate, offset=offset)
+    def recipe(self, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
+               **options) -> Recipe:
+        """A ``pipeline.Recipe`` for this model: the prompt as ``prompt_prefix`` resolves it, the other options
+        (truncate, direction, long_inputs, chunk_overlap, normalize, truncate_dim, precision, ranges,
+        calibration_embeddings) as given, checked."""
+        return Recipe(self.dim, prompt=self.prompt_prefix(prompt_name, prompt, task), **options)
+
+    def prepare(self, items: Sequence, recipe: Recipe, *, offset: int = 0) -> Prepared:
+        """The token id sequences to embed for ``items`` (texts, or token id sequences already checked against
+        the vocabulary) under ``recipe``: prompted, tokenised, truncated or refused, or cut into windows
+        (``pipeline.prepare``). Embed ``.ids`` un-normalised and pass the rows to ``pipeline.finish``, or call
+        ``embed_prepared``."""
+        return pipeline.prepare(self.tokenizer, items, recipe, offset=offset)
+
+    def embed_prepared(self, prepared: Prepared, recipe: Recipe, *, batch_size: int | None = None,
+                       show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
+        """Float32 vectors [n, truncate_dim or dim] of a ``prepare`` result: windows combined, cut, normalised as
+        ``recipe`` says (not quantised: ``pipeline.quantize``). ``local`` as in ``embed_ids``."""
+        return pipeline.vectors(prepared, self._model(self._run_kw(recipe.normalize, batch_size, show_progress_bar),
+                                                      local), recipe)
+
+    def _model(self, kw: dict, local: bool = False) -> pipeline.Embed:
+        """The pipeline's embed step on this engine, with ``_run_kw``'s keywords; the device normalises as asked."""
+        return lambda source, n, normalize: self.engine.run(source, n, local=local, **{**kw, "normalize": normalize})
 
     def iter_batches(self, texts, *, prompt_name: str | None = None, prompt: str | None = None,
                      task: str | None = None, batch_size: int | None = None) -> Iterator[Batch]:
@@ -213,8 +243,9 @@ class Encoder:
         """
         texts, _ = _check_texts(texts)
         self._run_kw(True, batch_size, False)
-        tokenize = self._tokenizer_for(self.prompt_prefix(prompt_name, prompt, task))
-        return self.engine.batches(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts), batch_size)
+        prepared = pipeline.prepare(self.tokenizer, texts, self.recipe(prompt_name=prompt_name, prompt=prompt,
+                                                                       task=task), lazy=True)
+        return self.engine.batches(prepared.source, len(texts), batch_size)
 
     def embed_ids(self, ids: Sequence[Sequence[int]], *, normalize: bool = True, batch_size: int | None = None,
                   show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
@@ -222,9 +253,37 @@ class Encoder:
         [n, dim] in input order. With several JAX processes, every process passes the same ids, embeds its
         contiguous share, and all get the merged result; with ``local=True`` each process embeds its own ids
         on its own devices, with no collective (what a corpus run per host needs)."""
-        ids = _check_ids(ids, self.max_length, self.config.vocab_size)
+        checked = _check_ids(ids, self.max_length, self.config.vocab_size)
+        return self.embed_valid_ids(checked, normalize=normalize, batch_size=batch_size,
+                                    show_progress_bar=show_progress_bar, local=local)
+
+    def embed_valid_ids(self, ids: Sequence[np.ndarray], *, normalize: bool = True, batch_size: int | None = None,
+                        show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
+        """``embed_ids`` of ids the caller has checked already (int32 arrays of 1 to max_length ids in
+        [0, vocab_size), as ``tokenize`` and ``prepare`` give them, or as the server validates a request's):
+        no second pass over every token. Ids outside those bounds give wrong vectors, not an error."""
         return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), local=local,
                                **self._run_kw(normalize, batch_size, show_progress_bar))
+
+    def token_states(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The last hidden state of every token, float32 [len, dim] per id sequence (TEI's ``/embed_all``); ids
+        checked already, as for ``embed_valid_ids``."""
+        return self.engine.token_states(ids)
+
+    def token_spans(self, texts: Sequence[str], *, add_special_tokens: bool = True
+                    ) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
+        """Per text, per token: (id, token string, special?, (start, stop) character offsets in the text, or
+        None for a special token), not truncated and without a prompt (TEI's ``/tokenize``)."""
+        return self.tokenizer.encode_tokens(texts, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids, as the tokenizer's decoder writes it."""
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def window_length(self, prompt: str = "") -> int:
+        """The text tokens a window of a long input holds (``long_inputs="chunk"``) beside the special tokens
+        and ``prompt``; ``chunk_overlap`` must be less."""
+        return window_length(self.tokenizer, len(self.tokenizer.body_ids([prompt])[0]) if prompt else 0)
 
     def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
                normalize: bool = True, batch_size: int | None = None, show_progress_bar: bool | None = None,
@@ -249,30 +308,12 @@ class Encoder:
         buckets (else the call's own embeddings, which needs two texts or more; see ``quantize.py``).
         """
         texts, single = _check_texts(texts)
-        prefix = self.prompt_prefix(prompt_name, prompt, task)
-        check_long_inputs(long_inputs, chunk_overlap)
-        truncate_dim = check_truncate_dim(truncate_dim, self.dim)
-        check_precision(precision)
-        if precision in ("int8", "uint8"):  # refuse before embedding, not after
-            check_ranges(ranges, calibration_embeddings, truncate_dim or self.dim)
-            if ranges is None and calibration_embeddings is None and len(texts) == 1:
-                raise ValueError(f"precision={precision!r} of a single text needs ranges (shape (2, dim)) or "
-                                 "calibration_embeddings: its buckets cannot come from one embedding")
+        recipe = self.recipe(prompt_name=prompt_name, prompt=prompt, task=task, long_inputs=long_inputs,
+                             chunk_overlap=chunk_overlap, normalize=normalize, truncate_dim=truncate_dim,
+                             precision=precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
+        recipe.check_count(len(texts))
         kw = self._run_kw(normalize, batch_size, show_progress_bar)
-        if truncate_dim is not None:  # ST normalises after cutting: the device returns the whole pooled vector
-            kw["normalize"] = False
-        if long_inputs == "chunk":
-            def embed(ids, normalize):
-                return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), **{**kw, "normalize": normalize})
-            out = embed_windows(split(self.tokenizer, texts, prefix, chunk_overlap), embed, kw["normalize"],
-                                self.dim)
-        else:
-            tokenize = self._tokenizer_for(prefix)
-            out = self.engine.run(lambda lo, hi: tokenize(texts[lo:hi], lo), len(texts), **kw)
-        if truncate_dim is not None:
-            out = truncate(out, truncate_dim, bool(normalize))
-        if precision != "float32":
-            out = quantize_embeddings(out, precision, ranges, calibration_embeddings)
+        out = pipeline.run(pipeline.prepare(self.tokenizer, texts, recipe, lazy=True), self._model(kw), recipe)
         return out[0] if single else out
 
     def _run_kw(self, normalize, batch_size, show_progress_bar) -> dict:
@@ -287,7 +328,9 @@ class Encoder:
 
     def encode_queries(self, texts, *, task: str | None = None, **kw) -> np.ndarray:
         """``encode`` with prompt_name="query" (E5's "query: " prefix), or with the instruct prefix of ``task``."""
-        return self.encode(texts, task=task, **kw) if task is not None else self.encode(texts, prompt_name="query", **kw)
+        if task is not None:
+            return self.encode(texts, task=task, **kw)
+        return self.encode(texts, prompt_name="query", **kw)
 
     def encode_passages(self, texts, **kw) -> np.ndarray:
         """``encode`` with prompt_name="passage" (E5's "passage: " prefix)."""

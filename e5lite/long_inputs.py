@@ -17,7 +17,7 @@ The procedure (``encode(..., long_inputs="chunk")``, the CLI's and the server's 
    then L2-normalised if asked.
 
 ``split`` and ``combine`` are pure: embed ``windows.ids`` with ``normalize=False`` in between (``Encoder.
-embed_ids``), in any batches.
+embed_ids``), in any batches. ``pipeline.py`` runs them for ``encode``, corpus runs and the server.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def combine(windows: Windows, rows: np.ndarray, normalize: bool) -> np.ndarray:
 def embed_windows(windows: Windows, embed, normalize: bool, dim: int) -> np.ndarray:
     """One vector per text [n, dim] float32, ``embed(ids, normalize)`` running the model on a list of id
     sequences. Texts of one window embed as the truncating path does (normalised on the device, as asked); the
-    windows of longer texts embed un-normalised and are combined on the host. ``encode`` and corpus runs."""
+    windows of longer texts embed un-normalised and are combined on the host (``pipeline.vectors``)."""
     single_N = windows.counts == 1
     first_N = np.searchsorted(windows.owner, np.arange(windows.n))
     out_ND = np.empty((windows.n, dim), np.float32)

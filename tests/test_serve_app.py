@@ -39,15 +39,15 @@ def test_no_auto_truncate_refuses_long_texts_on_v1(enc):
 
 
 def test_failing_batch_costs_its_requests_not_the_server(enc, monkeypatch):
-    embed_ids = enc.embed_ids
+    embed_valid_ids = enc.embed_valid_ids
     boom = enc.tokenize(["boom"])[0]
 
     def flaky(ids, **kw):
         if any(np.array_equal(i, boom) for i in ids):
             raise RuntimeError("device lost")
-        return embed_ids(ids, **kw)
+        return embed_valid_ids(ids, **kw)
 
-    monkeypatch.setattr(enc, "embed_ids", flaky)
+    monkeypatch.setattr(enc, "embed_valid_ids", flaky)
     with in_process_app(enc) as client:
         r = client.post("/v1/embeddings", json={"input": "boom", "model": "m"})
         assert r.status_code == 500
@@ -57,20 +57,24 @@ def test_failing_batch_costs_its_requests_not_the_server(enc, monkeypatch):
 
 
 def test_each_request_is_tokenised_once_and_queued_as_token_ids(enc, monkeypatch):
-    tokenize, embed_ids = enc.tokenize, enc.embed_ids
+    """One pipeline.prepare per request, on the encoder's public interface; the batch worker embeds the ids
+    without checking them again (the request models and prepare did)."""
+    prepare, embed_valid_ids, tokenize, embed_ids = enc.prepare, enc.embed_valid_ids, enc.tokenize, enc.embed_ids
     tokenized, embedded = [], []
 
-    def counting_tokenize(texts, **kw):
-        tokenized.append(list(texts))
-        return tokenize(texts, **kw)
+    def counting_prepare(items, recipe, **kw):
+        tokenized.append(list(items))
+        assert recipe.prompt == "query: " and recipe.truncate and not recipe.normalize
+        return prepare(items, recipe, **kw)
 
-    def recording_embed_ids(ids, **kw):
+    def recording_embed_valid_ids(ids, **kw):
         embedded.append(list(ids))
-        return embed_ids(ids, **kw)
+        return embed_valid_ids(ids, **kw)
 
-    monkeypatch.setattr(enc, "tokenize", counting_tokenize)
-    monkeypatch.setattr(enc, "embed_ids", recording_embed_ids)
-    monkeypatch.setattr(enc, "encode", None)  # the server must not go through text
+    monkeypatch.setattr(enc, "prepare", counting_prepare)
+    monkeypatch.setattr(enc, "embed_valid_ids", recording_embed_valid_ids)
+    for name in ("encode", "tokenize", "embed_ids"):  # the server must not go through text, nor check ids twice
+        monkeypatch.setattr(enc, name, None)
     texts = ["first text", "a second, longer text"]
     with in_process_app(enc) as client:
         r = client.post("/embed", json={"inputs": texts, "prompt_name": "query", "normalize": False})

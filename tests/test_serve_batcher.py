@@ -14,7 +14,7 @@ pytest.importorskip("pydantic")
 
 from e5lite.serve.batcher import Batcher, Throughput  # noqa: E402
 from e5lite.serve.metrics import Metrics  # noqa: E402
-from e5lite.serve.protocol import RetryLater  # noqa: E402
+from e5lite.serve.errors import RetryLater  # noqa: E402
 
 
 class FakeEmbedder:
@@ -27,7 +27,7 @@ class FakeEmbedder:
         self.gate = threading.Semaphore(0) if gated else None
         self.entered = threading.Semaphore(0)  # one permit per call started
 
-    def embed_ids(self, ids, *, normalize=True, batch_size=None, show_progress_bar=None):
+    def embed_valid_ids(self, ids, *, normalize=True, batch_size=None, show_progress_bar=None):
         assert normalize is False and show_progress_bar is False  # each request normalises its own rows
         with self.lock:
             self.calls.append(list(ids))

@@ -1,5 +1,5 @@
 """The server's request and response models (e5lite/serve/protocol.py) without a server: validation and its
-messages, response and error bodies, the OpenAPI document."""
+messages, response and error bodies (errors.py), the OpenAPI document (routes.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ pytest.importorskip("pydantic")
 pytest.importorskip("starlette")
 
 from e5lite.errors import ApiError  # noqa: E402
-from e5lite.serve.protocol import (EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse,  # noqa: E402
-                                   RetryLater, error_response, openapi, parse)
+from e5lite.serve.errors import RetryLater, error_response  # noqa: E402
+from e5lite.serve.protocol import EmbeddingRequest, EmbeddingResponse, EmbedRequest, EmbedResponse, parse  # noqa: E402
+from e5lite.serve.routes import openapi  # noqa: E402
 
 CONTEXT = {"dim": 32, "max_inputs": 4, "vocab_size": 100}
 O, T = EmbeddingRequest, EmbedRequest

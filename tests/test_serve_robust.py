@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx")
 
 import e5lite  # noqa: E402
 from e5lite.serve import Limits, build_app  # noqa: E402
-from e5lite.serve.app import make_server  # noqa: E402
+from e5lite.serve.graceful import make_server  # noqa: E402
 
 JSON = {"content-type": "application/json"}
 
@@ -60,13 +60,13 @@ class Device:
     def __getattr__(self, name):
         return getattr(self.enc, name)
 
-    def embed_ids(self, ids, **kw):
+    def embed_valid_ids(self, ids, **kw):
         with self.lock:
             self.calls.append([tuple(i) for i in ids])
         if self.gate is not None:
             assert self.gate.acquire(timeout=30), "the test never opened the gate"
         time.sleep(self.seconds_per_token * sum(len(i) for i in ids))
-        return self.enc.embed_ids(ids, **kw)
+        return self.enc.embed_valid_ids(ids, **kw)
 
     def reached(self, texts: list[str]) -> int:
         """How many of these texts reached the model."""
@@ -299,8 +299,8 @@ def test_a_client_that_disconnects_takes_its_request_off_the_queue(enc):
 # ------------------------------------------------------------------------------------------- shutdown
 
 def test_sigterm_drains_admitted_requests_and_refuses_new_work(enc, monkeypatch):
-    import e5lite.serve.app
-    monkeypatch.setattr(e5lite.serve.app, "SHUTDOWN_CLOSE_S", 0.2)  # uvicorn's own grace: not what keeps it up
+    import e5lite.serve.graceful
+    monkeypatch.setattr(e5lite.serve.graceful, "SHUTDOWN_CLOSE_S", 0.2)  # uvicorn's own grace: not what keeps it up
     device = Device(enc, gated=True)
     with live_server(device, max_wait_ms=0, shutdown_timeout=30) as (url, app_server, server, thread):
         first = in_background(post, url, "/embed", {"inputs": PARAGRAPHS[10:12]})

@@ -1,11 +1,13 @@
 """``e5lite serve``: an HTTP embedding server with OpenAI (``POST /v1/embeddings``) and TEI (``POST /embed``)
 routes, ``GET /health``, ``/info``, ``/metrics`` (Prometheus text) and ``/openapi.json``, on Starlette + uvicorn.
 
-Modules: ``limits`` (the server's limits, and their flags), ``protocol`` (request and response models, error
-bodies), ``batcher`` (the worker that queues tokenised requests within the limits and groups them into engine
-calls), ``metrics``, ``app`` (routes, ``build_app``, ``serve``). Needs the serve extra; ``import e5lite`` never
-imports this package, and importing it loads the server stack only when ``build_app`` or ``serve`` is used
-(the CLI reads ``Limits`` to build its parser).
+Modules: ``limits`` (the server's limits, and their flags), ``protocol`` (request and response models),
+``errors`` (error bodies, ``Retry-After`` refusals), ``routes`` (the route table and the OpenAPI document),
+``connection`` (reading a request's JSON body, watching its connection), ``batcher`` and ``jobs`` (the worker
+that queues tokenised requests within the limits and groups them into engine calls), ``metrics``, ``app`` (the
+handlers on ``e5lite.pipeline``, ``build_app``, ``serve``), ``graceful`` (uvicorn with a drain before it
+closes). Needs the serve extra; ``import e5lite`` never imports this package, and importing it loads the server
+stack only when ``build_app`` or ``serve`` is used (the CLI reads ``Limits`` to build its parser).
 """
 
 from .limits import Limits

@@ -1,25 +1,25 @@
-"""The Starlette app: reads and validates each request, tokenises it once in the thread pool, queues its token ids
-for the batch worker and answers in the route's own format. ``GET /health``, ``/info``, ``/metrics`` (Prometheus
-text) and ``/openapi.json`` describe the server.
+"""The Starlette app: reads and validates each request, prepares its token ids once (``pipeline.prepare``, in the
+thread pool for all but small requests), queues them for the batch worker, finishes the rows as the request asks
+(``pipeline.finish``) and answers in the route's own format. ``GET /health``, ``/info``, ``/metrics``
+(Prometheus text) and ``/openapi.json`` describe the server; the routes are ``routes.py``'s table.
 
 While a request waits for the model its handler also watches the connection: a client that goes away takes
 its request off the queue. ``serve`` shuts down in two stages: on SIGTERM the app drains (new work 503,
-``/health`` 503, admitted requests finish, for up to ``--shutdown-timeout``), then uvicorn closes.
+``/health`` 503, admitted requests finish, for up to ``--shutdown-timeout``), then uvicorn closes
+(``graceful.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import numpy as np
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -28,31 +28,25 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from .. import __version__
-from .. import long_inputs
 from ..errors import ApiError, TextTooLongError
-from ..quantize import l2_normalize_np
+from ..pipeline import IdsTooLongError, Prepared, Recipe, finish
 from ..settings import EngineSettings
+from . import graceful
 from .batcher import Batcher, TokenEmbedder
+from .connection import ClientGone, read_json, unless_disconnected
+from .errors import SHUTTING_DOWN, error_response, shutting_down
 from .limits import Limits
 from .metrics import Metrics
-from .protocol import (DOCS_HTML, DecodeRequest, DecodeResponse, EmbedAllRequest, EmbedAllResponse, EmbeddingRequest,
-                       EmbeddingResponse, EmbedRequest, EmbedResponse, RetryLater, SimilarityRequest,
-                       SimilarityResponse, SimpleToken, TokenizeRequest, TokenizeResponse, error_response,
-                       json_response, openapi, parse, shown)
+from .protocol import (DecodeRequest, DecodeResponse, EmbedAllRequest, EmbedAllResponse, EmbeddingRequest,
+                       EmbeddingResponse, EmbedRequest, EmbedResponse, SimilarityRequest, SimilarityResponse,
+                       SimpleToken, TokenizeRequest, TokenizeResponse, json_response, parse)
+from .routes import DOCS_HTML, ROUTES, openapi
 
 logger = logging.getLogger("e5lite.serve")
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
-LARGE_BODY_BYTES = 1024 * 1024  # decoded in the thread pool, so that the event loop keeps answering
-# Longer integer literals decode as floats (so infinity): no field takes them, and int() of a long literal
-# costs time quadratic in its length (Python refuses past 4,300 digits, with a ValueError).
-MAX_INT_DIGITS = 1000
-SHUTDOWN_CLOSE_S = 2.0  # after draining: for the last responses to be written, and the worker to stop
 # Requests of up to this many characters are tokenised on the event loop (tens of microseconds), larger ones in
 # the thread pool so that the loop keeps answering.
 INLINE_CHARS = 2000
-
-T = TypeVar("T")
 
 
 class ServedEncoder(TokenEmbedder, Protocol):
@@ -62,6 +56,8 @@ class ServedEncoder(TokenEmbedder, Protocol):
     def dim(self) -> int: ...
     @property
     def max_length(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
     @property
     def model_dir(self) -> Path: ...
     @property
@@ -76,119 +72,17 @@ class ServedEncoder(TokenEmbedder, Protocol):
     def devices(self) -> list: ...
     @property
     def settings(self) -> EngineSettings: ...
-    @property
-    def tokenizer(self): ...  # e5lite.tokenizer.TextTokenizer
-    @property
-    def engine(self): ...  # e5lite.engine.Engine (token_states, warmup)
-    @property
-    def config(self): ...  # e5lite.config.BertConfig
 
-    def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None,
-                 truncate: bool = True) -> list[np.ndarray]: ...
-
-    def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None) -> str: ...
-
-
-
-def _decode_int(literal: str) -> int | float:
-    return int(literal) if len(literal) <= MAX_INT_DIGITS else float(literal)
-
-
-def decode_json(raw: bytes, invalid_status: int):
-    """The parsed body: 400 if it is not JSON (or nested too deeply to parse); ``invalid_status`` if a key of
-    the top-level object repeats, since which value counts would be a guess. Repeats inside a field's value
-    are left to that field's type (no field takes an object) or ignored with an unknown field, as TEI does."""
-    repeated = []
-
-    def object_pairs(pairs: list) -> dict:
-        obj = dict(pairs)
-        if len(obj) < len(pairs):  # which key: the first one seen twice
-            seen: set = set()
-            for key, _ in pairs:
-                if key in seen:
-                    repeated.append((obj, key))
-                    break
-                seen.add(key)
-        return obj
-
-    try:
-        body = json.loads(raw, object_pairs_hook=object_pairs, parse_int=_decode_int)
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply to parse as JSON") from None
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    for obj, key in repeated:
-        if obj is body:
-            raise ApiError(invalid_status, f"{shown(key)} appears more than once in the request body", key[:100])
-    return body
-
-
-async def read_json(request: Request, invalid_status: int):
-    """The request's JSON body; 415 for another content type, 413 past MAX_BODY_BYTES, 400 for bad JSON,
-    ``invalid_status`` for a repeated key."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:  # a chunked body has no Content-Length to check up front
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if size > LARGE_BODY_BYTES:
-        return await run_in_threadpool(decode_json, raw, invalid_status)
-    return decode_json(raw, invalid_status)
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
-
-
-async def _disconnected(receive) -> None:
-    # once the body is read, receive() returns when the client disconnects (anything else it returns is empty)
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled (which takes a queued
-    request off the queue) and ClientGone raised. Call it after the body is read."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watch.cancel()
-        raise
-    if task.done():
-        watch.cancel()
-        return task.result()
-    task.cancel()
-    await asyncio.wait((task,))  # let the cancellation reach the queue before answering
-    raise ClientGone
+    def prompt_prefix(self, prompt_name: str | None = None) -> str: ...
+    def prepare(self, items: Sequence, recipe: Recipe) -> Prepared: ...
+    def token_states(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+    def token_spans(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+    def window_length(self, prompt: str = "") -> int: ...
+    def warmup(self, max_length: int = 128, normalize: bool = True) -> list[tuple]: ...
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-class Prepared:
-    """A request's inputs as token id sequences to embed: one per input, or with long inputs chunked several
-    per text (``windows`` maps them back, see ``long_inputs``)."""
-
-    def __init__(self, ids: list[np.ndarray], windows: "long_inputs.Windows | None" = None):
-        self.ids, self.windows = ids, windows
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(i) for i in self.ids)
-
-    def rows(self, emb: np.ndarray) -> np.ndarray:
-        """One unnormalised row per input from the rows of ``ids``."""
-        return emb if self.windows is None else long_inputs.combine(self.windows, emb, normalize=False)
 
 
 def byte_offsets(text: str) -> np.ndarray:
@@ -210,35 +104,28 @@ class Server:
                                max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms,
                                max_queue_wait_ms=limits.max_queue_wait_ms)
         # what validation needs of the server
-        self.context = {"dim": enc.dim, "max_inputs": limits.max_inputs, "vocab_size": enc.config.vocab_size}
-        if limits.chunk and limits.chunk_overlap >= long_inputs.window_length(enc.tokenizer, 0):
+        self.context = {"dim": enc.dim, "max_inputs": limits.max_inputs, "vocab_size": enc.vocab_size}
+        if limits.chunk and limits.chunk_overlap >= enc.window_length():
             raise ValueError(f"--chunk-overlap {limits.chunk_overlap} must be less than the "
-                             f"{long_inputs.window_length(enc.tokenizer, 0)} text tokens of a window")
+                             f"{enc.window_length()} text tokens of a window")
         self.openapi = openapi(__version__)
         self.draining = False  # shutting down: no new work
         self.active = 0  # embedding requests admitted and not yet answered
 
     def routes(self) -> list[Route]:
-        openai, embed = ("openai", self.openai_embeddings, True), ("tei", self.tei_embed, True)
-        health = ("tei", self.health, False)
-        table = {("/v1/embeddings", "POST"): openai, ("/embeddings", "POST"): openai,
-                 ("/embed", "POST"): embed, ("/", "POST"): embed, ("/invocations", "POST"): embed,
-                 ("/embed_all", "POST"): ("tei", self.embed_all, True),
-                 ("/similarity", "POST"): ("tei", self.similarity, True),
-                 ("/tokenize", "POST"): ("tei", self.tokenize_route, True),
-                 ("/decode", "POST"): ("tei", self.decode, True),
-                 ("/health", "GET"): health, ("/", "GET"): health, ("/ping", "GET"): health,
-                 ("/info", "GET"): ("tei", self.info, False), ("/metrics", "GET"): ("tei", self.prometheus, False),
-                 ("/openapi.json", "GET"): ("tei", self.openapi_json, False),
-                 ("/docs", "GET"): ("tei", self.docs, False)}
-        return [Route(path, self.counted(path, style, self.admitted(fn) if work else fn), methods=[method])
-                for (path, method), (style, fn, work) in table.items()]
+        """``routes.ROUTES`` as Starlette routes, each counted, and admitted while not draining if it works."""
+        out = []
+        for r in ROUTES:
+            handler = getattr(self, r.handler)
+            out.append(Route(r.path, self.counted(r.path, r.style, self.admitted(handler) if r.work else handler),
+                             methods=[r.method]))
+        return out
 
     def admitted(self, handler: Handler) -> Handler:
         """``handler`` refusing new work while draining (503), and counted in ``active`` while it runs."""
         async def work(request: Request) -> Response:
             if self.draining:
-                raise RetryLater(503, "server is shutting down", 1, code="shutting_down")
+                raise shutting_down()
             self.active += 1
             try:
                 return await handler(request)
@@ -267,7 +154,7 @@ class Server:
     async def lifespan(self, app: Starlette):
         self.batcher.start()
         yield
-        self.batcher.stop(timeout=SHUTDOWN_CLOSE_S)
+        self.batcher.stop(timeout=graceful.SHUTDOWN_CLOSE_S)
 
     async def drain(self) -> None:
         """Shutdown's first stage: refuse new work (503, and /health 503 so that load balancers look elsewhere),
@@ -291,61 +178,31 @@ class Server:
         except ValueError as e:
             raise ApiError(status, str(e), "prompt_name") from None
 
-    def prepare(self, items: list, *, prefix: str, field: str, status: int, truncate: bool,
-                direction: str | None = None, chunk: bool = False) -> Prepared:
-        """Token ids of a request's inputs (run in the thread pool): texts get the prompt and are tokenised,
-        truncated from ``direction`` or refused when too long (``truncate`` false), or with ``chunk`` cut into
-        windows; token-id inputs are taken as given (only cut to the maximum length when truncating)."""
-        tok, max_len = self.enc.tokenizer, self.enc.max_length
-        at = [i for i, x in enumerate(items) if isinstance(x, str)]
-        texts = [items[i] for i in at]
-        seqs: list = [None] * len(items)
-        windows = None
+    def recipe(self, prompt_name: str | None, status: int, *, truncate: bool, direction: str | None = None,
+               normalize: bool = True, dimensions: int | None = None, chunk: bool = True) -> Recipe:
+        """A request's pipeline options: its prompt (refused with ``status`` if unknown), truncation, and with
+        ``chunk`` the server's ``--long-inputs``."""
+        chunk = chunk and self.limits.chunk
+        return Recipe(self.enc.dim, prompt=self.prefix(prompt_name, status), truncate=truncate,
+                      direction=direction or "right", long_inputs="chunk" if chunk else "truncate",
+                      chunk_overlap=self.limits.chunk_overlap if chunk else 0, normalize=normalize,
+                      truncate_dim=dimensions)
+
+    def prepare(self, items: list, recipe: Recipe, field: str, status: int) -> Prepared:
+        """Token ids of a request's inputs (``pipeline.prepare``), its refusals worded for the request's ``field``:
+        an input too long while truncation is off, a prompt that leaves chunked windows no room."""
         try:
-            if texts and chunk:
-                try:
-                    windows = long_inputs.split(tok, texts, prefix, self.limits.chunk_overlap)
-                except ValueError as e:  # a prompt that leaves windows no longer than the overlap
-                    raise ApiError(status, str(e), "prompt_name") from None
-            elif texts:
-                if direction == "left" and truncate:
-                    out = tok.encode_left([prefix + t for t in texts] if prefix else texts)
-                else:  # untruncated, right and left agree
-                    out = self.enc.tokenize(texts, prompt=prefix, truncate=truncate)
-                for i, ids in zip(at, out):
-                    seqs[i] = ids
+            return self.enc.prepare(items, recipe)
+        except IdsTooLongError as e:
+            raise ApiError(status, f"{field}[{e.index}] has {e.length} token ids, more than the model's maximum "
+                                   f"of {e.max_length} (truncation is off)", field, "context_length_exceeded") from None
         except TextTooLongError as e:
-            raise ApiError(status, f"{field}[{at[e.index]}] is longer than the model's maximum of {e.max_length} "
+            raise ApiError(status, f"{field}[{e.index}] is longer than the model's maximum of {e.max_length} "
                                    "tokens (truncation is off)", field, "context_length_exceeded") from None
-        for i, x in enumerate(items):
-            if isinstance(x, str):
-                continue
-            ids = np.asarray(x, np.int32)
-            if len(ids) > max_len:
-                if not truncate:
-                    raise ApiError(status, f"{field}[{i}] has {len(ids)} token ids, more than the model's maximum "
-                                           f"of {max_len} (truncation is off)", field, "context_length_exceeded")
-                ids = ids[-max_len:] if direction == "left" else ids[:max_len]
-            seqs[i] = ids
-        if windows is None:
-            return Prepared(seqs)
-        # every input's windows in input order: a text's from the split (text k's are consecutive, from
-        # bounds[k] to bounds[k + 1]), token ids as one window
-        bounds = np.searchsorted(windows.owner, np.arange(len(texts) + 1))
-        text_of = {i: k for k, i in enumerate(at)}
-        ids, owner, weight = [], [], []
-        for i in range(len(items)):
-            if i in text_of:
-                span = range(bounds[text_of[i]], bounds[text_of[i] + 1])
-                ids += [windows.ids[w] for w in span]
-                weight += [windows.weight[w] for w in span]
-            else:
-                span = range(1)
-                ids.append(seqs[i])
-                weight.append(len(seqs[i]))
-            owner += [i] * len(span)
-        return Prepared(ids, long_inputs.Windows(ids=ids, owner=np.asarray(owner, np.int64),
-                                                 weight=np.asarray(weight, np.float32), n=len(items)))
+        except ValueError as e:  # a prompt that leaves windows no longer than the overlap
+            if not recipe.chunk:
+                raise
+            raise ApiError(status, str(e), "prompt_name") from None
 
     def admit(self, items: list):
         """A batcher ticket for these inputs, admitted on an estimate before tokenising: an overloaded server
@@ -356,36 +213,30 @@ class Server:
         estimate = min(int(chars * self.batcher.tokens_per_char) + 2 * texts, texts * self.enc.max_length) + ids
         return self.batcher.admit(estimate, chars)
 
-    async def embed(self, request: Request, items: list, *, field: str, status: int, truncate: bool,
-                    normalize: bool, dimensions: int | None = None, prompt_name: str | None = None,
-                    direction: str | None = None) -> tuple[int, np.ndarray]:
-        """(tokens embedded, rows [len(items), dim or dimensions] normalised per this request's options); 429
-        when the queue has no room, ClientGone when the client leaves first."""
-        prefix = self.prefix(prompt_name, status)
+    async def embed(self, request: Request, items: list, recipe: Recipe, *, field: str, status: int
+                    ) -> tuple[int, np.ndarray]:
+        """(tokens embedded, rows [len(items), dim or truncate_dim] finished as ``recipe`` says); 429 when the
+        queue has no room, ClientGone when the client leaves first."""
         ticket = self.admit(items)
 
         async def work():
-            kw = dict(prefix=prefix, field=field, status=status, truncate=truncate, direction=direction,
-                      chunk=self.limits.chunk)
             if ticket.chars <= INLINE_CHARS:  # a query: tokenising it costs less than the hop to a thread
-                prepared = self.prepare(items, **kw)
+                prepared = self.prepare(items, recipe, field, status)
             else:
-                prepared = await run_in_threadpool(self.prepare, items, **kw)
+                prepared = await run_in_threadpool(self.prepare, items, recipe, field, status)
             return prepared, await self.batcher.embed(prepared.ids, ticket)
 
         try:
             prepared, emb = await unless_disconnected(request, work())
         finally:
             self.batcher.release(ticket)  # if it never reached the queue
-        rows = prepared.rows(emb)
-        if dimensions is not None:
-            rows = rows[:, :dimensions]
-        return prepared.tokens, l2_normalize_np(rows) if normalize else rows
+        return prepared.tokens, finish(prepared, emb, recipe)
 
     async def openai_embeddings(self, request: Request) -> Response:
-        req = parse(EmbeddingRequest, await read_json(request, EmbeddingRequest.status), **self.context)
-        tokens, rows = await self.embed(request, req.input, field="input", status=EmbeddingRequest.status,
-                                        truncate=self.limits.auto_truncate, normalize=True, dimensions=req.dimensions)
+        status = EmbeddingRequest.status
+        req = parse(EmbeddingRequest, await read_json(request, status), **self.context)
+        recipe = self.recipe(None, status, truncate=self.limits.auto_truncate, dimensions=req.dimensions)
+        tokens, rows = await self.embed(request, req.input, recipe, field="input", status=status)
         return json_response(EmbeddingResponse.of(rows, model=self.model_name, tokens=tokens,
                                                   encoding_format=req.encoding_format))
 
@@ -393,40 +244,40 @@ class Server:
         return self.limits.auto_truncate if asked is None else asked
 
     async def tei_embed(self, request: Request) -> Response:
-        req = parse(EmbedRequest, await read_json(request, EmbedRequest.status), **self.context)
-        _, rows = await self.embed(request, req.inputs, field="inputs", status=EmbedRequest.status,
-                                   truncate=self.truncate(req.truncate), normalize=req.normalize is not False,
-                                   dimensions=req.dimensions, prompt_name=req.prompt_name,
-                                   direction=req.truncation_direction)
+        status = EmbedRequest.status
+        req = parse(EmbedRequest, await read_json(request, status), **self.context)
+        recipe = self.recipe(req.prompt_name, status, truncate=self.truncate(req.truncate),
+                             direction=req.truncation_direction, normalize=req.normalize is not False,
+                             dimensions=req.dimensions)
+        _, rows = await self.embed(request, req.inputs, recipe, field="inputs", status=status)
         return json_response(EmbedResponse.of(rows))
 
     async def embed_all(self, request: Request) -> Response:
-        req = parse(EmbedAllRequest, await read_json(request, EmbedAllRequest.status), **self.context)
-        prefix = self.prefix(req.prompt_name, EmbedAllRequest.status)
+        status = EmbedAllRequest.status
+        req = parse(EmbedAllRequest, await read_json(request, status), **self.context)
+        recipe = self.recipe(req.prompt_name, status, truncate=self.truncate(req.truncate),
+                             direction=req.truncation_direction, chunk=False)
         ticket = self.admit(req.inputs)  # shares the queue's bound, though it runs beside the batch worker
         try:
-            prepared = await run_in_threadpool(self.prepare, req.inputs, prefix=prefix, field="inputs",
-                                               status=EmbedAllRequest.status, truncate=self.truncate(req.truncate),
-                                               direction=req.truncation_direction)
-            states = await unless_disconnected(
-                request, run_in_threadpool(self.enc.engine.token_states, prepared.ids))
+            prepared = await run_in_threadpool(self.prepare, req.inputs, recipe, "inputs", status)
+            states = await unless_disconnected(request, run_in_threadpool(self.enc.token_states, prepared.ids))
         finally:
             self.batcher.release(ticket)
         return json_response(EmbedAllResponse.of(states))
 
     async def similarity(self, request: Request) -> Response:
-        req = parse(SimilarityRequest, await read_json(request, SimilarityRequest.status), **self.context)
+        status = SimilarityRequest.status
+        req = parse(SimilarityRequest, await read_json(request, status), **self.context)
         p = req.parameters
+        recipe = self.recipe(p.prompt_name if p else None, status, truncate=self.truncate(p.truncate if p else None),
+                             direction=p.truncation_direction if p else None)
         texts = [req.inputs.source_sentence, *req.inputs.sentences]
-        _, rows = await self.embed(request, texts, field="inputs", status=SimilarityRequest.status,
-                                   truncate=self.truncate(p.truncate if p else None), normalize=True,
-                                   prompt_name=p.prompt_name if p else None,
-                                   direction=p.truncation_direction if p else None)
+        _, rows = await self.embed(request, texts, recipe, field="inputs", status=status)
         return json_response(SimilarityResponse.model_construct((rows[1:] @ rows[0]).tolist()))
 
     def tokens_of(self, texts: list[str], add_special_tokens: bool) -> list[list[SimpleToken]]:
         out = []
-        for text, tokens in zip(texts, self.enc.tokenizer.encode_tokens(texts, add_special_tokens=add_special_tokens)):
+        for text, tokens in zip(texts, self.enc.token_spans(texts, add_special_tokens=add_special_tokens)):
             raw, at = text.encode("utf-8"), byte_offsets(text)
             row = []
             for i, t, special, span in tokens:
@@ -448,13 +299,13 @@ class Server:
 
     async def decode(self, request: Request) -> Response:
         req = parse(DecodeRequest, await read_json(request, DecodeRequest.status), **self.context)
-        tok = self.enc.tokenizer
-        texts = await run_in_threadpool(lambda: [tok.decode(ids, req.skip_special_tokens) for ids in req.ids])
+        decode = self.enc.decode
+        texts = await run_in_threadpool(lambda: [decode(ids, req.skip_special_tokens) for ids in req.ids])
         return json_response(DecodeResponse.model_construct(texts))
 
     async def health(self, request: Request) -> Response:
-        if self.draining:
-            raise ApiError(503, "server is shutting down")
+        if self.draining:  # unhealthy: no Retry-After, as TEI's /health
+            raise ApiError(503, SHUTTING_DOWN)
         if not self.batcher.thread.is_alive():
             raise ApiError(503, "the batch worker is not running")
         return JSONResponse({"status": "ok"})
@@ -499,57 +350,14 @@ def build_app(enc: ServedEncoder, *, model_name: str, limits: Limits = Limits())
     return app
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn's server with a first stage to its shutdown: on SIGTERM (or SIGINT) the app drains
-    (``Server.drain``) while uvicorn still listens, so that health checks see 503 rather than a refused
-    connection; then uvicorn closes as usual. A second signal skips the drain, a third (SIGINT) forces exit."""
-
-    def __init__(self, config: uvicorn.Config, app_server: Server):
-        super().__init__(config)
-        self.app_server = app_server
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.drain_requested = False
-        self.drain_task: asyncio.Task | None = None
-
-    async def serve(self, sockets=None) -> None:
-        self.loop = asyncio.get_running_loop()
-        try:
-            await super().serve(sockets)
-        finally:
-            if self.drain_task is not None:  # still waiting, when a second signal cut the drain short
-                self.drain_task.cancel()
-
-    def handle_exit(self, sig, frame) -> None:
-        # a signal handler (or another thread): only schedule work on the loop from here
-        if self.drain_requested or self.loop is None or self.should_exit:
-            super().handle_exit(sig, frame)
-            return
-        self.drain_requested = True
-        self.loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        self.drain_task = asyncio.ensure_future(self._drain())
-
-    async def _drain(self) -> None:
-        await self.app_server.drain()
-        self.should_exit = True
-
-
-def make_server(app: Starlette, *, host: str, port: int, log_level: str = "info") -> GracefulServer:
-    """The uvicorn server that runs ``app`` (from ``build_app``) and drains it on shutdown."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=SHUTDOWN_CLOSE_S)
-    return GracefulServer(config, app.state.server)
-
-
 def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits,
           log_level: str = "info") -> None:
-    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``GracefulServer``)."""
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``graceful.GracefulServer``)."""
     # compile the shapes a query can hit before /health says ready, as the batch worker runs them (unnormalised):
     # the first request is then not slower
-    enc.engine.warmup(normalize=False)
-    server = make_server(build_app(enc, model_name=model_name, limits=limits), host=host, port=port,
-                         log_level=log_level)
+    enc.warmup(normalize=False)
+    server = graceful.make_server(build_app(enc, model_name=model_name, limits=limits), host=host, port=port,
+                                  log_level=log_level)
     server.run()
     if not server.started:  # uvicorn could not bind (it logged why)
         sys.exit(3)

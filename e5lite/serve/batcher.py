@@ -3,8 +3,9 @@
 Requests arrive as token ids (the handlers tokenise each request once, in the thread pool), so grouping by a
 token budget is exact and the engine never sees text. An engine call takes whole requests in arrival order up
 to ``max_batch_tokens`` (only a request larger than that is split, into call-sized pieces) and runs as one
-``embed_ids`` call without normalisation; each request gets its own rows back and applies its own options, so
-per-request settings hold inside a shared batch. The JAX work never runs on the event loop.
+``embed_valid_ids`` call without normalisation; each request gets its own rows back and finishes them with its
+own options (``pipeline.finish``), so per-request settings hold inside a shared batch. The JAX work never runs
+on the event loop. The records it keeps are ``jobs.py``'s.
 
 Admission happens before a request is tokenised, on an estimate of its tokens that holds its place until the
 real count replaces it. The queue is bounded in requests, in tokens, and in time: the worker times its full
@@ -23,116 +24,27 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from .errors import RetryLater, shutting_down, whole_seconds
+from .jobs import Call, Job, Throughput, Ticket, reply, settle
 from .metrics import Metrics
-from .protocol import RetryLater, whole_seconds
 
 logger = logging.getLogger("e5lite.serve")
 
 
 class TokenEmbedder(Protocol):
-    """What the worker needs of an encoder: embeddings of token id sequences, in input order."""
+    """What the worker needs of an encoder: embeddings of token id sequences, in input order. The handlers
+    validated the ids (the request models, then ``pipeline.prepare``), so the encoder does not again."""
 
-    def embed_ids(self, ids: Sequence[np.ndarray], *, normalize: bool = True, batch_size: int | None = None,
-                  show_progress_bar: bool | None = None) -> np.ndarray: ...
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's token ids (prompt and truncation applied), the future its handler awaits, and how far the
-    worker has got with it."""
-    ids: list[np.ndarray]
-    tokens: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    queued_at: float  # time.monotonic()
-    expires: float  # the worker must start on it by then, or refuse it
-    taken: int = 0  # texts handed to engine calls so far
-    taken_tokens: int = 0
-    done: int = 0  # texts embedded
-    out: np.ndarray | None = None
-    dropped: bool = False  # answered already (failed, expired, or its client left): skip the rest
-
-    @property
-    def waiting_tokens(self) -> int:
-        return self.tokens - self.taken_tokens
-
-
-def _settle(future: asyncio.Future, value, error) -> None:
-    if future.done():  # the client went away and the handler was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
-
-
-def _reply(job: Job, value=None, error: BaseException | None = None) -> None:
-    """Hands a result to the job's event loop from the worker thread."""
-    with contextlib.suppress(RuntimeError):  # the loop closed: server shutting down
-        job.loop.call_soon_threadsafe(_settle, job.future, value, error)
-
-
-@dataclass
-class Throughput:
-    """How long a full engine call takes: a moving average, and the average deviation from it (as TCP keeps
-    for round trips). Waits are estimated with a full call taking the mean plus the deviation, so the estimate
-    leaves more headroom where calls vary more (new shapes compiling, another process on the cores): a request
-    let in on an estimate that proves short waits the whole deadline for its 429.
-
-    The wait matters under load, when calls are full; a small call says little, as a call's fixed cost
-    dominates it (on a GPU by far), so only calls of at least half ``full_call`` tokens count, scaled to a
-    full call. Calls that compile count: while many do (a cold server), the engine is that slow. One odd call
-    moves the mean by a bounded step."""
-    full_call: int  # tokens of a full engine call
-    weight: float = 0.25
-    mean: float | None = None  # seconds per full call
-    deviation: float = 0.0
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens < self.full_call / 2 or seconds <= 0:
-            return
-        sample = seconds * self.full_call / tokens
-        if self.mean is None:
-            self.mean, self.deviation = sample, sample / 4  # one sample: not much certainty yet
-            return
-        error = min(max(sample, self.mean / 4), self.mean * 4) - self.mean
-        self.mean += self.weight * error
-        self.deviation += self.weight * (abs(error) - self.deviation)
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return None if self.mean is None else self.full_call / self.mean
-
-    def seconds(self, tokens: float) -> float | None:
-        """A cautious estimate of the engine time ``tokens`` tokens take; None until measured."""
-        return None if self.mean is None else tokens / self.full_call * (self.mean + self.deviation)
-
-
-@dataclass(eq=False)
-class Ticket:
-    """An admitted request on its way to the queue (being tokenised): its estimated tokens, its size in
-    characters, and when it was admitted (its deadline counts from then)."""
-    tokens: int
-    chars: int
-    admitted_at: float
-    used: bool = False
-
-
-@dataclass
-class Call:
-    """One engine call: pieces (job, first text, end) in order, their token count, when it started."""
-    pieces: list[tuple[Job, int, int]] = field(default_factory=list)
-    tokens: int = 0
-    started: float = 0.0
+    def embed_valid_ids(self, ids: Sequence[np.ndarray], *, normalize: bool = True, batch_size: int | None = None,
+                        show_progress_bar: bool | None = None) -> np.ndarray: ...
 
 
 class Batcher:
-    """Queues Jobs within the limits, and runs them on its own thread through ``embedder.embed_ids`` in calls
+    """Queues Jobs within the limits, and runs them on its own thread through ``embedder.embed_valid_ids`` in calls
     of up to ``max_batch_tokens`` tokens, waiting up to ``max_wait_ms`` for batch-mates to fill one."""
 
     def __init__(self, embedder: TokenEmbedder, metrics: Metrics, *, max_queue: int, max_queue_tokens: int,
@@ -160,7 +72,7 @@ class Batcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self.fail_all(RetryLater(503, "server is shutting down", 1, code="shutting_down"))
+        self.fail_all(shutting_down())
         if self.thread.is_alive():
             self.thread.join(timeout=timeout)
 
@@ -201,7 +113,7 @@ class Batcher:
         with self._cond:
             self._unreserve(ticket)
             if self._stopping:
-                raise RetryLater(503, "server is shutting down", 1, code="shutting_down")
+                raise shutting_down()
             if ticket.chars:  # a moving average, so that the estimates follow the language of the traffic
                 self.tokens_per_char += 0.2 * (tokens / ticket.chars - self.tokens_per_char)
             self._jobs.append(job)
@@ -226,7 +138,7 @@ class Batcher:
                 job.dropped = True
                 self._forget(job)
         if expired:
-            _settle(job.future, None, self._expired(job))
+            settle(job.future, None, self._expired(job))
 
     def abandon(self, job: Job) -> None:
         """Takes a job whose client went away off the queue; a part in flight still finishes."""
@@ -247,7 +159,7 @@ class Batcher:
             self._jobs.clear()
             self._queued_tokens = 0
         for job in dict.fromkeys(jobs):
-            _reply(job, error=error)
+            reply(job, error=error)
 
     # ----------------------------------------------------------------------------- under the condition's lock
 
@@ -269,7 +181,7 @@ class Batcher:
 
     def _admit(self, tokens: int, now: float) -> None:
         if self._stopping:
-            raise RetryLater(503, "server is shutting down", 1, code="shutting_down")
+            raise shutting_down()
         wait = self._wait(now, tokens)
         requests, queued = len(self._jobs) + self._reserved, self._queued_tokens + self._reserved_tokens
         if requests >= self.max_queue:
@@ -358,7 +270,7 @@ class Batcher:
         while True:
             call, expired = self._take()
             for job in expired:
-                _reply(job, error=self._expired(job))
+                reply(job, error=self._expired(job))
             if call is None:
                 return
             if call.pieces:
@@ -368,7 +280,7 @@ class Batcher:
         ids = [i for job, lo, hi in call.pieces for i in job.ids[lo:hi]]
         t0 = time.perf_counter()
         try:
-            emb = self.embedder.embed_ids(ids, normalize=False, show_progress_bar=False)
+            emb = self.embedder.embed_valid_ids(ids, normalize=False, show_progress_bar=False)
         except Exception as e:  # fail these requests, keep serving
             logger.exception("e5lite serve: embedding a batch failed")
             with self._cond:
@@ -378,7 +290,7 @@ class Batcher:
                     job.dropped = True
                     self._forget(job)  # the rest of a partly taken job is not worth embedding now
             for job in dict.fromkeys(failed):
-                _reply(job, error=e)
+                reply(job, error=e)
             return
         seconds = time.perf_counter() - t0
         with self._cond:
@@ -393,11 +305,11 @@ class Batcher:
                 continue
             if lo == 0 and hi == len(job.ids):  # the whole request in this call: no copy
                 job.done = hi
-                _reply(job, rows)
+                reply(job, rows)
                 continue
             if job.out is None:
                 job.out = np.empty((len(job.ids), emb.shape[1]), emb.dtype)
             job.out[lo:hi] = rows
             job.done += hi - lo
             if job.done == len(job.ids):
-                _reply(job, job.out)
+                reply(job, job.out)

@@ -2,31 +2,22 @@
 
 The models validate requests; ``parse`` turns pydantic's first complaint into an ``ApiError`` worded the way
 each API words it (field in OpenAI's ``param``, index of a bad list item in the message). The same models give
-the error bodies and the OpenAPI document served at ``GET /openapi.json``.
+the OpenAPI document served at ``GET /openapi.json`` (``routes.py``); error bodies are ``errors.py``'s.
 """
 
 from __future__ import annotations
 
 import base64
-import math
 import reprlib
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, RootModel, ValidationError,
                       ValidationInfo, WrapValidator)
-from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from ..errors import ApiError
-
-OPENAI_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                429: "rate_limit_error", 404: "not_found_error", 405: "invalid_request_error"}
-# TEI's ErrorType enum as serde writes it (the variant's name); 503 is what its /health answers when unhealthy
-TEI_TYPES = {413: "Validation", 422: "Validation", 429: "Overloaded", 400: "Validation", 415: "Validation",
-             404: "Validation", 405: "Validation", 503: "Unhealthy"}
-
 
 def json_type(v) -> str:
     """How a JSON value's type reads in a message: "a number", "an array", "null"."""
@@ -377,118 +368,5 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-class OpenAIError(BaseModel):
-    message: str
-    type: str
-    param: str | None = Field(description="The request field at fault, if any.")
-    code: str | None
-
-
-class OpenAIErrorResponse(BaseModel):
-    """OpenAI error body."""
-    error: OpenAIError
-
-
-class TEIErrorResponse(BaseModel):
-    """TEI error body."""
-    error: str
-    error_type: str
-
-
-def whole_seconds(seconds: float) -> int:
-    """``Retry-After`` takes whole seconds; at least 1, so that a client does not come straight back."""
-    return max(1, math.ceil(seconds))
-
-
-class RetryLater(ApiError):
-    """A refusal that says when to come back: 429 (overloaded) or 503 (shutting down), with ``Retry-After``."""
-
-    def __init__(self, status: int, message: str, retry_after: float, code: str | None = None):
-        super().__init__(status, message, code=code)
-        self.retry_after = whole_seconds(retry_after)
-
-
 def json_response(body: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
     return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
-
-
-def error_response(e: ApiError, style: str) -> Response:
-    """OpenAI: {"error": {"message", "type", "param", "code"}}; TEI: {"error", "error_type"}. A RetryLater
-    also sets ``Retry-After`` (which the openai client and most HTTP clients honour)."""
-    if style == "openai":
-        body: BaseModel = OpenAIErrorResponse(error=OpenAIError(
-            message=e.message, type=OPENAI_TYPES.get(e.status, "server_error"), param=e.param, code=e.code))
-    else:
-        body = TEIErrorResponse(error=e.message, error_type=TEI_TYPES.get(e.status, "Backend"))
-    headers = {"Retry-After": str(e.retry_after)} if isinstance(e, RetryLater) else None
-    return json_response(body, e.status, headers)
-
-
-# ------------------------------------------------------------------------------------------------- OpenAPI
-
-EMBED_ERRORS = (400, 413, 415, 422, 429, 500, 503)
-TEXT_ERRORS = (400, 413, 415, 422, 500, 503)
-OPENAI = ("OpenAI-compatible embeddings", EmbeddingRequest, EmbeddingResponse, OpenAIErrorResponse,
-          (400, 413, 415, 429, 500, 503))
-EMBED = ("Text Embeddings Inference embed", EmbedRequest, EmbedResponse, TEIErrorResponse, EMBED_ERRORS)
-HEALTH = ("Health: 200 when ready, 503 while starting or shutting down", None, Health, TEIErrorResponse, (503,))
-ROUTES = {  # (method, path): (summary, request, response, error body, error statuses)
-    ("post", "/v1/embeddings"): OPENAI,
-    ("post", "/embeddings"): OPENAI,
-    ("post", "/embed"): EMBED,
-    ("post", "/"): EMBED,
-    ("post", "/invocations"): EMBED,
-    ("post", "/embed_all"): ("Last hidden state of every token", EmbedAllRequest, EmbedAllResponse,
-                             TEIErrorResponse, EMBED_ERRORS),
-    ("post", "/similarity"): ("Cosine similarity of a text with others", SimilarityRequest, SimilarityResponse,
-                              TEIErrorResponse, EMBED_ERRORS),
-    ("post", "/tokenize"): ("Tokens of texts, with offsets", TokenizeRequest, TokenizeResponse, TEIErrorResponse,
-                            TEXT_ERRORS),
-    ("post", "/decode"): ("Text of token ids", DecodeRequest, DecodeResponse, TEIErrorResponse, TEXT_ERRORS),
-    ("get", "/health"): HEALTH,
-    ("get", "/"): HEALTH,
-    ("get", "/ping"): HEALTH,
-    ("get", "/info"): ("The model and the server's settings", None, None, None, ()),
-    ("get", "/metrics"): ("Prometheus metrics (text)", None, None, None, ()),
-}
-
-
-def openapi(version: str) -> dict:
-    """An OpenAPI 3.1 document of every route, its schemas generated from the models above."""
-    models = {(m, "validation") for _, m, _, _, _ in ROUTES.values() if m is not None}
-    models |= {(m, "serialization") for _, _, resp, err, _ in ROUTES.values() for m in (resp, err) if m is not None}
-    refs, top = models_json_schema(sorted(models, key=lambda m: (m[0].__name__, m[1])),
-                                   ref_template="#/components/schemas/{model}")
-
-    def content(model, mode: str) -> dict:
-        return {"application/json": {"schema": refs[model, mode]}}
-
-    paths: dict = {}
-    for (method, path), (summary, request, response, error, statuses) in ROUTES.items():
-        ok = {"description": "OK"}
-        if response is not None:
-            ok["content"] = content(response, "serialization")
-        elif path == "/metrics":
-            ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
-        else:
-            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
-        responses = {"200": ok}
-        responses |= {str(s): {"description": "Refused or failed", "content": content(error, "serialization")}
-                      for s in statuses}
-        op = {"summary": summary, "responses": responses}
-        if request is not None:
-            op["requestBody"] = {"required": True, "content": content(request, "validation")}
-        paths.setdefault(path, {})[method] = op
-    return {"openapi": "3.1.0", "info": {"title": "e5lite", "version": version}, "paths": paths,
-            "components": {"schemas": top.get("$defs", {})}}
-
-
-DOCS_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>e5lite API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-<noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-</body></html>
-"""
