@@ -5,9 +5,12 @@ Reference outputs come from transformers' BertModel (eager attention) run inside
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,21 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is never needed; fail fast rather than retry
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _compilation_cache() -> None:
+    """One persistent compilation cache for the whole run, in a temporary folder: `e5lite.load` turns it on when
+    E5LITE_COMPILATION_CACHE is set, and the CLI, server and multi-process tests' subprocesses inherit the
+    variable, so each shape is compiled once per run rather than once per interpreter. A folder given by the
+    caller is kept; a temporary one goes at exit."""
+    if os.environ.get("E5LITE_COMPILATION_CACHE"):
+        return
+    folder = tempfile.mkdtemp(prefix="e5lite-test-jax-cache-")
+    os.environ["E5LITE_COMPILATION_CACHE"] = folder
+    atexit.register(shutil.rmtree, folder, True)
+
+
+_compilation_cache()
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -106,6 +124,24 @@ def save_layout(model, folder: Path, layout: str, tokenizer_from: Path) -> Path:
     return folder
 
 
+_ALONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def alone(model, ids) -> np.ndarray:
+    """transformers' last hidden state [len, D] of one text's ids run alone, computed once per model and ids:
+    several tests check one full-size model in several checkpoint layouts, or over overlapping texts, against
+    the same reference. Read-only, so that no test can alter what another reads."""
+    import torch
+    key = tuple(int(t) for t in ids)
+    per_model = _ALONE.setdefault(model, {})
+    if key not in per_model:
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([key], dtype=torch.long)).last_hidden_state[0].numpy()
+        h.flags.writeable = False
+        per_model[key] = h
+    return per_model[key]
+
+
 def each_alone(model, input_ids, mask):
     """transformers' last hidden state [B, S, D] of a right-padded batch, each text run alone at its own length
     (zeros past it): the states a padded batch gives, to rounding, in a fraction of the time when one text of
@@ -113,7 +149,7 @@ def each_alone(model, input_ids, mask):
     import torch
     h = torch.zeros(*input_ids.shape, model.config.hidden_size)
     for i, n in enumerate(mask.sum(1).tolist()):
-        h[i, :n] = model(input_ids=input_ids[i:i + 1, :n]).last_hidden_state[0]
+        h[i, :n] = torch.from_numpy(alone(model, input_ids[i, :n].tolist()).copy())
     return h
 
 
@@ -134,6 +170,33 @@ def torch_reference(model, ids: list[np.ndarray], pooling: str = "mean"):
     return h.numpy(), mask, pooled.numpy()
 
 
+def forward_grouped(enc, ids: list, pad_id: int = 0) -> list[np.ndarray]:
+    """e5lite's last hidden states [len, D] per text, from ``e5lite.forward`` on two padded batches: the texts
+    at the longest length, and the others padded to their own longest. The key mask is exercised all the same,
+    for a fraction of the work of padding every row to the longest (on a full-size model, five rows of 512
+    tokens where one text is that long)."""
+    import e5lite
+    longest = max(len(t) for t in ids)
+    out: list = [None] * len(ids)
+    for group in ([i for i, t in enumerate(ids) if len(t) == longest], [i for i, t in enumerate(ids) if len(t) < longest]):
+        if not group:
+            continue
+        S = max(len(ids[i]) for i in group)
+        arr, mask = np.full((len(group), S), pad_id, np.int32), np.zeros((len(group), S), np.int32)
+        for r, i in enumerate(group):
+            arr[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
+        h = np.asarray(e5lite.forward(enc.params, enc.config, arr, mask))
+        for r, i in enumerate(group):
+            out[i] = h[r, :len(ids[i])]
+    return out
+
+
+def hidden_error(enc, ids: list, want_h: np.ndarray, pad_id: int = 0) -> float:
+    """Max |diff| over real tokens between ``forward_grouped`` and a reference's padded last hidden states."""
+    got = forward_grouped(enc, ids, pad_id)
+    return max(float(np.abs(g - want_h[i, :len(g)]).max()) for i, g in enumerate(got) if len(g))
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
@@ -148,6 +211,33 @@ def tiny_dir(tmp_path_factory, minilm_dir) -> Path:
 @pytest.fixture
 def tiny_copy(tiny_dir, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir):
+    """e5lite's encoder of the real MiniLM, loaded once for the run. A test that changes its settings puts them
+    back (``configure`` in a try/finally); one that needs other load options loads its own."""
+    import e5lite
+    return e5lite.load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """e5lite's encoder of the tiny random BERT (``tiny_dir``), loaded once for the run; as ``minilm``."""
+    import e5lite
+    return e5lite.load(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def e5_base_model():
+    """The random-init e5-base-shaped BertModel (seed 0), built once for the run; no test changes it."""
+    return random_bert("e5-base")
+
+
+@pytest.fixture(scope="session")
+def e5_base_dir(e5_base_model, tmp_path_factory, minilm_dir) -> Path:
+    """``e5_base_model`` saved by transformers (plain layout); copy it before changing anything."""
+    return save_layout(e5_base_model, tmp_path_factory.mktemp("e5-base") / "model", "plain", minilm_dir)
 
 
 @pytest.fixture(scope="session")

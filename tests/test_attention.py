@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import e5lite
-from conftest import TEXTS, random_bert, save_layout, torch_reference
+from conftest import TEXTS, save_layout, torch_reference
 from e5lite.errors import E5LiteError
 
 
@@ -48,11 +48,10 @@ def test_pallas_minilm_matches_sentence_transformers(minilm_dir):
     assert np.abs(got - want).max() <= 1e-5
 
 
-def test_pallas_e5_base_shape_hidden_states(tmp_path, minilm_dir):
+def test_pallas_e5_base_shape_hidden_states(e5_base_model, e5_base_dir):
     """e5-base heads (12 x 64) through the kernel, one short and one truncated text, against transformers."""
-    model = random_bert("e5-base")
-    folder = save_layout(model, tmp_path / "base", "plain", minilm_dir)
-    enc = e5lite.load(folder, attention_impl="pallas")
+    model = e5_base_model
+    enc = e5lite.load(e5_base_dir, attention_impl="pallas")
     ids = enc.tokenizer([TEXTS[0], TEXTS[2]])
     want_h, mask, want = torch_reference(model, ids)
     np.testing.assert_allclose(enc.encode([TEXTS[0], TEXTS[2]]), want, atol=1e-5, rtol=0)
@@ -91,7 +90,7 @@ def _padded(ids):
 
 
 @pytest.mark.parametrize("which", ["minilm", "e5-base"])
-def test_attention_probabilities_equal_transformers(which, minilm_dir, tmp_path):
+def test_attention_probabilities_equal_transformers(which, minilm_dir, request):
     """forward(output_attentions=True) against transformers' eager attentions, real tokens, a padded batch."""
     import torch
     if which == "minilm":
@@ -99,9 +98,8 @@ def test_attention_probabilities_equal_transformers(which, minilm_dir, tmp_path)
         folder = minilm_dir
         model = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
     else:
-        model = random_bert("e5-base")
-        model.set_attn_implementation("eager")
-        folder = save_layout(model.eval(), tmp_path / "base", "plain", minilm_dir)
+        model = request.getfixturevalue("e5_base_model")  # eager attention, as random_bert makes it
+        folder = request.getfixturevalue("e5_base_dir")
     enc = e5lite.load(folder)
     ids, mask = _padded(enc.tokenizer([TEXTS[0], TEXTS[1], "a short one"]))
     last, hidden, probs = e5lite.forward(enc.params, enc.config, ids, mask, output_hidden_states=True,

@@ -20,8 +20,8 @@ def run(*args, stdin=None):
 
 
 @pytest.fixture(scope="module")
-def enc(tiny_dir):
-    return e5lite.load(tiny_dir)
+def enc(tiny):
+    return tiny
 
 
 def test_embed_args_to_stdout(tiny_dir, enc):

@@ -11,16 +11,6 @@ import e5lite
 from conftest import TEXTS
 
 
-@pytest.fixture(scope="module")
-def minilm(minilm_dir):
-    return e5lite.load(minilm_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return e5lite.load(tiny_dir)
-
-
 def test_batch_invariance(minilm):
     texts = TEXTS + [f"sentence number {i} about {'many ' * (3 * i)}things" for i in range(8)]
     alone = np.stack([minilm.encode(t) for t in texts])

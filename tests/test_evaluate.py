@@ -18,11 +18,6 @@ K = (1, 3, 5, 10, 100)
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_dir):
-    return e5lite.load(minilm_dir)
-
-
-@pytest.fixture(scope="module")
 def report(minilm, pydoc_beir):
     return e5lite.evaluate_retrieval(minilm, pydoc_beir, show_progress_bar=False)
 

@@ -50,8 +50,8 @@ def transformers_embed(folder, ids) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def enc(minilm_dir):
-    return e5lite.load(minilm_dir)
+def enc(minilm):
+    return minilm
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def exported(enc, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_enc(tiny_dir):
-    return e5lite.load(tiny_dir)
+def tiny_enc(tiny):
+    return tiny
 
 
 # -- to_state_dict: load_params backwards, bit for bit --

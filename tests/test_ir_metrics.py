@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-import e5lite
 from e5lite.beir import load_retrieval_data
 from e5lite.ir_metrics import evaluate_run, trec_order
 
@@ -36,9 +35,9 @@ def assert_equal_to_trec_eval(run, qrels, k_values=K):
 
 
 @pytest.fixture(scope="module")
-def minilm_run(minilm_dir, pydoc_beir):
+def minilm_run(minilm, pydoc_beir):
     """Every query (both splits) against every document, cosine scores of all-MiniLM-L6-v2."""
-    enc = e5lite.load(minilm_dir)
+    enc = minilm
     data = load_retrieval_data(pydoc_beir, "test")
     dev = load_retrieval_data(pydoc_beir, "dev")
     ids, texts = data.query_ids + dev.query_ids, data.query_texts + dev.query_texts

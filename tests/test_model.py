@@ -12,11 +12,6 @@ import e5lite
 from e5lite.batching import plan_packed
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return e5lite.load(tiny_dir)
-
-
 def test_packed_forward_equals_separate_forwards(tiny):
     """Hidden states of packed sequences equal each sequence run on its own."""
     ids = tiny.tokenizer(["query: a short one", "passage: " + "words " * 30, "x"])

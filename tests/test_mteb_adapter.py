@@ -80,11 +80,6 @@ def trec_eval_reference(run, qrels, k_values=K) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_dir):
-    return e5lite.load(minilm_dir)
-
-
-@pytest.fixture(scope="module")
 def mteb_scores(minilm, pydoc_beir, tmp_path_factory):
     results = mteb.evaluate(MTEBEncoder(minilm), [local_task(pydoc_beir)], encode_kwargs={"batch_size": 16},
                             cache=mteb.ResultCache(tmp_path_factory.mktemp("mteb-results")),

@@ -19,6 +19,7 @@ import e5lite
 from e5lite.errors import WeightsError
 from e5lite.export import save_pretrained
 from e5lite.tokenizer import TextTokenizer
+from conftest import hidden_error
 from multilingual import (corpus, random_me5_small, random_xlmr, reference, sample_texts, save_model,
                           write_xlmr_tokenizer)
 
@@ -56,7 +57,7 @@ def tiny(tmp_path_factory, tok_dir):
 
 def check_parity(model, folder, hf_tokenizer, texts, *, hidden: bool, prompt: str = "", **knobs):
     enc = e5lite.load(folder, **knobs)
-    want_ids, want_h, mask, want_emb = reference(model, hf_tokenizer, texts, prompt=prompt)
+    want_ids, want_h, _, want_emb = reference(model, hf_tokenizer, texts, prompt=prompt)
     ids = enc.tokenize(texts, prompt=prompt)
     for i, (a, b) in enumerate(zip(ids, want_ids)):
         assert a.tolist() == b.tolist(), f"text {i}: token ids differ from transformers'"
@@ -65,18 +66,9 @@ def check_parity(model, folder, hf_tokenizer, texts, *, hidden: bool, prompt: st
     err = float(np.abs(got - want_emb).max())
     assert err <= EMB_TOL, f"embeddings differ by {err:.2e}"
     if hidden:
-        got_h = np.asarray(e5lite.forward(enc.params, enc.config, want_ids_padded(ids, mask), mask.astype(np.int32)))
-        real = mask.astype(bool)
-        h_err = float(np.abs(got_h[real] - want_h[real]).max())
+        h_err = hidden_error(enc, ids, want_h, pad_id=1)  # XLM-R's <pad>; masked out either way
         assert h_err <= HIDDEN_TOL, f"last hidden states differ by {h_err:.2e}"
     return enc
-
-
-def want_ids_padded(ids, mask) -> np.ndarray:
-    out = np.ones(mask.shape, np.int32)  # XLM-R's <pad>; masked out either way
-    for i, t in enumerate(ids):
-        out[i, :len(t)] = t
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 from pydoc_beir import QUERIES, documents
 
-import e5lite
 from e5lite.quantize import PRECISIONS, quantize_embeddings, truncate
 
 TEXTS = [d["text"][:300] for d in documents()[:40]] + [q for _, q, _, _ in QUERIES]  # 40 + 32 real texts
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_dir):
-    return e5lite.load(minilm_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from conftest import TEXTS
 
-import e5lite
 
 httpx = pytest.importorskip("httpx")
 
@@ -64,8 +63,8 @@ def stop_server(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def enc(tiny_dir):
-    return e5lite.load(tiny_dir)
+def enc(tiny):
+    return tiny
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def enc(tiny_dir):
-    return e5lite.load(tiny_dir)
+def enc(tiny):
+    return tiny
 
 
 def in_process_app(enc, **limits):
