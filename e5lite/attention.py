@@ -16,7 +16,7 @@ from jax import lax
 
 from .dropout import drop
 from .errors import E5LiteError
-from .numerics import in_memory, precision, swapped_in_memory
+from .numerics import HostOrDeviceArray, in_memory, precision, swapped_in_memory
 
 logger = logging.getLogger("e5lite")
 
@@ -40,13 +40,15 @@ class AttentionMask(NamedTuple):
     ``window`` (a Python int, static) promises that no sequence crosses a multiple of ``window`` positions,
     so attention can run on rows of ``window`` instead of S: the same result for less work.
     """
-    key_valid_BT: jax.Array                  # bool, False at padding
-    segment_ids_BS: jax.Array | None = None  # int, packed rows: 1.. per sequence, 0 at padding
+
+    key_valid_BT: HostOrDeviceArray  # bool, False at padding
+    segment_ids_BS: HostOrDeviceArray | None = None  # int, packed rows: 1.. per sequence, 0 at padding
     window: int | None = None
 
-    def windowed(self):
+    def windowed(self) -> AttentionMask:
         """The mask for rows of ``window`` positions: [B, S] -> [B * S // window, window]."""
         W = self.window
+        assert W is not None, "windowed() of a mask without a window"
         seg = None if self.segment_ids_BS is None else self.segment_ids_BS.reshape(-1, W)
         return AttentionMask(self.key_valid_BT.reshape(-1, W), seg)
 
@@ -68,7 +70,7 @@ def attend(q_BNSK, k_BNTK, v_BNTK, allowed, dropout=None):
     return _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng)
 
 
-def _scores(q_BNSK, k_BNTK, allowed, prec):
+def _scores(q_BNSK, k_BNTK, allowed, prec) -> tuple[jax.Array, jax.Array]:
     logits_BNST = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=prec, preferred_element_type=jnp.float32)
     # finfo.min as transformers' additive mask: a fully masked (padding) row stays finite.
     logits_BNST = jnp.where(allowed, logits_BNST, jnp.finfo(jnp.float32).min)
@@ -80,8 +82,9 @@ def _scores(q_BNSK, k_BNTK, allowed, prec):
 
 def _context(e_BNST, sum_BNS1, v_BNTK, rng, rate, prec):
     kept_BNST = drop(e_BNST, rng, rate)  # dropping before the division is the same
-    ctx_BNSK = jnp.einsum("BNST,BNTK->BNSK", kept_BNST.astype(v_BNTK.dtype), v_BNTK, precision=prec,
-                          preferred_element_type=jnp.float32)
+    ctx_BNSK = jnp.einsum(
+        "BNST,BNTK->BNSK", kept_BNST.astype(v_BNTK.dtype), v_BNTK, precision=prec, preferred_element_type=jnp.float32
+    )
     return (ctx_BNSK / sum_BNS1).astype(v_BNTK.dtype)
 
 
@@ -95,6 +98,7 @@ def _attend(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
 # the query axis of a transposed operand, which XLA:CPU's fast bfloat16 kernels do not take; here every dot is
 # one they do (q, k, v and the small [S, K] operands moved in memory first). Float32 gives autodiff's
 # gradients to rounding.
+
 
 def _attend_fwd(rate, q_BNSK, k_BNTK, v_BNTK, allowed, rng):
     prec = precision(q_BNSK.dtype)
@@ -117,8 +121,13 @@ def _attend_bwd(rate, res, g_BNSK):
     dlogits_BNST = jnp.where(allowed, de_BNST * e_BNST, 0).astype(op)  # e = exp(logits - max)
     dq_BNSK = dot("BNST,BNTK->BNSK", dlogits_BNST, k_BNTK)
     dk_BNKT = dot("BNKS,BNST->BNKT", swapped_in_memory(q_BNSK), dlogits_BNST)
-    return (dq_BNSK.astype(q_BNSK.dtype), swapped_in_memory(dk_BNKT).astype(k_BNTK.dtype),
-            swapped_in_memory(dv_BNKT).astype(v_BNTK.dtype), None, None)
+    return (
+        dq_BNSK.astype(q_BNSK.dtype),
+        swapped_in_memory(dk_BNKT).astype(k_BNTK.dtype),
+        swapped_in_memory(dv_BNKT).astype(v_BNTK.dtype),
+        None,
+        None,
+    )
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -128,8 +137,9 @@ def attention_probs(qkv_BSCNK, mask: AttentionMask):
     """The attention probabilities [B, N, S, T] float32: softmax over the allowed keys of the scaled scores,
     the same softmax ``attend`` folds into its context (for teaching and ``output_attentions``)."""
     q_BNSK, k_BNTK = (qkv_BSCNK[:, :, c].transpose(0, 2, 1, 3) for c in range(2))
-    logits_BNST = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=precision(q_BNSK.dtype),
-                             preferred_element_type=jnp.float32)
+    logits_BNST = jnp.einsum(
+        "BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=precision(q_BNSK.dtype), preferred_element_type=jnp.float32
+    )
     logits_BNST = jnp.where(mask.logits_mask(), logits_BNST, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits_BNST, axis=-1)
 
@@ -161,18 +171,21 @@ def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla
     if dropout is not None and dropout[1]:
         raise ValueError(f"attention dropout runs with attention_impl='xla' only, not {impl!r}")
     if impl == "pallas":
-        from .kernels.flash_attention import flash_attention
-        return flash_attention(q_BNSK, k_BNTK, v_BNTK, key_valid_BT=mask.key_valid_BT,
-                               segment_ids_BS=mask.segment_ids_BS)
+        # e5lite.kernels is kernels/ (pyproject's package-dir), which mypy checks as the top-level ``kernels``
+        from .kernels.flash_attention import flash_attention  # type: ignore[import-not-found]
+
+        return flash_attention(
+            q_BNSK, k_BNTK, v_BNTK, key_valid_BT=mask.key_valid_BT, segment_ids_BS=mask.segment_ids_BS
+        )
     if impl == "cudnn":
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q_BNSK, k_BNTK, v_BNTK))  # cuDNN takes [B, S, N, K]
         if mask.segment_ids_BS is None:  # right padding: sequence lengths let cuDNN skip the padded keys
             lengths_B = jnp.sum(mask.key_valid_BT, axis=-1).astype(jnp.int32)
-            out = jax.nn.dot_product_attention(q, k, v, scale=1.0, query_seq_lengths=lengths_B,
-                                               key_value_seq_lengths=lengths_B, implementation="cudnn")
+            out = jax.nn.dot_product_attention(
+                q, k, v, scale=1.0, query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B, implementation="cudnn"
+            )
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask.logits_mask(), scale=1.0,
-                                               implementation="cudnn")
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask.logits_mask(), scale=1.0, implementation="cudnn")
         return out.transpose(0, 2, 1, 3)
     raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
 

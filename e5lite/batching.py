@@ -19,8 +19,8 @@ with or without windows), ``choose_layout`` keeps the one whose planned shapes n
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -61,15 +61,16 @@ class Batch:
     ``index[i]`` is the text (within the chunk) whose embedding is at flat slot ``slot[i]`` of the result:
     row ``slot`` for padded batches, ``row * num_segments + segment - 1`` for packed ones.
     """
-    input_ids: np.ndarray                 # [R, S] int32
-    attention_mask: np.ndarray            # [R, S] int32
-    index: np.ndarray                     # [n] int64
-    slot: np.ndarray                      # [n] int64
-    segment_ids: np.ndarray | None = None   # [R, S] int32, packed only
+
+    input_ids: np.ndarray  # [R, S] int32
+    attention_mask: np.ndarray  # [R, S] int32
+    index: np.ndarray  # [n] int64
+    slot: np.ndarray  # [n] int64
+    segment_ids: np.ndarray | None = None  # [R, S] int32, packed only
     position_ids: np.ndarray | None = None  # [R, S] int32, packed only
-    num_segments: int = 0                 # packed only: segments per row (static)
+    num_segments: int = 0  # packed only: segments per row (static)
     real_tokens: int = 0
-    window: int = 0                       # packed only: no text crosses a multiple of this many positions
+    window: int = 0  # packed only: no text crosses a multiple of this many positions
 
     @property
     def shape(self) -> tuple:
@@ -82,7 +83,7 @@ class Batch:
 
 def _scatter_plan(seqs: Ragged):
     """For sequences laid end to end: (all tokens, which sequence each token is from, its position in it)."""
-    tokens = seqs.ids[seqs.starts[0]:seqs.starts[-1] + seqs.lengths[-1]] if len(seqs) else seqs.ids[:0]
+    tokens = seqs.ids[seqs.starts[0] : seqs.starts[-1] + seqs.lengths[-1]] if len(seqs) else seqs.ids[:0]
     of = np.repeat(np.arange(len(seqs)), seqs.lengths)
     return tokens, of, np.arange(len(tokens)) - (seqs.starts - seqs.starts[:1])[of]
 
@@ -96,8 +97,9 @@ def padded_batch(ids, index, rows: int, length: int, pad_id: int) -> Batch:
     mask = np.zeros((rows, length), dtype=np.int32)
     input_ids.flat[dest] = tokens
     mask.flat[dest] = 1
-    return Batch(input_ids, mask, np.asarray(index, np.int64), np.arange(len(ids), dtype=np.int64),
-                 real_tokens=len(tokens))
+    return Batch(
+        input_ids, mask, np.asarray(index, np.int64), np.arange(len(ids), dtype=np.int64), real_tokens=len(tokens)
+    )
 
 
 def single_batch(seq, max_length: int, rows: int, pad_id: int) -> Batch:
@@ -113,14 +115,23 @@ def single_batch(seq, max_length: int, rows: int, pad_id: int) -> Batch:
     return Batch(input_ids, mask, np.zeros(1, np.int64), np.zeros(1, np.int64), real_tokens=n)
 
 
-def packed_batch(seqs: Ragged, index, row_of: np.ndarray, offset: np.ndarray, rows: int, length: int,
-                 num_segments: int, pad_id: int, window: int) -> Batch:
+def packed_batch(
+    seqs: Ragged,
+    index,
+    row_of: np.ndarray,
+    offset: np.ndarray,
+    rows: int,
+    length: int,
+    num_segments: int,
+    pad_id: int,
+    window: int,
+) -> Batch:
     """Texts laid out in rows: ``seqs`` in row order, text j in row ``row_of[j]`` (non-decreasing) starting at
     position ``offset[j]`` of it."""
     row_of = np.asarray(row_of, np.int64)
     tokens, of, pos = _scatter_plan(seqs)
     first = np.searchsorted(row_of, np.arange(rows))  # index of each row's first text
-    seg_of = np.arange(len(row_of)) - first[row_of]   # 0-based segment within its row
+    seg_of = np.arange(len(row_of)) - first[row_of]  # 0-based segment within its row
     dest = row_of[of] * length + np.asarray(offset, np.int64)[of] + pos
     input_ids = np.full((rows, length), pad_id, dtype=np.int32)
     seg = np.zeros((rows, length), dtype=np.int32)
@@ -128,8 +139,17 @@ def packed_batch(seqs: Ragged, index, row_of: np.ndarray, offset: np.ndarray, ro
     input_ids.flat[dest] = tokens
     seg.flat[dest] = seg_of[of] + 1
     position.flat[dest] = pos
-    return Batch(input_ids, (seg > 0).astype(np.int32), np.asarray(index, np.int64), row_of * num_segments + seg_of,
-                 seg, position, num_segments, len(tokens), window)
+    return Batch(
+        input_ids,
+        (seg > 0).astype(np.int32),
+        np.asarray(index, np.int64),
+        row_of * num_segments + seg_of,
+        seg,
+        position,
+        num_segments,
+        len(tokens),
+        window,
+    )
 
 
 def _split(n: int, full: int, multiple: int) -> Iterator[tuple[int, int, int]]:
@@ -146,8 +166,16 @@ def _buckets(lengths: np.ndarray, max_length: int):
     return [(length, order[buckets == length]) for length in sorted(set(buckets.tolist()), reverse=True)]
 
 
-def plan_padded(ids, *, max_length: int, token_budget: int, max_rows: int | None = None,
-                multiple: int = 1, pad_id: int = 0, index=None) -> Iterator[Batch]:
+def plan_padded(
+    ids,
+    *,
+    max_length: int,
+    token_budget: int,
+    max_rows: int | None = None,
+    multiple: int = 1,
+    pad_id: int = 0,
+    index=None,
+) -> Iterator[Batch]:
     """Padded batches, longest texts first; each length bucket fills rows up to the token budget. ``ids``: a
     Ragged or any sequence of token id sequences."""
     ids = Ragged.of(ids)
@@ -155,13 +183,21 @@ def plan_padded(ids, *, max_length: int, token_budget: int, max_rows: int | None
     for length, members in _buckets(ids.lengths, max_length):
         full = full_rows(length, token_budget, max_rows, multiple)
         for start, count, rows in _split(len(members), full, multiple):
-            part = members[start:start + count]
+            part = members[start : start + count]
             yield padded_batch(ids.take(part), index[part], rows, length, pad_id)
 
 
-def planned_shapes(lengths: np.ndarray, *, pack_length: int, max_length: int, token_budget: int,
-                   max_segments: int, max_rows: int | None = None, multiple: int = 1,
-                   min_window: int | None = None) -> list[tuple[int, int, int]]:
+def planned_shapes(
+    lengths: np.ndarray,
+    *,
+    pack_length: int,
+    max_length: int,
+    token_budget: int,
+    max_segments: int,
+    max_rows: int | None = None,
+    multiple: int = 1,
+    min_window: int | None = None,
+) -> list[tuple[int, int, int]]:
     """(rows, length, attention window) of every batch that plan_padded (pack_length 0) or plan_packed would
     make for sequences of these lengths, without building the arrays: what "auto" packing weighs."""
     lengths = np.asarray(lengths, np.int64)
@@ -171,11 +207,12 @@ def planned_shapes(lengths: np.ndarray, *, pack_length: int, max_length: int, to
         full = full_rows(length, token_budget, max_rows, multiple)
         shapes += [(rows, length, length) for _, _, rows in _split(len(members), full, multiple)]
     if packed.any():
-        _, row_windows = pack_windows(lengths[packed], pack_length, max_segments,
-                                      windows_for(pack_length, min_window))
+        _, row_windows = pack_windows(lengths[packed], pack_length, max_segments, windows_for(pack_length, min_window))
         full = full_rows(pack_length, token_budget, max_rows, multiple)
-        shapes += [(rows, pack_length, max(row_windows[start:start + count]))
-                   for start, count, rows in _split(len(row_windows), full, multiple)]
+        shapes += [
+            (rows, pack_length, max(row_windows[start : start + count]))
+            for start, count, rows in _split(len(row_windows), full, multiple)
+        ]
     return shapes
 
 
@@ -188,8 +225,9 @@ def windows_for(pack_length: int, min_window: int | None) -> list[int]:
     return out[::-1]
 
 
-def pack_windows(lengths: np.ndarray, capacity: int, max_segments: int, windows: Sequence[int] = ()
-                 ) -> tuple[list[list[tuple[int, int]]], list[int]]:
+def pack_windows(
+    lengths: np.ndarray, capacity: int, max_segments: int, windows: Sequence[int] = ()
+) -> tuple[list[list[tuple[int, int]]], list[int]]:
     """Best-fit-decreasing packing of sequences (each <= capacity) into rows of ``capacity`` in which no
     sequence crosses a multiple of the row's window.
 
@@ -200,7 +238,7 @@ def pack_windows(lengths: np.ndarray, capacity: int, max_segments: int, windows:
     order, and each row's window, ascending. A row holds at most max_segments sequences.
     """
     windows = [w for w in windows if w < capacity and max_segments * w >= capacity] + [capacity]
-    bins: list[tuple[int, list]] = []      # (window, [(position, offset in bin)])
+    bins: list[tuple[int, list]] = []  # (window, [(position, offset in bin)])
     open_bins: list[tuple[int, int]] = []  # (room left, bin), sorted
     for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
         n = int(lengths[i])
@@ -225,19 +263,30 @@ def pack_windows(lengths: np.ndarray, capacity: int, max_segments: int, windows:
         per_row = capacity // w
         full = len(units) // per_row * per_row
         for r in range(0, full, per_row):
-            rows.append([(i, u * w + o) for u, unit in enumerate(units[r:r + per_row]) for i, o in unit])
+            rows.append([(i, u * w + o) for u, unit in enumerate(units[r : r + per_row]) for i, o in unit])
             row_windows.append(w)
         rest = units[full:]
         if j + 1 < len(windows):
             f = windows[j + 1] // w
-            carry = [[(i, u * w + o) for u, unit in enumerate(rest[r:r + f]) for i, o in unit]
-                     for r in range(0, len(rest), f)]
+            carry = [
+                [(i, u * w + o) for u, unit in enumerate(rest[r : r + f]) for i, o in unit]
+                for r in range(0, len(rest), f)
+            ]
     return [sorted(row, key=lambda m: m[1]) for row in rows], row_windows
 
 
-def plan_packed(ids, *, pack_length: int, max_length: int, token_budget: int, max_segments: int,
-                max_rows: int | None = None, multiple: int = 1, pad_id: int = 0, min_window: int | None = None
-                ) -> Iterator[Batch]:
+def plan_packed(
+    ids,
+    *,
+    pack_length: int,
+    max_length: int,
+    token_budget: int,
+    max_segments: int,
+    max_rows: int | None = None,
+    multiple: int = 1,
+    pad_id: int = 0,
+    min_window: int | None = None,
+) -> Iterator[Batch]:
     """Packed batches of rows of ``pack_length`` tokens; texts longer than that go in padded batches.
 
     ``min_window``: pack short texts into aligned windows of pack_length / 2^k >= min_window positions
@@ -247,23 +296,40 @@ def plan_packed(ids, *, pack_length: int, max_length: int, token_budget: int, ma
     lengths = ids.lengths
     long_ = np.flatnonzero(lengths > pack_length)
     if len(long_):
-        yield from plan_padded(ids.take(long_), max_length=max_length, token_budget=token_budget,
-                               max_rows=max_rows, multiple=multiple, pad_id=pad_id, index=long_)
+        yield from plan_padded(
+            ids.take(long_),
+            max_length=max_length,
+            token_budget=token_budget,
+            max_rows=max_rows,
+            multiple=multiple,
+            pad_id=pad_id,
+            index=long_,
+        )
     short = np.flatnonzero(lengths <= pack_length)
     if not len(short):
         return
     rows, row_windows = pack_windows(lengths[short], pack_length, max_segments, windows_for(pack_length, min_window))
     full = full_rows(pack_length, token_budget, max_rows, multiple)
     for start, count, n_rows in _split(len(rows), full, multiple):
-        part = rows[start:start + count]
+        part = rows[start : start + count]
         members = short[np.fromiter((i for row in part for i, _ in row), np.int64)]
         offsets = np.fromiter((o for row in part for _, o in row), np.int64, len(members))
         row_of = np.repeat(np.arange(len(part)), [len(row) for row in part])
-        yield packed_batch(ids.take(members), members, row_of, offsets, n_rows, pack_length, max_segments, pad_id,
-                           max(row_windows[start:start + count]))
+        yield packed_batch(
+            ids.take(members),
+            members,
+            row_of,
+            offsets,
+            n_rows,
+            pack_length,
+            max_segments,
+            pad_id,
+            max(row_windows[start : start + count]),
+        )
 
 
 # ------------------------------------------------------------------------------------------- layout costing
+
 
 def forward_macs(config, shapes: Iterable[tuple[int, int, int]]) -> float:
     """Multiply-adds of the forward of a BertConfig over batches of these (rows, length, attention window)
@@ -275,8 +341,9 @@ def forward_macs(config, shapes: Iterable[tuple[int, int, int]]) -> float:
     return total * config.num_hidden_layers
 
 
-def layouts(packing, *, packable: bool, max_length: int, pack_length: int | None = None,
-            min_window: int = 0) -> list[tuple[int, int]]:
+def layouts(
+    packing, *, packable: bool, max_length: int, pack_length: int | None = None, min_window: int = 0
+) -> list[tuple[int, int]]:
     """Candidate layouts as (pack length, min window): (0, 0) for padded batches, (n, 0) for packed rows of
     n tokens, and (n, min_window) for the same rows with attention windows. ``packing`` is "auto", True or
     False; ``packable``: the pooling mode works on packed rows."""
@@ -287,13 +354,17 @@ def layouts(packing, *, packable: bool, max_length: int, pack_length: int | None
     return out
 
 
-def choose_layout(lengths, candidates: Sequence[tuple[int, int]], config, *, max_segments: int, **plan_kw
-                  ) -> tuple[int, int]:
+def choose_layout(
+    lengths, candidates: Sequence[tuple[int, int]], config, *, max_segments: int, **plan_kw
+) -> tuple[int, int]:
     """The candidate layout whose batches for sequences of these lengths need the fewest multiply-adds
     (computed from the batch shapes alone; ties go to the earlier candidate). Windows are weighed against
     whole rows because they can pack worse (small ``max_segments``). ``plan_kw``: max_length, token_budget,
     max_rows, multiple, as for ``planned_shapes``."""
-    costs = {(n, w): forward_macs(config, planned_shapes(lengths, pack_length=n, min_window=w,
-                                                         max_segments=max_segments, **plan_kw))
-             for n, w in candidates}
-    return min(costs, key=costs.get)
+    costs = {
+        (n, w): forward_macs(
+            config, planned_shapes(lengths, pack_length=n, min_window=w, max_segments=max_segments, **plan_kw)
+        )
+        for n, w in candidates
+    }
+    return min(costs, key=costs.__getitem__)

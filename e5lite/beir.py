@@ -19,6 +19,7 @@ from .files import iter_jsonl
 class RetrievalData:
     """One split of a BEIR folder. ``qrels[query_id][doc_id]`` is the graded relevance (0 = judged not
     relevant); ``query_ids`` are the queries that have qrels, in queries.jsonl order."""
+
     doc_ids: list[str]
     doc_texts: list[str]
     query_ids: list[str]
@@ -75,8 +76,9 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
                 continue
             where = f"{path} line {n}"
             if len(cols) != 3:
-                raise InputError(f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), got "
-                                 f"{len(cols)}")
+                raise InputError(
+                    f"{where}: expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}"
+                )
             qid, did, score = cols
             if qid not in queries:
                 raise InputError(f"{where}: query {qid!r} is not in queries.jsonl")
@@ -99,8 +101,10 @@ def load_retrieval_data(data_dir: str | os.PathLike, split: str = "test") -> Ret
     qrels_path = d / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         have = sorted(p.stem for p in (d / "qrels").glob("*.tsv")) if (d / "qrels").is_dir() else []
-        raise InputError(f"no qrels for split {split!r}: {qrels_path} is missing"
-                         + (f" (splits here: {', '.join(have)})" if have else ""))
+        raise InputError(
+            f"no qrels for split {split!r}: {qrels_path} is missing"
+            + (f" (splits here: {', '.join(have)})" if have else "")
+        )
     corpus = _read(d / "corpus.jsonl", "corpus")
     queries = _read(d / "queries.jsonl", "queries")
     qrels = read_qrels(qrels_path, queries, corpus)

@@ -44,6 +44,6 @@ def load_checkpoint(folder: Path, like) -> tuple[int, object, dict] | None:
             leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
     except (OSError, ValueError) as e:
         raise E5LiteError(f"cannot read checkpoint {path}: {e}") from None
-    if len(leaves) != len(leaves_like) or any(a.shape != np.shape(b) for a, b in zip(leaves, leaves_like)):
+    if len(leaves) != len(leaves_like) or any(a.shape != np.shape(b) for a, b in zip(leaves, leaves_like, strict=True)):
         raise E5LiteError(f"checkpoint {path} does not fit this model and optimiser (other settings?)")
     return meta["step"], jax.tree.unflatten(treedef, leaves), meta

@@ -1,153 +1,24 @@
 """The ``e5lite`` command: embed, score, eval, train, attention, info, serve.
 
-Its flags and their checks are in ``cli_args.py``; corpus runs (``embed --output DIR``) in ``shards.runs``.
+Its flags and their checks are in ``cli_args.py``; ``embed`` in ``cli_embed.py``, and its corpus runs
+(``embed --output DIR``) in ``shards.runs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from . import cli_args
-from .cli_args import CORPUS_FLAGS, check_corpus_flags, check_vector_flags, vector_options
+from .cli_embed import cmd_embed, load_encoder
 from .errors import E5LiteError, InputError
-from .files import read_records, write_atomic
-
-PROGRESS_MIN_TEXTS = 256  # show a progress bar on stderr from this many texts
-
-
-def _read_texts(args) -> list[str]:
-    if args.input is None:
-        if not args.texts:
-            raise InputError("no texts: pass TEXT arguments or --input FILE (or - for stdin)")
-        return list(args.texts)
-    if args.texts:
-        raise InputError("pass texts either as arguments or with --input, not both")
-    field = args.field if args.input.endswith(".jsonl") or args.field_given else None
-    if args.input == "-":
-        return [text for text, _, _ in read_records(sys.stdin.buffer, "<stdin>", field=field)]
-    path = Path(args.input)
-    if not path.is_file():
-        raise InputError(f"input file {args.input!r} does not exist")
-    with open(path, "rb") as f:
-        return [text for text, _, _ in read_records(f, str(path), field=field)]
-
-
-def _write_output(emb, output: str | None) -> None:
-    import numpy as np
-    if output is None:
-        for row in emb:  # tolist: floats, or ints for quantised rows
-            sys.stdout.write(json.dumps(row.tolist()) + "\n")
-        return
-    path = Path(output)
-    if not path.parent.is_dir():
-        raise InputError(f"output folder {str(path.parent)!r} does not exist")
-    if path.suffix == ".npy":
-        write_atomic(path, lambda f: np.save(f, emb))
-    elif path.suffix == ".jsonl":
-        write_atomic(path, lambda f: f.writelines(
-            (json.dumps({"index": i, "embedding": row.tolist()}) + "\n").encode() for i, row in enumerate(emb)))
-    else:
-        raise InputError(f"output {output!r}: use a .npy or .jsonl suffix")
-
-
-def _load(args):
-    from .encoder import load
-    return load(args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length,
-                token_budget=args.token_budget, streams=args.streams, weights=getattr(args, "weights", None))
-
-
-def is_output_dir(output: str) -> bool:
-    """--output names a folder (sharded, resumable mode) when it ends with a slash, is an existing folder or has
-    no suffix; .npy / .jsonl name one file."""
-    return output.endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
-
-
-def cmd_embed_dir(args) -> None:
-    """--output DIR: a resumable corpus run (``shards.runs``); the flags are checked before a model loads."""
-    from .shards import embed_file, load_ranges, planned_layout, stored_layout
-    if args.input is None or args.input == "-" or args.texts:
-        raise InputError("--output DIR (sharded, resumable) needs --input FILE: a .txt, .jsonl or .parquet file, a "
-                         "folder or a glob of them, not stdin or TEXT arguments")
-    check_corpus_flags(args)
-    check_vector_flags(args)
-    if args.ranges is not None:
-        load_ranges(args.ranges)  # a bad file fails before a model loads
-    if planned_layout(args.input, args.output, engine=args.engine, per_host=bool(args.coordinator or args.distributed),
-                      shard_size=args.shard_size):
-        return _embed_planned(args)
-    manifest = embed_file(args.input, args.output, load=lambda: _load(args),
-                          options=lambda dim: vector_options(args, dim), model=args.model, revision=args.revision,
-                          dtype=args.dtype, field=args.field, json_records=args.field_given,
-                          rows_per_shard=args.rows_per_shard, shard_format=args.shard_format, id_field=args.id_field,
-                          prompt_name=args.prompt_name, task=args.task, normalize=not args.no_normalize,
-                          batch_size=args.batch_size, overwrite=args.overwrite)
-    _, width = stored_layout(manifest["run"])
-    print(f"wrote {manifest['rows']} x {width} embeddings in {len(manifest['shards'])} shards to {args.output}"
-          + ("" if args.precision == "float32" else f" ({args.precision})"), file=sys.stderr)
-
-
-def _embed_planned(args) -> None:
-    """Per-host (under jax.distributed, or one process) and Ray corpus runs (``shards.embed_planned``)."""
-    from .shards import embed_planned
-    if args.rows_per_shard is not None:
-        raise InputError("--rows-per-shard applies to one process embedding one .txt/.jsonl file; per-host, Ray, "
-                         "folder and Parquet runs cut .txt/.jsonl input by --shard-size and Parquet by row group")
-    cluster = {k: getattr(args, k) for k in ("coordinator", "num_processes", "process_id", "distributed",
-                                             "num_actors", "ray_address", "gpus_per_actor", "cpus_per_actor")}
-    s = embed_planned(args.input, args.output, load=lambda: _load(args), options=lambda dim: vector_options(args, dim),
-                      model=args.model, revision=args.revision, dtype=args.dtype, max_length=args.max_length,
-                      knobs={k: getattr(args, k) for k in ("token_budget", "streams") if getattr(args, k) is not None},
-                      engine=args.engine, shard_size=args.shard_size, shard_format=args.shard_format, **cluster,
-                      field=args.field, id_field=args.id_field, prompt_name=args.prompt_name, task=args.task,
-                      normalize=not args.no_normalize, json_records=args.field_given, batch_size=args.batch_size,
-                      overwrite=args.overwrite)
-    state = (f"all {s['shards']} shards are done" if not s["missing"] else
-             f"{len(s['missing'])} of {s['shards']} shards are not done yet")
-    print(f"wrote {s['rows']} embeddings in {s['embedded']} shards to {args.output} ({s['who']}; {s['skipped']} "
-          f"shards were done already); {state}", file=sys.stderr)
-
-
-def cmd_embed(args) -> None:
-    if args.output is not None and is_output_dir(args.output):
-        return cmd_embed_dir(args)
-    if args.id_field is not None:
-        raise InputError("--id-field needs --output DIR (the sharded mode)")
-    used = ["--" + n.replace("_", "-") for n in CORPUS_FLAGS if getattr(args, n) not in (None, False)]
-    if used or args.engine != "local":
-        raise InputError(f"{', '.join(used) or '--engine ray'}: corpus-run flags, for --output DIR (the sharded "
-                         "mode) only")
-    check_vector_flags(args)
-    texts = _read_texts(args)
-    if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
-        raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix, or a folder (no suffix)")
-    if args.precision in ("int8", "uint8") and args.ranges is None and args.calibration is None and len(texts) < 2:
-        raise InputError(f"--precision {args.precision} of one text needs --ranges (its buckets cannot come from "
-                         "one embedding)")
-    if args.ranges is not None:
-        from .shards import load_ranges
-        load_ranges(args.ranges)  # a bad file fails before a model loads
-    enc = _load(args)
-    opts = vector_options(args, enc.dim)
-    kw = dict(prompt_name=args.prompt_name, task=args.task, normalize=not args.no_normalize,
-              batch_size=args.batch_size, long_inputs=opts["long_inputs"], chunk_overlap=opts["chunk_overlap"],
-              truncate_dim=opts["truncate_dim"])
-    calibration = None
-    if opts["calibration"] is not None:  # the float vectors of the first N texts set the buckets
-        calibration = enc.encode(texts[:opts["calibration"]], **kw, show_progress_bar=False)
-    emb = enc.encode(texts, **kw, precision=opts["precision"], ranges=opts["ranges"],
-                     calibration_embeddings=calibration, show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
-    _write_output(emb, args.output)
-    if args.output:
-        print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {args.output}"
-              + ("" if args.precision == "float32" else f" ({args.precision})"), file=sys.stderr)
+from .files import write_atomic
 
 
 def cmd_score(args) -> None:
-    enc = _load(args)
+    enc = load_encoder(args)
     q = enc.encode_queries(args.query, task=args.task, batch_size=args.batch_size)
     p = enc.encode(args.passage, prompt_name="passage", batch_size=args.batch_size)
     scores = 100.0 * q @ p.T
@@ -174,15 +45,26 @@ def _k_values(text: str) -> tuple[int, ...]:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_retrieval, format_table
+
     k_values = _k_values(args.k)
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise InputError(f"output folder {str(Path(args.output).parent)!r} does not exist")
-    enc = _load(args)
-    report = evaluate_retrieval(enc, args.data, split=args.split, k_values=k_values, query_prompt=args.query_prompt,
-                                passage_prompt=args.passage_prompt, batch_size=args.batch_size,
-                                corpus_embeddings=args.corpus_embeddings, show_progress_bar=True)
-    print(f"{report['data']} ({report['split']}): {report['queries']} queries, {report['corpus']} documents; "
-          f"embedding {report['embed_s']:.1f} s, search {report['search_s']:.2f} s")
+    enc = load_encoder(args)
+    report = evaluate_retrieval(
+        enc,
+        args.data,
+        split=args.split,
+        k_values=k_values,
+        query_prompt=args.query_prompt,
+        passage_prompt=args.passage_prompt,
+        batch_size=args.batch_size,
+        corpus_embeddings=args.corpus_embeddings,
+        show_progress_bar=True,
+    )
+    print(
+        f"{report['data']} ({report['split']}): {report['queries']} queries, {report['corpus']} documents; "
+        f"embedding {report['embed_s']:.1f} s, search {report['search_s']:.2f} s"
+    )
     print(format_table(report))
     if args.output:
         write_atomic(Path(args.output), (json.dumps(report, indent=1) + "\n").encode())
@@ -192,6 +74,7 @@ def cmd_eval(args) -> None:
 def cmd_attention(args) -> None:
     from . import viz
     from .encoder import load
+
     suffix = Path(args.output).suffix if args.output else None
     if suffix not in (None, ".png", ".json"):
         raise InputError(f"output {args.output!r}: use a .png or .json suffix")
@@ -218,11 +101,19 @@ def cmd_attention(args) -> None:
     tokens, probs = viz.attention_maps(enc, args.text, prompt_name=args.prompt_name)
     if suffix == ".png":
         viz.plot_attention(args.output, tokens, probs[layer], layer, heads)
-        print(f"wrote layer {layer}'s attention ({len(heads)} heads, {len(tokens)} tokens) to {args.output}",
-              file=sys.stderr)
+        print(
+            f"wrote layer {layer}'s attention ({len(heads)} heads, {len(tokens)} tokens) to {args.output}",
+            file=sys.stderr,
+        )
         return
-    report = json.dumps({"tokens": tokens, "layer": layer, "heads": heads,
-                         "attentions": [probs[layer, h].round(6).tolist() for h in heads]})
+    report = json.dumps(
+        {
+            "tokens": tokens,
+            "layer": layer,
+            "heads": heads,
+            "attentions": [probs[layer, h].round(6).tolist() for h in heads],
+        }
+    )
     if suffix == ".json":
         write_atomic(Path(args.output), report.encode())
     else:
@@ -236,26 +127,54 @@ def cmd_train(args) -> None:
         raise InputError("e5lite train needs the train extra (optax is missing): pip install 'e5lite[train]'") from None
     from .encoder import load
     from .train import TrainSettings, fit
+
     settings = TrainSettings(
-        batch_size=args.batch_size, learning_rate=args.learning_rate, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, epochs=args.epochs, max_steps=args.max_steps,
-        temperature=args.temperature, seed=args.seed, shuffle=not args.no_shuffle, dropout=args.dropout,
-        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, chunk_size=args.chunk_size)
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        temperature=args.temperature,
+        seed=args.seed,
+        shuffle=not args.no_shuffle,
+        dropout=args.dropout,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        chunk_size=args.chunk_size,
+    )
     enc = load(args.model, revision=args.revision, max_length=args.max_length)
-    summary = fit(enc, args.train, args.output, settings=settings, eval_data=args.eval, eval_every=args.eval_every,
-                  save_every=args.save_every, resume=args.resume, query_field=args.query_field,
-                  positive_field=args.positive_field, negative_field=args.negative_field)
-    print(f"trained {summary['steps']} steps (loss {summary['loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s); "
-          f"wrote the model to {args.output}", file=sys.stderr)
+    summary = fit(
+        enc,
+        args.train,
+        args.output,
+        settings=settings,
+        eval_data=args.eval,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        resume=args.resume,
+        query_field=args.query_field,
+        positive_field=args.positive_field,
+        negative_field=args.negative_field,
+    )
+    print(
+        f"trained {summary['steps']} steps (loss {summary['loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s); "
+        f"wrote the model to {args.output}",
+        file=sys.stderr,
+    )
     if summary["eval"]:
         from .evaluate import format_table
+
         print(format_table(summary["eval"]))
 
 
 def cmd_info(args) -> None:
     import jax
+
     from .weights import num_params
-    enc = _load(args)
+
+    enc = load_encoder(args)
     info = {
         "model_dir": str(enc.model_dir),
         "architecture": enc.config.model_type,
@@ -280,26 +199,37 @@ def cmd_serve(args) -> None:
         missing = (e.name or "").split(".")[0]
         if missing not in ("starlette", "uvicorn", "pydantic"):
             raise
-        raise InputError(f"e5lite serve needs the serve extra ({missing} is missing): "
-                         "pip install 'e5lite[serve]'") from None
+        raise InputError(
+            f"e5lite serve needs the serve extra ({missing} is missing): pip install 'e5lite[serve]'"
+        ) from None
     try:
         limits = Limits.from_arguments(args)
     except ValueError as e:  # names the flag
         raise InputError(str(e)) from None
-    enc = _load(args)
+    enc = load_encoder(args)
     serve(enc, host=args.host, port=args.port, model_name=args.served_model_name or args.model, limits=limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser (``cli_args``), each subcommand calling its ``cmd_*`` function here."""
-    return cli_args.build_parser({"embed": cmd_embed, "score": cmd_score, "info": cmd_info, "serve": cmd_serve,
-                                  "eval": cmd_eval, "attention": cmd_attention, "train": cmd_train})
+    return cli_args.build_parser(
+        {
+            "embed": cmd_embed,
+            "score": cmd_score,
+            "info": cmd_info,
+            "serve": cmd_serve,
+            "eval": cmd_eval,
+            "attention": cmd_attention,
+            "train": cmd_train,
+        }
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.command == "train":  # a command line of its own, not a call from Python
         from .runtime import restart_with_huge_pages
+
         restart_with_huge_pages()
     if getattr(args, "command", None) == "embed":
         args.field_given = args.field is not None

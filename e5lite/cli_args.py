@@ -9,8 +9,17 @@ from .errors import InputError
 from .settings import default_help
 from .shards import ROWS_PER_SHARD, load_ranges
 
-CORPUS_FLAGS = ("coordinator", "num_processes", "process_id", "distributed", "num_actors", "ray_address",
-                "gpus_per_actor", "cpus_per_actor", "shard_size")
+CORPUS_FLAGS = (
+    "coordinator",
+    "num_processes",
+    "process_id",
+    "distributed",
+    "num_actors",
+    "ray_address",
+    "gpus_per_actor",
+    "cpus_per_actor",
+    "shard_size",
+)
 
 
 def check_corpus_flags(args) -> None:
@@ -23,41 +32,55 @@ def check_corpus_flags(args) -> None:
         if getattr(args, name) is not None and not getattr(args, name) >= 0:
             raise InputError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
     if args.engine == "ray":
-        used = [flag(n) for n in ("coordinator", "num_processes", "process_id", "distributed") if getattr(args, n)
-                not in (None, False)]
+        used = [
+            flag(n)
+            for n in ("coordinator", "num_processes", "process_id", "distributed")
+            if getattr(args, n) not in (None, False)
+        ]
         if used:
             raise InputError(f"{', '.join(used)}: per-host flags; --engine ray runs on Ray's actors instead")
         if args.shard_format == "npy":
             raise InputError("--engine ray writes Parquet shards: drop --shard-format npy")
         return
-    ray_only = [flag(n) for n in ("num_actors", "ray_address", "gpus_per_actor", "cpus_per_actor")
-                if getattr(args, n) is not None]
+    ray_only = [
+        flag(n)
+        for n in ("num_actors", "ray_address", "gpus_per_actor", "cpus_per_actor")
+        if getattr(args, n) is not None
+    ]
     if ray_only:
         raise InputError(f"{', '.join(ray_only)} need --engine ray")
     if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
-        raise InputError("--coordinator HOST:PORT needs --num-processes N and --process-id I (or use --distributed "
-                         "for jax.distributed's own cluster detection)")
+        raise InputError(
+            "--coordinator HOST:PORT needs --num-processes N and --process-id I (or use --distributed "
+            "for jax.distributed's own cluster detection)"
+        )
     if (args.num_processes is not None or args.process_id is not None) and not (args.coordinator or args.distributed):
         raise InputError("--num-processes and --process-id need --coordinator HOST:PORT (or --distributed)")
     if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-        raise InputError(f"--process-id must be in [0, {args.num_processes - 1}] for --num-processes "
-                         f"{args.num_processes}, got {args.process_id}")
+        raise InputError(
+            f"--process-id must be in [0, {args.num_processes - 1}] for --num-processes "
+            f"{args.num_processes}, got {args.process_id}"
+        )
 
 
 def check_vector_flags(args) -> None:
     """--long-inputs, --chunk-overlap, --precision, --truncate-dim, --calibration, --ranges: the combinations
     that mean something, before a model loads (--truncate-dim against the model's width is checked after)."""
     if args.chunk_overlap is not None and args.long_inputs != "chunk":
-        raise InputError(f"--chunk-overlap {args.chunk_overlap} needs --long-inputs chunk (truncated texts have no "
-                         "windows to overlap)")
+        raise InputError(
+            f"--chunk-overlap {args.chunk_overlap} needs --long-inputs chunk (truncated texts have no "
+            "windows to overlap)"
+        )
     if args.chunk_overlap is not None and args.chunk_overlap < 0:
         raise InputError(f"--chunk-overlap must be >= 0, got {args.chunk_overlap}")
     if args.truncate_dim is not None and args.truncate_dim < 1:
         raise InputError(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
     for flag, value in (("--calibration", args.calibration), ("--ranges", args.ranges)):
         if value is not None and args.precision not in ("int8", "uint8"):
-            raise InputError(f"{flag} sets the int8/uint8 buckets: it needs --precision int8 or uint8 (got "
-                             f"--precision {args.precision})")
+            raise InputError(
+                f"{flag} sets the int8/uint8 buckets: it needs --precision int8 or uint8 (got "
+                f"--precision {args.precision})"
+            )
     if args.calibration is not None and args.ranges is not None:
         raise InputError("--calibration N and --ranges: pass one (ranges computed from the first N texts, or given)")
     if args.calibration is not None and args.calibration < 1:
@@ -72,11 +95,18 @@ def vector_options(args, dim: int) -> dict:
     ranges = None if args.ranges is None else load_ranges(args.ranges)
     want = args.truncate_dim or dim
     if ranges is not None and ranges.shape[1] != want:
-        raise InputError(f"--ranges {args.ranges} has {ranges.shape[1]} dimensions; the vectors have {want}"
-                         + (" (--truncate-dim)" if args.truncate_dim else ""))
-    return {"long_inputs": args.long_inputs, "chunk_overlap": args.chunk_overlap or 0,
-            "truncate_dim": args.truncate_dim, "precision": args.precision, "calibration": args.calibration,
-            "ranges": ranges}
+        raise InputError(
+            f"--ranges {args.ranges} has {ranges.shape[1]} dimensions; the vectors have {want}"
+            + (" (--truncate-dim)" if args.truncate_dim else "")
+        )
+    return {
+        "long_inputs": args.long_inputs,
+        "chunk_overlap": args.chunk_overlap or 0,
+        "truncate_dim": args.truncate_dim,
+        "precision": args.precision,
+        "calibration": args.calibration,
+        "ranges": ranges,
+    }
 
 
 def _common(p) -> None:
@@ -84,19 +114,27 @@ def _common(p) -> None:
     p.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--weights", default=None, choices=["bfloat16"],
-                   help="bfloat16: the layers' matmul weights in bfloat16 with float32 compute (faster one-query "
-                        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries)")
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=["bfloat16"],
+        help="bfloat16: the layers' matmul weights in bfloat16 with float32 compute (faster one-query "
+        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries)",
+    )
     p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
-    p.add_argument("--token-budget", type=int, default=None,
-                   help=f"tokens per batch (default: {default_help('token_budget')})")
-    p.add_argument("--streams", type=int, default=None,
-                   help=f"batches computed at once (default: {default_help('streams')})")
+    p.add_argument(
+        "--token-budget", type=int, default=None, help=f"tokens per batch (default: {default_help('token_budget')})"
+    )
+    p.add_argument(
+        "--streams", type=int, default=None, help=f"batches computed at once (default: {default_help('streams')})"
+    )
 
 
-TASK_HELP = ("-instruct models: a one-sentence task description; queries get \"Instruct: TASK\\nQuery: \" "
-             "(instead of --prompt-name)")
+TASK_HELP = (
+    '-instruct models: a one-sentence task description; queries get "Instruct: TASK\\nQuery: " '
+    "(instead of --prompt-name)"
+)
 
 
 def _add_embed(sub, handlers: dict) -> None:
@@ -106,56 +144,122 @@ def _add_embed(sub, handlers: dict) -> None:
     e.add_argument("texts", nargs="*", metavar="TEXT")
     e.add_argument("--input", default=None, help="a .txt file (one text per line), a .jsonl file, or - for stdin")
     e.add_argument("--field", default=None, help="the text field of .jsonl records (default: text)")
-    e.add_argument("--output", default=None,
-                   help="a .npy or .jsonl file, or a folder (trailing /, existing, or no suffix) for resumable "
-                        "sharded output (default: JSON arrays on stdout)")
+    e.add_argument(
+        "--output",
+        default=None,
+        help="a .npy or .jsonl file, or a folder (trailing /, existing, or no suffix) for resumable "
+        "sharded output (default: JSON arrays on stdout)",
+    )
     e.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
     e.add_argument("--task", default=None, help=TASK_HELP)
     e.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
-    e.add_argument("--rows-per-shard", type=int, default=None,
-                   help=f"--output DIR, one process on one .txt/.jsonl file: rows per shard (default {ROWS_PER_SHARD})")
-    e.add_argument("--shard-format", default=None, choices=["npy", "parquet"],
-                   help="--output DIR: .npy + .ids.json per shard (default), or Parquet (needs pyarrow; what "
-                        "--engine ray writes)")
-    e.add_argument("--id-field", default=None, help="--output DIR: record field (Parquet: column) kept as the row "
-                                                    "id (default: the row number)")
+    e.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=None,
+        help=f"--output DIR, one process on one .txt/.jsonl file: rows per shard (default {ROWS_PER_SHARD})",
+    )
+    e.add_argument(
+        "--shard-format",
+        default=None,
+        choices=["npy", "parquet"],
+        help="--output DIR: .npy + .ids.json per shard (default), or Parquet (needs pyarrow; what --engine ray writes)",
+    )
+    e.add_argument(
+        "--id-field",
+        default=None,
+        help="--output DIR: record field (Parquet: column) kept as the row id (default: the row number)",
+    )
     e.add_argument("--overwrite", action="store_true", help="--output DIR: discard a previous run there")
+    _add_vector_flags(e)
+    _add_corpus_flags(e)
+    e.set_defaults(func=handlers["embed"])
+
+
+def _add_vector_flags(e) -> None:
+    """``e5lite embed``'s long-input and compact-vector flags (every output)."""
     v = e.add_argument_group("long inputs and compact vectors (every output; README: Command line)")
-    v.add_argument("--long-inputs", default="truncate", choices=["truncate", "chunk"],
-                   help="texts past --max-length: truncate (default), or chunk: embed windows of the whole text and "
-                        "average them by token count")
-    v.add_argument("--chunk-overlap", type=int, default=None, metavar="N",
-                   help="--long-inputs chunk: tokens consecutive windows share (default 0)")
-    v.add_argument("--truncate-dim", type=int, default=None, metavar="N",
-                   help="keep the first N components (Matryoshka models), normalised after the cut")
-    v.add_argument("--precision", default="float32", choices=["float32", "int8", "uint8", "binary", "ubinary"],
-                   help="int8/uint8: 256 buckets per dimension; binary/ubinary: sign bits packed 8 per byte "
-                        "(sentence-transformers' quantize_embeddings)")
-    v.add_argument("--calibration", type=int, default=None, metavar="N",
-                   help="int8/uint8: bucket ranges from the float vectors of the first N texts (default: all texts; "
-                        "--output DIR: the first 1000, fixed in the manifest before the run)")
-    v.add_argument("--ranges", default=None, metavar="FILE.npy|DIR",
-                   help="int8/uint8: bucket ranges [2, dim] (min, max) from a .npy file or an earlier "
-                        "--output DIR run (to quantise queries like that corpus)")
+    v.add_argument(
+        "--long-inputs",
+        default="truncate",
+        choices=["truncate", "chunk"],
+        help="texts past --max-length: truncate (default), or chunk: embed windows of the whole text and "
+        "average them by token count",
+    )
+    v.add_argument(
+        "--chunk-overlap",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--long-inputs chunk: tokens consecutive windows share (default 0)",
+    )
+    v.add_argument(
+        "--truncate-dim",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the first N components (Matryoshka models), normalised after the cut",
+    )
+    v.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "int8", "uint8", "binary", "ubinary"],
+        help="int8/uint8: 256 buckets per dimension; binary/ubinary: sign bits packed 8 per byte "
+        "(sentence-transformers' quantize_embeddings)",
+    )
+    v.add_argument(
+        "--calibration",
+        type=int,
+        default=None,
+        metavar="N",
+        help="int8/uint8: bucket ranges from the float vectors of the first N texts (default: all texts; "
+        "--output DIR: the first 1000, fixed in the manifest before the run)",
+    )
+    v.add_argument(
+        "--ranges",
+        default=None,
+        metavar="FILE.npy|DIR",
+        help="int8/uint8: bucket ranges [2, dim] (min, max) from a .npy file or an earlier "
+        "--output DIR run (to quantise queries like that corpus)",
+    )
+
+
+def _add_corpus_flags(e) -> None:
+    """``e5lite embed``'s flags of corpus runs beyond one process (per host, Ray; --output DIR)."""
     c = e.add_argument_group("corpus runs beyond one process (--output DIR; README: Embedding a corpus on a cluster)")
-    c.add_argument("--shard-size", default=None, metavar="SIZE",
-                   help=".txt/.jsonl input per shard for per-host, Ray, folder, glob and Parquet runs, e.g. 512K, "
-                        "8M (default 8M; Parquet: one shard per row group)")
-    c.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="per host under jax.distributed: process 0's address; each process embeds its share of "
-                        "the shards on its own devices")
+    c.add_argument(
+        "--shard-size",
+        default=None,
+        metavar="SIZE",
+        help=".txt/.jsonl input per shard for per-host, Ray, folder, glob and Parquet runs, e.g. 512K, "
+        "8M (default 8M; Parquet: one shard per row group)",
+    )
+    c.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="per host under jax.distributed: process 0's address; each process embeds its share of "
+        "the shards on its own devices",
+    )
     c.add_argument("--num-processes", type=int, default=None, help="with --coordinator: the number of processes")
     c.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process, 0..N-1")
-    c.add_argument("--distributed", action="store_true",
-                   help="per host, with jax.distributed.initialize()'s own detection (TPU pods, SLURM, ...)")
+    c.add_argument(
+        "--distributed",
+        action="store_true",
+        help="per host, with jax.distributed.initialize()'s own detection (TPU pods, SLURM, ...)",
+    )
     c.add_argument("--engine", default="local", choices=["local", "ray"], help="ray: embed with Ray Data actors")
     c.add_argument("--num-actors", type=int, default=None, help="--engine ray: actors (default 1)")
-    c.add_argument("--ray-address", default=None, help="--engine ray: the cluster (default: a running Ray, else a "
-                                                       "local one)")
-    c.add_argument("--gpus-per-actor", type=float, default=None,
-                   help="--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    c.add_argument(
+        "--ray-address", default=None, help="--engine ray: the cluster (default: a running Ray, else a local one)"
+    )
+    c.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0)",
+    )
     c.add_argument("--cpus-per-actor", type=float, default=None, help="--engine ray: CPUs per actor (default 1)")
-    e.set_defaults(func=handlers["embed"])
 
 
 def _add_score(sub, handlers: dict) -> None:
@@ -180,6 +284,7 @@ def _add_serve(sub, handlers: dict) -> None:
     v.add_argument("--port", type=int, default=8080)
     v.add_argument("--served-model-name", default=None, help="the model name in responses (default: --model)")
     from .serve.limits import Limits  # the limits' flags, defaults and help; no server stack imported
+
     Limits.add_arguments(v)
     v.set_defaults(func=handlers["serve"])
 
@@ -192,31 +297,43 @@ def _add_eval(sub, handlers: dict) -> None:
     r.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
     r.add_argument("--k", default="1,3,5,10,100", help="cut-offs, comma-separated (default: %(default)s)")
     r.add_argument("--output", default=None, help="write the report (metrics, counts, timings) as JSON here")
-    r.add_argument("--corpus-embeddings", default=None,
-                   help="an e5lite embed --output DIR run over corpus.jsonl (--id-field _id), used instead of "
-                        "embedding the corpus")
+    r.add_argument(
+        "--corpus-embeddings",
+        default=None,
+        help="an e5lite embed --output DIR run over corpus.jsonl (--id-field _id), used instead of "
+        "embedding the corpus",
+    )
     r.add_argument("--query-prompt", default=None, help="prefix for queries (default: the model's query prompt)")
-    r.add_argument("--passage-prompt", default=None,
-                   help="prefix for documents (default: the model's passage prompt)")
+    r.add_argument("--passage-prompt", default=None, help="prefix for documents (default: the model's passage prompt)")
     r.set_defaults(func=handlers["eval"])
 
 
 def _add_attention(sub, handlers: dict) -> None:
     """``e5lite attention``: attention maps of one text, or layer-by-layer similarity of two."""
-    a = sub.add_parser("attention", help="attention heat maps of a text (PNG or JSON), or --compare: two texts' "
-                                         "similarity layer by layer")
+    a = sub.add_parser(
+        "attention",
+        help="attention heat maps of a text (PNG or JSON), or --compare: two texts' similarity layer by layer",
+    )
     a.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
     a.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     a.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     a.add_argument("--text", required=True)
     a.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
-    a.add_argument("--layer", type=int, default=-1, help="0-based layer; negative counts from the last "
-                                                         "(default: the last)")
+    a.add_argument(
+        "--layer", type=int, default=-1, help="0-based layer; negative counts from the last (default: the last)"
+    )
     a.add_argument("--head", type=int, default=None, help="one head (default: every head, one panel each)")
-    a.add_argument("--compare", default=None, metavar="TEXT2",
-                   help="instead of maps: cosine similarity of --text and TEXT2 after each layer")
-    a.add_argument("--output", default=None, help="a .png (needs the viz extra) or .json file (default: JSON on "
-                                                  "stdout, or the --compare table)")
+    a.add_argument(
+        "--compare",
+        default=None,
+        metavar="TEXT2",
+        help="instead of maps: cosine similarity of --text and TEXT2 after each layer",
+    )
+    a.add_argument(
+        "--output",
+        default=None,
+        help="a .png (needs the viz extra) or .json file (default: JSON on stdout, or the --compare table)",
+    )
     a.set_defaults(func=handlers["attention"])
 
 
@@ -225,6 +342,7 @@ def _add_train(sub, handlers: dict) -> None:
     import dataclasses
 
     from .train import TrainSettings
+
     d = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
     t = sub.add_parser("train", help="fine-tune on (query, positive[, negatives]) JSONL records with InfoNCE")
     t.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
@@ -234,9 +352,18 @@ def _add_train(sub, handlers: dict) -> None:
     t.add_argument("--output", required=True, help="the model folder to write (checkpoints and log in training/)")
     for field in ("query", "positive", "negative"):
         t.add_argument(f"--{field}-field", default=field, help=f"the records' {field} field (default: %(default)s)")
-    for name, kind in (("batch_size", int), ("learning_rate", float), ("weight_decay", float),
-                       ("warmup_steps", int), ("epochs", int), ("max_steps", int), ("temperature", float),
-                       ("seed", int), ("dropout", float), ("chunk_size", int)):
+    for name, kind in (
+        ("batch_size", int),
+        ("learning_rate", float),
+        ("weight_decay", float),
+        ("warmup_steps", int),
+        ("epochs", int),
+        ("max_steps", int),
+        ("temperature", float),
+        ("seed", int),
+        ("dropout", float),
+        ("chunk_size", int),
+    ):
         t.add_argument(f"--{name.replace('_', '-')}", type=kind, default=d[name], help="default: %(default)s")
     t.add_argument("--optimizer", default=d["optimizer"], choices=["adamw", "sgd"])
     t.add_argument("--dtype", default=d["dtype"], choices=["float32", "bfloat16"], help="compute dtype")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .files import read_json
@@ -43,24 +44,27 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1  # training only (e5lite.train); inference never drops
     attention_probs_dropout_prob: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"unsupported model_type {self.model_type!r}: e5lite runs BERT and XLM-RoBERTa encoders "
-                f"(model_type {' or '.join(map(repr, ARCHITECTURES))})")
+                f"(model_type {' or '.join(map(repr, ARCHITECTURES))})"
+            )
         if self.position_embedding_type != "absolute":
-            raise ConfigError(
-                f"unsupported position_embedding_type {self.position_embedding_type!r}: only 'absolute'")
+            raise ConfigError(f"unsupported position_embedding_type {self.position_embedding_type!r}: only 'absolute'")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(
-                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
+            )
         if self.max_tokens < 2:
-            raise ConfigError(f"max_position_embeddings {self.max_position_embeddings} leaves no room for "
-                              f"tokens after the position offset {self.position_offset}")
+            raise ConfigError(
+                f"max_position_embeddings {self.max_position_embeddings} leaves no room for "
+                f"tokens after the position offset {self.position_offset}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}")
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +85,7 @@ class BertConfig:
         return ACTIVATIONS[self.hidden_act]
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> BertConfig:
         """Keeps the fields e5lite uses; other HF fields (dropout, architectures, ...) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and v is not None}
@@ -90,7 +94,7 @@ class BertConfig:
         return cls(**kw)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "BertConfig":
+    def from_json(cls, path: str | os.PathLike) -> BertConfig:
         d = read_json(path, error=ConfigError, expect=dict)
         try:
             return cls.from_dict(d)

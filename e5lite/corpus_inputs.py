@@ -20,8 +20,8 @@ from __future__ import annotations
 import glob
 import itertools
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import InputError
 from .files import read_records
@@ -33,7 +33,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text) -> int:
-    """"8M", "512k", "1.5G", "65536" -> bytes (powers of 1024); a positive size or InputError naming it."""
+    """ "8M", "512k", "1.5G", "65536" -> bytes (powers of 1024); a positive size or InputError naming it."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
@@ -57,8 +57,11 @@ def resolve_inputs(spec, *, exclude=None) -> list[Path]:
     whose files are never inputs (the output)."""
     spec = str(spec)
     if _is_glob(spec):
-        paths = sorted(Path(p) for p in glob.glob(spec, recursive=True)
-                       if Path(p).is_file() and not Path(p).name.startswith((".", "_")))
+        paths = sorted(
+            Path(p)
+            for p in glob.glob(spec, recursive=True)
+            if Path(p).is_file() and not Path(p).name.startswith((".", "_"))
+        )
         bad = [p for p in paths if p.suffix not in SUFFIXES]
         if bad:
             raise InputError(f"input {spec!r} matches {bad[0]}, which is not a {', '.join(SUFFIXES)} file")
@@ -68,10 +71,17 @@ def resolve_inputs(spec, *, exclude=None) -> list[Path]:
         path = Path(spec)
         if path.is_dir():
             if exclude is not None and _inside(Path(exclude), path):
-                raise InputError(f"--output {exclude} is inside the input folder {spec}: its shards would become "
-                                 "inputs; choose an --output outside it")
-            paths = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
-                           and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+                raise InputError(
+                    f"--output {exclude} is inside the input folder {spec}: its shards would become "
+                    "inputs; choose an --output outside it"
+                )
+            paths = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix in SUFFIXES
+                and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+            )
             if not paths:
                 raise InputError(f"input folder {spec!r} holds no {', '.join(SUFFIXES)} file")
         elif path.is_file():
@@ -103,11 +113,15 @@ def _pyarrow():
 
 def _check_column(path: Path, schema, name: str, what: str, flag: str) -> None:
     import pyarrow as pa
+
     if name not in schema.names:
         raise InputError(f"{path}: no column {name!r} (set {flag}); columns: {', '.join(schema.names)}")
     kind = schema.field(name).type
-    strings = pa.types.is_string(kind) or pa.types.is_large_string(kind) or (
-        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
+    strings = (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
+    )
     if what == "text" and not strings:
         raise InputError(f"{path}: column {name!r} is {kind}, expected strings")
     if what == "id" and not (strings or pa.types.is_integer(kind)):
@@ -134,8 +148,9 @@ def describe_inputs(paths: list[Path], *, json_records: bool, field: str, id_fie
             _check_column(p, schema, field, "text", "--field")
             if id_field is not None:
                 _check_column(p, schema, id_field, "id", "--id-field")
-            entry["row_groups"] = [[meta.row_group(g).num_rows, meta.row_group(g).total_byte_size]
-                                   for g in range(meta.num_row_groups)]
+            entry["row_groups"] = [
+                [meta.row_group(g).num_rows, meta.row_group(g).total_byte_size] for g in range(meta.num_row_groups)
+            ]
         out.append(entry)
     return out
 
@@ -149,8 +164,10 @@ def plan_shards(inputs: list[dict], shard_bytes: int) -> list[dict]:
         if f["kind"] == "parquet":
             shards += [{"file": i, "row_group": g, "rows": n, "bytes": b} for g, (n, b) in enumerate(f["row_groups"])]
         else:
-            shards += [{"file": i, "start": a, "end": min(a + shard_bytes, f["size"])}
-                       for a in range(0, f["size"], shard_bytes)]
+            shards += [
+                {"file": i, "start": a, "end": min(a + shard_bytes, f["size"])}
+                for a in range(0, f["size"], shard_bytes)
+            ]
     return shards
 
 
@@ -166,8 +183,9 @@ def describe_shard(inputs: list[dict], shard: dict) -> str:
     return f"{path} bytes {shard['start']}-{shard['end']}"
 
 
-def read_shard(inputs: list[dict], shard: dict, *, field: str, id_field: str | None, chunk_rows: int = CHUNK_ROWS
-               ) -> Iterator[tuple[list[str], list | None, int]]:
+def read_shard(
+    inputs: list[dict], shard: dict, *, field: str, id_field: str | None, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[tuple[list[str], list | None, int]]:
     """(texts, ids or None without ``id_field``, input bytes consumed) per chunk of up to ``chunk_rows`` rows.
     Bad rows raise InputError naming the file and line (or row group and row)."""
     f = inputs[shard["file"]]
@@ -181,7 +199,7 @@ def read_shard(inputs: list[dict], shard: dict, *, field: str, id_field: str | N
         chunk = list(itertools.islice(rows, chunk_rows))
         if not chunk:
             return
-        texts, ids, offsets = (list(c) for c in zip(*chunk))
+        texts, ids, offsets = (list(c) for c in zip(*chunk, strict=True))
         consumed, done = min(offsets[-1], shard["end"]) - done, min(offsets[-1], shard["end"])
         yield texts, ids if id_field is not None else None, consumed
 
@@ -224,8 +242,14 @@ def _records(path: Path, pos: int, end: int, json_records: bool, field, id_field
                 yield raw
                 at += len(raw)
 
-        yield from read_records(lines(), str(path), field=field if json_records else None,
-                                id_field=id_field if json_records else None, offset=pos, first_line=first_line)
+        yield from read_records(
+            lines(),
+            str(path),
+            field=field if json_records else None,
+            id_field=id_field if json_records else None,
+            offset=pos,
+            first_line=first_line,
+        )
 
 
 def _count_lines(path: Path, end: int) -> int:
@@ -257,6 +281,7 @@ def _column(batch, name: str, path: Path, g: int, row: int, first: int, what: st
     col = batch.column(batch.schema.get_field_index(name))
     if col.null_count:
         bad = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
-        raise InputError(f"{path} row group {g} row {row + bad} (file row {first + row + bad}): "
-                         f"{what} column {name!r} is null")
+        raise InputError(
+            f"{path} row group {g} row {row + bad} (file row {first + row + bad}): {what} column {name!r} is null"
+        )
     return col.to_pylist()

@@ -56,5 +56,5 @@ def drop(x, rng, rate: float):
     if x.shape[-1] % 4:
         keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     else:
-        keep = dropout_bits(rng, x.shape) >= round(rate * 2 ** DROPOUT_BITS)
+        keep = dropout_bits(rng, x.shape) >= round(rate * 2**DROPOUT_BITS)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

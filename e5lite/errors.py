@@ -25,8 +25,7 @@ class TextTooLongError(InputError):
     """A text past the model's maximum length while truncation is off; ``index`` is its position in the call."""
 
     def __init__(self, index: int, max_length: int):
-        super().__init__(f"text {index} is longer than the model's maximum of {max_length} tokens "
-                         "(truncation is off)")
+        super().__init__(f"text {index} is longer than the model's maximum of {max_length} tokens (truncation is off)")
         self.index, self.max_length = index, max_length
 
 

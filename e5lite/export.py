@@ -36,8 +36,13 @@ if TYPE_CHECKING:
     from .encoder import Encoder
 
 WEIGHTS = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "added_tokens.json",
+)
 
 # modules.json as sentence-transformers (2.x-5.x) writes it; Normalize has no config, so no 2_Normalize folder.
 MODULES = [
@@ -46,14 +51,24 @@ MODULES = [
     {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
 ]
 # e5lite pooling mode -> the sentence-transformers boolean that selects it.
-POOLING_FLAGS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
-                 "max": "pooling_mode_max_tokens", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens"}
+POOLING_FLAGS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+}
 OTHER_POOLING_FLAGS = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 assert set(POOLING_FLAGS) == set(MODES)
 
 
-def save_pretrained(enc: "Encoder", out_dir, *, params: Params | None = None, overwrite: bool = False,
-                    keep: tuple[str, ...] = ()) -> Path:
+def save_pretrained(
+    enc: Encoder,
+    out_dir: str | os.PathLike,
+    *,
+    params: Params | None = None,
+    overwrite: bool = False,
+    keep: tuple[str, ...] = (),
+) -> Path:
     """Saves ``enc`` as a Hugging Face / sentence-transformers model folder at ``out_dir``; returns its path.
 
     ``params`` (e.g. fine-tuned weights: jax or numpy leaves, any float dtype) replaces ``enc.params``; config,
@@ -61,15 +76,33 @@ def save_pretrained(enc: "Encoder", out_dir, *, params: Params | None = None, ov
     unless ``overwrite=True``; entries of the old folder named in ``keep`` (e.g. a training run's ``training/``)
     are moved into the new one.
     """
-    return save_model(out_dir, source_dir=enc.model_dir, config=enc.config,
-                      params=enc.params if params is None else params, pooling=enc.pooling,
-                      max_length=enc.max_length, prompts=enc.prompts, default_prompt_name=enc.default_prompt_name,
-                      overwrite=overwrite, keep=keep)
+    return save_model(
+        out_dir,
+        source_dir=enc.model_dir,
+        config=enc.config,
+        params=enc.params if params is None else params,
+        pooling=enc.pooling,
+        max_length=enc.max_length,
+        prompts=enc.prompts,
+        default_prompt_name=enc.default_prompt_name,
+        overwrite=overwrite,
+        keep=keep,
+    )
 
 
-def save_model(out_dir, *, source_dir, config: BertConfig, params: Params, max_length: int, pooling: str = "mean",
-               prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
-               overwrite: bool = False, keep: tuple[str, ...] = ()) -> Path:
+def save_model(
+    out_dir,
+    *,
+    source_dir,
+    config: BertConfig,
+    params: Params,
+    max_length: int,
+    pooling: str = "mean",
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    overwrite: bool = False,
+    keep: tuple[str, ...] = (),
+) -> Path:
     """``save_pretrained`` from parts: ``source_dir`` is the model folder that config.json, the tokenizer files
     and the pooler weights are taken from (the folder ``params`` were loaded from)."""
     out, source = Path(out_dir), Path(source_dir)
@@ -77,8 +110,9 @@ def save_model(out_dir, *, source_dir, config: BertConfig, params: Params, max_l
     if pooling not in POOLING_FLAGS:
         raise ValueError(f"unknown pooling mode {pooling!r}; choose one of {', '.join(MODES)}")
     if default_prompt_name is not None and default_prompt_name not in (prompts or {}):
-        raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts "
-                         f"{sorted(prompts or {})}")
+        raise ValueError(
+            f"default_prompt_name {default_prompt_name!r} is not one of the prompts {sorted(prompts or {})}"
+        )
     # Everything that can fail on bad input is read before the first file is written.
     tensors = {**to_state_dict(params, config), **read_pooler(source, config)}
     hf_config = _hf_config(source, config)
@@ -105,8 +139,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise E5LiteError(f"cannot save the model to {out}: it exists and is not a folder")
     if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise E5LiteError(f"cannot save the model to {out}: the folder is not empty (pass overwrite=True to "
-                          "replace it)")
+        raise E5LiteError(
+            f"cannot save the model to {out}: the folder is not empty (pass overwrite=True to replace it)"
+        )
 
 
 def _hf_config(source: Path, config: BertConfig) -> dict:
@@ -127,19 +162,29 @@ def _tokenizer_files(source: Path) -> dict[str, bytes]:
     return files
 
 
-def _sentence_transformers_files(config: BertConfig, max_length: int, pooling: str, prompts: dict[str, str],
-                                 default_prompt_name: str | None) -> dict[str, bytes]:
+def _sentence_transformers_files(
+    config: BertConfig, max_length: int, pooling: str, prompts: dict[str, str], default_prompt_name: str | None
+) -> dict[str, bytes]:
     # do_lower_case is sentence-transformers' own lowercasing before the tokenizer; the tokenizer already does
     # what the model needs, as in e5lite.
-    pooling_cfg = {"word_embedding_dimension": config.hidden_size,
-                   **{flag: mode == pooling for mode, flag in POOLING_FLAGS.items()},
-                   **dict.fromkeys(OTHER_POOLING_FLAGS, False), "include_prompt": True}
-    st_cfg = {"model_type": "SentenceTransformer", "prompts": dict(prompts), "default_prompt_name": default_prompt_name,
-              "similarity_fn_name": "cosine"}
-    return {"modules.json": _json_bytes(MODULES),
-            "sentence_bert_config.json": _json_bytes({"max_seq_length": max_length, "do_lower_case": False}),
-            "1_Pooling/config.json": _json_bytes(pooling_cfg),
-            "config_sentence_transformers.json": _json_bytes(st_cfg)}
+    pooling_cfg = {
+        "word_embedding_dimension": config.hidden_size,
+        **{flag: mode == pooling for mode, flag in POOLING_FLAGS.items()},
+        **dict.fromkeys(OTHER_POOLING_FLAGS, False),
+        "include_prompt": True,
+    }
+    st_cfg = {
+        "model_type": "SentenceTransformer",
+        "prompts": dict(prompts),
+        "default_prompt_name": default_prompt_name,
+        "similarity_fn_name": "cosine",
+    }
+    return {
+        "modules.json": _json_bytes(MODULES),
+        "sentence_bert_config.json": _json_bytes({"max_seq_length": max_length, "do_lower_case": False}),
+        "1_Pooling/config.json": _json_bytes(pooling_cfg),
+        "config_sentence_transformers.json": _json_bytes(st_cfg),
+    }
 
 
 def _json_bytes(obj) -> bytes:

@@ -35,18 +35,27 @@ logger = logging.getLogger("e5lite")
 SAMPLE = 8  # texts per call re-encoded by the reference
 
 PROBE = [
-    "", " ", "   \t\n  ", "a", "query: ", "passage: ", "Instruct: Given a question\nQuery: why?",
+    "",
+    " ",
+    "   \t\n  ",
+    "a",
+    "query: ",
+    "passage: ",
+    "Instruct: Given a question\nQuery: why?",
     "query: how much protein should a female eat",
     "passage: As a general guideline, the CDC's average requirement of protein for women ages 19 to 70 is 46 "
     "grams per day.",
     "Café naïve résumé façade — Ångström, Straße, İstanbul, ǅemal",
     "東京の人口はどれくらいですか 北京是中华人民共和国的首都。 서울은 한국의 수도입니다",
     "Москва — столица России. Київ — столиця України.",
-    "القاهرة هي عاصمة مصر. תל אביב", "नई दिल्ली भारत की राजधानी है। ঢাকা", "กรุงเทพมหานคร ຫຼວງພະບາງ",
+    "القاهرة هي عاصمة مصر. תל אביב",
+    "नई दिल्ली भारत की राजधानी है। ঢাকা",
+    "กรุงเทพมหานคร ຫຼວງພະບາງ",
     "I love pizza 🍕 and coffee ☕ on rainy days 🌧️! 👩🏽‍💻 🇸🇪",
     "ﬁ ligature, full-width ＡＢＣ１２３, ① ² ½ and a\u0301 combining, zero\u200bwidth, nbsp\u00a0here",
     "[CLS] [SEP] [PAD] [MASK] <s> </s> <pad> <unk> <mask> ##ing ▁word",
-    "tabs\tand\nnewlines  and   runs of    spaces  ", "  leading and trailing  ",
+    "tabs\tand\nnewlines  and   runs of    spaces  ",
+    "  leading and trailing  ",
     "https://example.com/a/b?c=1&d=two#frag user@example.org 3.14159 1,000,000 -42",
     "?!... --- ;; ((())) *** ``code`` <html>&amp;</html>",
     " ".join(f"word{i} and more text" for i in range(300)),  # past 512 tokens: truncation
@@ -61,8 +70,8 @@ def _template(reference) -> tuple[list[int], list[int]] | None:
         with_specials = reference.encode(probe).ids
         body = reference.encode(probe, add_special_tokens=False).ids
         for k in range(len(with_specials) - len(body) + 1):
-            if body and with_specials[k:k + len(body)] == body:
-                return with_specials[:k], with_specials[k + len(body):]
+            if body and with_specials[k : k + len(body)] == body:
+                return with_specials[:k], with_specials[k + len(body) :]
     return None
 
 
@@ -79,7 +88,7 @@ class TokieFastPath:
         self.max_body = max_length - len(prefix) - len(suffix)
 
     @classmethod
-    def build(cls, reference, max_length: int) -> "tuple[TokieFastPath | None, str]":
+    def build(cls, reference, max_length: int) -> tuple[TokieFastPath | None, str]:
         """(the fast path, "") when tokie is installed and agrees with the reference on PROBE; else
         (None, why not)."""
         try:
@@ -143,7 +152,7 @@ class TokieFastPath:
         """The first of the texts at positions ``which`` whose ids differ from the reference's, or None."""
         which = list(which)
         want = reference.encode_batch_fast([texts[i] for i in which]) if which else []
-        for i, w in zip(which, want):
+        for i, w in zip(which, want, strict=True):
             if got[i].tolist() != w.ids:
                 return i
         return None

@@ -8,24 +8,37 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from .errors import E5LiteError, InputError
 
 _MISSING = object()
 
 
-JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "an integer",
-              float: "a number", type(None): "null"}
+JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "true/false",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def json_type(value) -> str:
     return JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def read_json(path: str | os.PathLike, *, default: Any = _MISSING, error: type[Exception] = E5LiteError,
-              expect: type | None = None) -> Any:
+def read_json(
+    path: str | os.PathLike,
+    *,
+    default: Any = _MISSING,
+    error: type[Exception] = E5LiteError,
+    expect: type | None = None,
+) -> Any:
     """The parsed JSON of a file; ``default`` when the file does not exist (else ``error``, as for bad JSON).
     ``expect`` (dict, list): the top-level type the file must have, else ``error`` naming the file."""
     path = Path(path)
@@ -82,8 +95,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     fsync(path.parent)
 
 
-def iter_jsonl(lines, name: str, *, offset: int = 0, first_line: int | None = 1
-               ) -> Iterator[tuple[dict, str, int]]:
+def iter_jsonl(lines, name: str, *, offset: int = 0, first_line: int | None = 1) -> Iterator[tuple[dict, str, int]]:
     """(record, where, byte offset after it) for each JSON object line of ``lines`` (an iterable of bytes, e.g. a
     file opened "rb" and sought to ``offset``); blank lines are skipped. ``where`` names the file, line (unless
     ``first_line`` is None: unknown) and byte, for errors about the record."""
@@ -113,8 +125,16 @@ def _decode(raw: bytes, where: str) -> str:
         raise InputError(f"{where}: not UTF-8 text ({e.reason})") from None
 
 
-def read_records(lines, name: str, *, field: str | None = None, id_field: str | None = None, offset: int = 0,
-                 first_row: int = 0, first_line: int | None = 1) -> Iterator[tuple[str, Any, int]]:
+def read_records(
+    lines,
+    name: str,
+    *,
+    field: str | None = None,
+    id_field: str | None = None,
+    offset: int = 0,
+    first_row: int = 0,
+    first_line: int | None = 1,
+) -> Iterator[tuple[str, Any, int]]:
     """(text, id, byte offset after the row) for each row of ``lines`` (an iterable of bytes). Without ``field``
     every line is a row (a trailing ``\r`` is dropped); with ``field`` lines are JSON records (``iter_jsonl``).
     The id is the record's ``id_field``, else the row number. Errors name the file, line and byte."""
@@ -125,12 +145,12 @@ def read_records(lines, name: str, *, field: str | None = None, id_field: str | 
             yield _decode(raw, _where(name, n, start, first_line)).rstrip("\n").removesuffix("\r"), row, offset
             row += 1
         return
-    for rec, where, offset in iter_jsonl(lines, name, offset=offset, first_line=first_line):
+    for rec, where, end in iter_jsonl(lines, name, offset=offset, first_line=first_line):
         if field not in rec:
             raise InputError(f"{where}: no field {field!r} (set --field)")
         if not isinstance(rec[field], str):
             raise InputError(f"{where}: field {field!r} is {type(rec[field]).__name__}, expected a string")
         if id_field is not None and id_field not in rec:
             raise InputError(f"{where}: no id field {id_field!r}")
-        yield rec[field], (rec[id_field] if id_field is not None else row), offset
+        yield rec[field], (rec[id_field] if id_field is not None else row), end
         row += 1

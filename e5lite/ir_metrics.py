@@ -17,7 +17,7 @@ pytrec_eval (trec_eval itself, which BEIR and MTEB call).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 METRICS = ("ndcg", "map", "recall", "precision", "mrr")
 
@@ -50,8 +50,11 @@ def query_metrics(ranking: list[str], grades: Mapping[str, int], k_values: Itera
     return out
 
 
-def evaluate_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-                 k_values: Iterable[int] = (1, 3, 5, 10, 100)) -> dict[str, float]:
+def evaluate_run(
+    run: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    k_values: Iterable[int] = (1, 3, 5, 10, 100),
+) -> dict[str, float]:
     """Mean metrics of a run ``{query: {doc: score}}`` against ``qrels`` ``{query: {doc: grade}}``, keyed
     ``ndcg_at_10`` etc. for every k, in the order METRICS x k_values."""
     k_values = sorted(set(int(k) for k in k_values))

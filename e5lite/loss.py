@@ -17,8 +17,10 @@ def info_nce(q_BD, p_PD, p_valid_P=None, temperature: float = TEMPERATURE):
     Logits are cosine similarities / temperature, in float32.
     """
     B = q_BD.shape[0]
-    logits_BP = jnp.einsum("BD,PD->BP", q_BD.astype(jnp.float32), p_PD.astype(jnp.float32),
-                           precision=lax.Precision.HIGHEST) / temperature
+    logits_BP = (
+        jnp.einsum("BD,PD->BP", q_BD.astype(jnp.float32), p_PD.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        / temperature
+    )
     if p_valid_P is not None:
         logits_BP = jnp.where(p_valid_P[None, :], logits_BP, -jnp.inf)
     target_B = logits_BP[jnp.arange(B), jnp.arange(B)]

@@ -50,16 +50,21 @@ def _dims(spec: str, x, w):
     ins, out = spec.replace(" ", "").split("->")
     xs, ws = ins.split(",")
     contracted = "".join(c for c in xs if c in ws and c not in out)
-    kept, made = xs[:len(xs) - len(contracted)], ws[len(contracted):]
+    kept, made = xs[: len(xs) - len(contracted)], ws[len(contracted) :]
     if xs != kept + contracted or ws != contracted + made or out != kept + made:
         return None
-    k = math.prod(w.shape[:len(contracted)])
+    k = math.prod(w.shape[: len(contracted)])
     return x.size // k, k, w.size // k
 
 
 def _dot(a, b, contract: tuple[int, int], op):
-    return lax.dot_general(a.astype(op), b.astype(op), ((contract[:1], contract[1:]), ((), ())),
-                           precision=precision(op), preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a.astype(op),
+        b.astype(op),
+        ((contract[:1], contract[1:]), ((), ())),
+        precision=precision(op),
+        preferred_element_type=jnp.float32,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -91,8 +96,11 @@ def _project_bwd(spec, res, g):
         dw = swapped_in_memory(_dot(swapped_in_memory(g2), x2, (1, 0), op))
     # the bias gradient summed in float32: XLA:CPU sums bfloat16 through a slow pairwise reduce-window
     db = jnp.sum(g2.astype(jnp.float32), axis=0)
-    return (dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape),
-            db.astype(b.dtype).reshape(b.shape))
+    return (
+        dx.astype(x.dtype).reshape(x.shape),
+        dw.astype(w.dtype).reshape(w.shape),
+        db.astype(b.dtype).reshape(b.shape),
+    )
 
 
 project.defvjp(_project_fwd, _project_bwd)

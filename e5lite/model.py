@@ -12,7 +12,7 @@ a static argument. Softmax and LayerNorm run in float32 whatever the parameter d
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from .attention import AttentionMask, attention_probs, multi_head_attention
 from .config import BertConfig
 from .dropout import drop
 from .matmul import project
+from .numerics import HostOrDeviceArray
 
 
 class EmbeddingParams(NamedTuple):
@@ -35,6 +36,7 @@ class EmbeddingParams(NamedTuple):
 
 class LayerParams(NamedTuple):
     """One encoder layer; in ``Params.layers`` every leaf has an extra leading L axis."""
+
     q_DNK: jax.Array
     q_bias_NK: jax.Array
     k_DNK: jax.Array
@@ -55,16 +57,31 @@ class LayerParams(NamedTuple):
 
 # One encoder layer as inference runs it: the query, key and value weights as one [D, 3, N, K] matrix (one
 # wide GEMM) and their biases as [3, N, K], stored so rather than stacked on every call; the rest are
-# LayerParams' own fields, in its order (fuse_layers and unfuse_layers rely on that).
-FusedLayerParams = NamedTuple("FusedLayerParams", [("qkv_DCNK", jax.Array), ("qkv_bias_CNK", jax.Array)]
-                              + [(f, jax.Array) for f in LayerParams._fields[6:]])
+# LayerParams' own fields, in its order (fuse_layers and unfuse_layers rely on that: asserted below).
+class FusedLayerParams(NamedTuple):
+    qkv_DCNK: jax.Array
+    qkv_bias_CNK: jax.Array
+    o_NKD: jax.Array
+    o_bias_D: jax.Array
+    attn_ln_scale_D: jax.Array
+    attn_ln_bias_D: jax.Array
+    ffn_in_DF: jax.Array
+    ffn_in_bias_F: jax.Array
+    ffn_out_FD: jax.Array | Transposed  # Transposed: the engine's with weights="bfloat16"
+    ffn_out_bias_D: jax.Array
+    ffn_ln_scale_D: jax.Array
+    ffn_ln_bias_D: jax.Array
+
+
 assert LayerParams._fields[:6] == ("q_DNK", "q_bias_NK", "k_DNK", "k_bias_NK", "v_DNK", "v_bias_NK")
+assert FusedLayerParams._fields[2:] == LayerParams._fields[6:]
 
 
 class Transposed(NamedTuple):
     """A matmul weight kept [out, in] (as torch's Linear stores it) rather than [in, out]. The engine keeps the
     FFN's output weight so with ``weights="bfloat16"``: XLA:CPU's kernels multiply a few tokens by a bfloat16
     [F, D] weight faster with F as its last axis (float32 ones are faster as they are)."""
+
     w_OI: jax.Array
 
 
@@ -88,11 +105,12 @@ class Params(NamedTuple):
 class Dropout(NamedTuple):
     """Training-time dropout where BERT has it: ``hidden`` on the embeddings and on each sublayer's output
     before its residual, ``attention`` on the attention probabilities. Rates are Python floats (static)."""
+
     rng: jax.Array
     hidden: float = 0.1
     attention: float = 0.1
 
-    def split(self, n: int) -> list["Dropout"]:
+    def split(self, n: int) -> list[Dropout]:
         return [self._replace(rng=k) for k in jax.random.split(self.rng, n)]
 
 
@@ -125,21 +143,31 @@ def embed(p: EmbeddingParams, config: BertConfig, input_ids_BS, token_type_ids_B
     table is read from ``config.position_offset`` on (XLM-R: pad_token_id + 1, as transformers computes)."""
     S = input_ids_BS.shape[1]
     if S > config.max_tokens:
-        raise ValueError(f"sequence length {S} exceeds the {config.max_tokens} positions of the model "
-                         f"(max_position_embeddings {config.max_position_embeddings}, offset {config.position_offset})")
+        raise ValueError(
+            f"sequence length {S} exceeds the {config.max_tokens} positions of the model "
+            f"(max_position_embeddings {config.max_position_embeddings}, offset {config.position_offset})"
+        )
     if position_ids_BS is None:
         position_ids_BS = jnp.arange(S)[None, :]
     if token_type_ids_BS is None:
         token_type_ids_BS = jnp.zeros_like(input_ids_BS)
-    x_BSD = (jnp.take(p.word_VD, input_ids_BS, axis=0)
-             + jnp.take(p.position_PD, position_ids_BS + config.position_offset, axis=0)
-             + jnp.take(p.token_type_YD, token_type_ids_BS, axis=0))
+    x_BSD = (
+        jnp.take(p.word_VD, input_ids_BS, axis=0)
+        + jnp.take(p.position_PD, position_ids_BS + config.position_offset, axis=0)
+        + jnp.take(p.token_type_YD, token_type_ids_BS, axis=0)
+    )
     return layer_norm(x_BSD, p.ln_scale_D, p.ln_bias_D, config.layer_norm_eps)
 
 
-def self_attention(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
-                   attention_impl: str = "xla",
-                   dropout: Dropout | None = None, output_attentions: bool = False):
+def self_attention(
+    p: LayerParams | FusedLayerParams,
+    config: BertConfig,
+    x_BSD,
+    mask: AttentionMask,
+    attention_impl: str = "xla",
+    dropout: Dropout | None = None,
+    output_attentions: bool = False,
+):
     """Multi-head self-attention; returns [B, S, D] before the residual (and before its dropout), and with
     ``output_attentions`` also the probabilities [B, N, S, T]."""
     # One [D, 3D] projection instead of three [D, D] ones: fewer, wider GEMMs.
@@ -147,10 +175,11 @@ def self_attention(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD,
     qkv_BSCNK = project("BSD,DCNK->BSCNK", x_BSD, f.qkv_DCNK, f.qkv_bias_CNK)
     # the 1/sqrt(K) query scale (pre-scaled queries: see attention.attention_core), rounded once to the
     # activations' dtype; XLA fuses it into the copies that split the heads
-    scale_C11 = jnp.array([1.0 / config.head_dim ** 0.5, 1.0, 1.0], jnp.float32)[:, None, None]
+    scale_C11 = jnp.array([1.0 / config.head_dim**0.5, 1.0, 1.0], jnp.float32)[:, None, None]
     qkv_BSCNK = (qkv_BSCNK.astype(jnp.float32) * scale_C11).astype(qkv_BSCNK.dtype)
-    ctx_BSNK = multi_head_attention(qkv_BSCNK, mask, attention_impl,
-                                    None if dropout is None else (dropout.rng, dropout.attention))
+    ctx_BSNK = multi_head_attention(
+        qkv_BSCNK, mask, attention_impl, None if dropout is None else (dropout.rng, dropout.attention)
+    )
     # heads flattened before the product: contracting N and K as two axes, XLA:CPU chose to transpose the
     # [N, K, D] weight on every call (K before N) rather than the few tokens' context
     B, S, N, K = ctx_BSNK.shape
@@ -188,9 +217,15 @@ FUSED_MATMUL_WEIGHTS = ("qkv_DCNK", *(f for f in MATMUL_WEIGHTS if f in FusedLay
 PROJECTION_BIASES = ("q_bias_NK", "k_bias_NK", "v_bias_NK", "o_bias_D", "ffn_in_bias_F", "ffn_out_bias_D")
 
 
-def layer(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
-          attention_impl: str = "xla",
-          dropout: Dropout | None = None, output_attentions: bool = False):
+def layer(
+    p: LayerParams | FusedLayerParams,
+    config: BertConfig,
+    x_BSD,
+    mask: AttentionMask,
+    attention_impl: str = "xla",
+    dropout: Dropout | None = None,
+    output_attentions: bool = False,
+):
     """One post-LayerNorm BERT layer: attention -> (dropout) add & norm -> FFN -> (dropout) add & norm.
     With ``output_attentions`` returns (output, attention probabilities)."""
     eps = config.layer_norm_eps
@@ -205,9 +240,19 @@ def layer(p: LayerParams | FusedLayerParams, config: BertConfig, x_BSD, mask: At
     return (y_BSD, probs_BNST) if output_attentions else y_BSD
 
 
-def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask, *, output_hidden_states=False,
-            attention_impl: str = "xla", dropout: Dropout | None = None, remat: bool = False, unroll: bool = False,
-            output_attentions: bool = False):
+def encoder(
+    layers: LayerParams | FusedLayerParams | tuple,
+    config: BertConfig,
+    x_BSD,
+    mask: AttentionMask,
+    *,
+    output_hidden_states=False,
+    attention_impl: str = "xla",
+    dropout: Dropout | None = None,
+    remat: bool = False,
+    unroll: bool = False,
+    output_attentions: bool = False,
+):
     """Runs the layers: stacked ones ([L, ...] leaves) with lax.scan (one layer is compiled, not L; ``unroll``
     compiles all L, which XLA:CPU runs faster in the backward pass), a tuple of per-layer ones one after the
     other (compiled L times, and no layer's weights sliced out of the stack on each call: XLA:CPU copies them).
@@ -216,10 +261,18 @@ def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
     attention probabilities [L, B, N, S, T] (or None). ``remat``
     (gradient checkpointing): keep only each layer's input for the backward pass and recompute the rest.
     """
+
     def step(x, p_and_key):
         p, key = p_and_key
-        y = layer(p, config, x, mask, attention_impl, None if dropout is None else dropout._replace(rng=key),
-                  output_attentions)
+        y = layer(
+            p,
+            config,
+            x,
+            mask,
+            attention_impl,
+            None if dropout is None else dropout._replace(rng=key),
+            output_attentions,
+        )
         y, probs = y if output_attentions else (y, None)
         return y, (y if output_hidden_states else None, probs)
 
@@ -236,10 +289,59 @@ def encoder(layers: LayerParams, config: BertConfig, x_BSD, mask: AttentionMask,
     return x_BSD, stacked([h for h, _ in outs]), stacked([a for _, a in outs])
 
 
-def forward(params: Params, config: BertConfig, input_ids, attention_mask, token_type_ids=None, *,
-            segment_ids=None, position_ids=None, output_hidden_states=False, attention_impl="xla",
-            attention_window: int | None = None, dropout: Dropout | None = None, remat: bool = False,
-            unroll: bool = False, output_attentions: bool = False):
+@overload
+def forward(
+    params: Params,
+    config: BertConfig,
+    input_ids: HostOrDeviceArray,
+    attention_mask: HostOrDeviceArray,
+    token_type_ids: HostOrDeviceArray | None = None,
+    *,
+    segment_ids: HostOrDeviceArray | None = None,
+    position_ids: HostOrDeviceArray | None = None,
+    output_hidden_states: Literal[False] = False,
+    attention_impl: str = "xla",
+    attention_window: int | None = None,
+    dropout: Dropout | None = None,
+    remat: bool = False,
+    unroll: bool = False,
+    output_attentions: Literal[False] = False,
+) -> jax.Array: ...
+@overload
+def forward(
+    params: Params,
+    config: BertConfig,
+    input_ids: HostOrDeviceArray,
+    attention_mask: HostOrDeviceArray,
+    token_type_ids: HostOrDeviceArray | None = None,
+    *,
+    segment_ids: HostOrDeviceArray | None = None,
+    position_ids: HostOrDeviceArray | None = None,
+    output_hidden_states: bool = False,
+    attention_impl: str = "xla",
+    attention_window: int | None = None,
+    dropout: Dropout | None = None,
+    remat: bool = False,
+    unroll: bool = False,
+    output_attentions: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]: ...
+def forward(
+    params: Params,
+    config: BertConfig,
+    input_ids: HostOrDeviceArray,
+    attention_mask: HostOrDeviceArray,
+    token_type_ids: HostOrDeviceArray | None = None,
+    *,
+    segment_ids: HostOrDeviceArray | None = None,
+    position_ids: HostOrDeviceArray | None = None,
+    output_hidden_states: bool = False,
+    attention_impl: str = "xla",
+    attention_window: int | None = None,
+    dropout: Dropout | None = None,
+    remat: bool = False,
+    unroll: bool = False,
+    output_attentions: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """BertModel forward: input_ids, attention_mask [B, S] -> last hidden state [B, S, D].
 
     Packed rows (several sequences in one row) pass ``segment_ids`` [B, S] (0 = padding, 1.. = sequence) and
@@ -260,9 +362,18 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
         x_BSD = drop(x_BSD, d_embed.rng, d_embed.hidden)
     mask = AttentionMask(attention_mask > 0, segment_ids, attention_window)
     last_BSD, hidden_LBSD, probs_LBNST = encoder(
-        params.layers, config, x_BSD, mask, output_hidden_states=output_hidden_states, attention_impl=attention_impl,
-        dropout=dropout, remat=remat, unroll=unroll, output_attentions=output_attentions)
-    out = (last_BSD,)
+        params.layers,
+        config,
+        x_BSD,
+        mask,
+        output_hidden_states=output_hidden_states,
+        attention_impl=attention_impl,
+        dropout=dropout,
+        remat=remat,
+        unroll=unroll,
+        output_attentions=output_attentions,
+    )
+    out: tuple = (last_BSD,)
     if output_hidden_states:
         out += (jnp.concatenate([x_BSD[None], hidden_LBSD], axis=0),)
     if output_attentions:
@@ -273,10 +384,13 @@ def forward(params: Params, config: BertConfig, input_ids, attention_mask, token
 def _check_forward_args(input_ids, segment_ids, attention_window, attention_impl, output_attentions) -> None:
     if attention_window is not None:
         if attention_window < 1 or input_ids.shape[1] % attention_window:
-            raise ValueError(f"attention_window {attention_window} must divide the sequence length "
-                             f"{input_ids.shape[1]}")
+            raise ValueError(
+                f"attention_window {attention_window} must divide the sequence length {input_ids.shape[1]}"
+            )
         if segment_ids is None:
             raise ValueError("attention_window needs segment_ids: it is for packed rows (see plan_packed)")
     if output_attentions and (attention_impl != "xla" or attention_window is not None):
-        raise ValueError("output_attentions needs attention_impl='xla' on whole rows: the fused kernels "
-                         f"(here {attention_impl!r}) and attention windows never form the [S, T] probabilities")
+        raise ValueError(
+            "output_attentions needs attention_impl='xla' on whole rows: the fused kernels "
+            f"(here {attention_impl!r}) and attention windows never form the [S, T] probabilities"
+        )

@@ -56,10 +56,19 @@ class MTEBEncoder:
     A prompt name of ``None`` means no prompt.
     """
 
-    def __init__(self, encoder, *, query_prompt_name: str | None = "query", passage_prompt_name: str | None = "passage",
-                 batch_size: int | None = None, model_name: str | None = None, revision: str | None = None):
+    def __init__(
+        self,
+        encoder,
+        *,
+        query_prompt_name: str | None = "query",
+        passage_prompt_name: str | None = "passage",
+        batch_size: int | None = None,
+        model_name: str | None = None,
+        revision: str | None = None,
+    ):
         _require_mteb()
         from mteb.models import ModelMeta
+
         self.encoder = encoder
         self.query_prompt_name = query_prompt_name
         self.passage_prompt_name = passage_prompt_name
@@ -67,13 +76,23 @@ class MTEBEncoder:
         guess_name, guess_rev = _hub_name_and_revision(Path(encoder.model_dir).resolve())
         dtype = getattr(getattr(encoder, "dtype", None), "name", "float32")
         import jax
-        self.mteb_model_meta = ModelMeta.model_validate(ModelMeta.create_empty().model_dump() | dict(
-            name=model_name or guess_name, revision=revision or guess_rev, embed_dim=encoder.dim,
-            max_tokens=encoder.max_length, similarity_fn_name="cosine", framework=["JAX"],
-            n_parameters=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(encoder.params))),
-            use_instructions=bool(query_prompt_name or passage_prompt_name), modalities=["text"],
-            # a bfloat16 run is its own experiment in mteb's results cache, not the float32 result
-            experiment_kwargs=None if dtype == "float32" else {"dtype": dtype}))
+
+        self.mteb_model_meta = ModelMeta.model_validate(
+            ModelMeta.create_empty().model_dump()
+            | dict(
+                name=model_name or guess_name,
+                revision=revision or guess_rev,
+                embed_dim=encoder.dim,
+                max_tokens=encoder.max_length,
+                similarity_fn_name="cosine",
+                framework=["JAX"],
+                n_parameters=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(encoder.params))),
+                use_instructions=bool(query_prompt_name or passage_prompt_name),
+                modalities=["text"],
+                # a bfloat16 run is its own experiment in mteb's results cache, not the float32 result
+                experiment_kwargs=None if dtype == "float32" else {"dtype": dtype},
+            )
+        )
 
     def prompt(self, task_metadata, prompt_type) -> str:
         """The prefix put before each input for this task and prompt type (``""`` for none)."""
@@ -94,15 +113,22 @@ class MTEBEncoder:
         if precision not in (None, "float32"):
             raise ValueError(f"e5lite embeddings are float32; encode_kwargs precision={precision!r} is not supported")
         texts = [text for batch in inputs for text in batch["text"]]  # one call: the engine plans all texts at once
-        return self.encoder.encode(texts, prompt=self.prompt(task_metadata, prompt_type), normalize=True,
-                                   batch_size=self.batch_size, show_progress_bar=kwargs.get("show_progress_bar"))
+        return self.encoder.encode(
+            texts,
+            prompt=self.prompt(task_metadata, prompt_type),
+            normalize=True,
+            batch_size=self.batch_size,
+            show_progress_bar=kwargs.get("show_progress_bar"),
+        )
 
     def similarity(self, embeddings1, embeddings2):
         from mteb.similarity_functions import cos_sim
+
         return cos_sim(embeddings1, embeddings2)
 
     def similarity_pairwise(self, embeddings1, embeddings2):
         from mteb.similarity_functions import pairwise_cos_sim
+
         return pairwise_cos_sim(embeddings1, embeddings2)
 
     def __repr__(self):

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+# what the array functions take: a device (jax) or host (numpy) array
+HostOrDeviceArray = jax.Array | np.ndarray
 
 
 def precision(dtype):

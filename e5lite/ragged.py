@@ -14,6 +14,7 @@ class Ragged:
     [n]; sequence i is ``ids[starts[i]:starts[i] + lengths[i]]``. Indexing gives that view (a slice gives a
     Ragged), ``take`` gathers a subset in one vectorised copy. The tokenizer produces them and the planner
     consumes them, so a corpus never becomes a list of millions of small arrays on its way to the device."""
+
     __slots__ = ("ids", "lengths", "starts")
 
     def __init__(self, ids, lengths):
@@ -22,13 +23,14 @@ class Ragged:
         self.starts = np.cumsum(self.lengths) - self.lengths
 
     @classmethod
-    def of(cls, seqs) -> "Ragged":
+    def of(cls, seqs) -> Ragged:
         """A Ragged of any sequence of token id sequences (a Ragged is returned as is)."""
         if isinstance(seqs, Ragged):
             return seqs
         lengths = np.fromiter((len(t) for t in seqs), np.int64, len(seqs))
-        return cls(np.concatenate([np.asarray(t, np.int32) for t in seqs]) if len(seqs) else np.zeros(0, np.int32),
-                   lengths)
+        return cls(
+            np.concatenate([np.asarray(t, np.int32) for t in seqs]) if len(seqs) else np.zeros(0, np.int32), lengths
+        )
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -39,14 +41,14 @@ class Ragged:
             if step != 1:
                 return self.take(np.arange(lo, hi, step))
             end = self.starts[hi - 1] + self.lengths[hi - 1] if hi > lo else 0
-            return Ragged(self.ids[self.starts[lo] if hi > lo else 0:end], self.lengths[lo:hi])
+            return Ragged(self.ids[self.starts[lo] if hi > lo else 0 : end], self.lengths[lo:hi])
         start = self.starts[i]
-        return self.ids[start:start + self.lengths[i]]
+        return self.ids[start : start + self.lengths[i]]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
-    def take(self, index) -> "Ragged":
+    def take(self, index) -> Ragged:
         """The sequences at these positions, in this order, as a new (contiguous) Ragged."""
         index = np.asarray(index, dtype=np.int64)
         lengths = self.lengths[index]

@@ -6,8 +6,8 @@
 
 Each actor loads the model once and runs on the devices Ray gives it (a GPU with ``num_gpus=1``: Ray sets
 CUDA_VISIBLE_DEVICES, so JAX sees that one). ``embed_corpus_ray`` (the command) runs the same shard plan
-and shard files as a per-host run; it lives with the other corpus runs (``shards/ray_run.py``) and is
-re-exported here, with the rest of that module's names.
+and shard files as a per-host run; it lives with the other corpus runs (``shards/ray_run.py``, its job's
+parts in ``shards/ray_tasks.py``) and is re-exported here, with the rest of those modules' names.
 Needs the ``ray`` extra (``pip install 'e5lite[ray]'``).
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import E5LiteError, InputError
-from .shards.ray_run import (ShardEmbedder, _calibrate, _message, _ray, _shard_source, embed_corpus_ray,  # noqa: F401
-                             model_facts, one_line)
+from .shards.ray_run import embed_corpus_ray, model_facts, one_line  # noqa: F401
+from .shards.ray_tasks import ShardEmbedder, _calibrate, _message, _ray, _shard_source  # noqa: F401
 
 
 class Embedder:
@@ -34,14 +34,32 @@ class Embedder:
     ``compiled_shapes``).
     """
 
-    def __init__(self, model, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
-                 field: str = "text", id_field: str | None = None, keep_columns=(), normalize: bool = True,
-                 output_column: str = "embedding", revision: str | None = None, dtype="float32",
-                 max_length: int | None = None, batch_size: int | None = None, long_inputs: str = "truncate",
-                 chunk_overlap: int = 0, truncate_dim: int | None = None, precision: str = "float32", ranges=None,
-                 **knobs):
+    def __init__(
+        self,
+        model,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        task: str | None = None,
+        field: str = "text",
+        id_field: str | None = None,
+        keep_columns=(),
+        normalize: bool = True,
+        output_column: str = "embedding",
+        revision: str | None = None,
+        dtype="float32",
+        max_length: int | None = None,
+        batch_size: int | None = None,
+        long_inputs: str = "truncate",
+        chunk_overlap: int = 0,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        ranges=None,
+        **knobs,
+    ):
         from .encoder import load
         from .shards import output_options
+
         for name, value in (("field", field), ("output_column", output_column)):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty str, got {value!r}")
@@ -52,14 +70,25 @@ class Embedder:
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         if precision in ("int8", "uint8") and ranges is None:
-            raise ValueError(f"precision={precision!r} needs ranges (shape (2, dim)): the same buckets for every "
-                             "batch, which no batch can compute alone")
+            raise ValueError(
+                f"precision={precision!r} needs ranges (shape (2, dim)): the same buckets for every "
+                "batch, which no batch can compute alone"
+            )
         self.encoder = load(model, revision=revision, dtype=dtype, max_length=max_length, **knobs)
         self.prefix = self.encoder.prompt_prefix(prompt_name, prompt, task)
         # the corpus run's vector steps (shards.prepare / vectors / stored), with these options
-        self.run = {"prompt": self.prefix, "normalize": normalize,
-                    **output_options(self.encoder.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
-                                     truncate_dim=truncate_dim, precision=precision, ranges=ranges)}
+        self.run = {
+            "prompt": self.prefix,
+            "normalize": normalize,
+            **output_options(
+                self.encoder.dim,
+                long_inputs=long_inputs,
+                chunk_overlap=chunk_overlap,
+                truncate_dim=truncate_dim,
+                precision=precision,
+                ranges=ranges,
+            ),
+        }
         self.field, self.id_field, self.output_column = field, id_field, output_column
         self.keep = [id_field] * (id_field is not None) + [c for c in keep_columns if c != id_field]
         self.normalize, self.batch_size, self._pinned = normalize, batch_size, False
@@ -81,12 +110,15 @@ class Embedder:
         self._pinned = True
 
     def _texts(self, batch) -> tuple[list, str]:
-        kind = "arrow" if hasattr(batch, "column_names") and hasattr(batch, "to_pylist") else (
-            "pandas" if hasattr(batch, "iloc") else "dict")
+        kind = (
+            "arrow"
+            if hasattr(batch, "column_names") and hasattr(batch, "to_pylist")
+            else ("pandas" if hasattr(batch, "iloc") else "dict")
+        )
         names = list(batch.column_names if kind == "arrow" else batch.columns if kind == "pandas" else batch.keys())
-        for col in [self.field] + self.keep:
-            if col not in names:
-                raise E5LiteError(f"the batch has no column {col!r}; columns: {', '.join(map(str, names))}")
+        for column in [self.field] + self.keep:
+            if column not in names:
+                raise E5LiteError(f"the batch has no column {column!r}; columns: {', '.join(map(str, names))}")
         col = batch.column(self.field).to_pylist() if kind == "arrow" else list(batch[self.field])
         for i, t in enumerate(col):
             if not isinstance(t, str):
@@ -102,19 +134,22 @@ class Embedder:
 
     def __call__(self, batch):
         from .shards import _arrow_type, prepare, stored, stored_layout, vectors
+
         texts, kind = self._texts(batch)
         prepared, _ = prepare(self.encoder, texts, self.run)
-        token_ids = prepared.ids if hasattr(prepared, "owner") else prepared  # chunk mode: the windows
+        token_ids = prepared.ids  # chunk mode: the windows'
         if token_ids and not self._pinned:
             self._pin_layout(token_ids)
         emb = stored(vectors(self.encoder, prepared, self.run, batch_size=self.batch_size), self.run)
         if kind == "arrow":
             import pyarrow as pa
+
             width = stored_layout(self.run)[1]
             vec = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), _arrow_type(emb.dtype)), width)
             return pa.table({**{c: batch.column(c) for c in self.keep}, self.output_column: vec})
         if kind == "pandas":
             import pandas as pd
+
             out = pd.DataFrame({c: batch[c].to_numpy() for c in self.keep}, index=batch.index)
             out[self.output_column] = list(emb)
             return out

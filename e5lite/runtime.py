@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -32,7 +33,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     return p
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, **kw) -> None:
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None, **kw: Any
+) -> None:
     """``jax.distributed.initialize`` with CPU collectives (gloo) switched on, for multi-process runs.
 
     Call it once per process, before ``e5lite.load``; then every process calls ``encode`` with the same
@@ -56,8 +59,11 @@ def huge_pages_tunables(environ=None) -> str | None:
     current = environ.get("GLIBC_TUNABLES", "")
     # "restarted": set by restart_with_huge_pages, so that a process whose loader drops GLIBC_TUNABLES (setuid)
     # cannot restart itself for ever
-    if (environ.get(HUGE_PAGES_ENV, "1") in ("0", "restarted") or "glibc.malloc.hugetlb" in current
-            or platform.system() != "Linux"):
+    if (
+        environ.get(HUGE_PAGES_ENV, "1") in ("0", "restarted")
+        or "glibc.malloc.hugetlb" in current
+        or platform.system() != "Linux"
+    ):
         return None
     libc, version = platform.libc_ver()
     try:
@@ -79,8 +85,12 @@ def restart_with_huge_pages() -> None:
     args = sys.orig_argv[1:]
     # Only a program whose command line says all: not a script read from stdin (a second start would find it
     # empty), nor one that rewrote sys.argv before calling us (it would start again from the top).
-    if (value is None or not sys.executable or sys.argv[0] in ("", "-")
-            or args[len(args) - (len(sys.argv) - 1):] != sys.argv[1:]):
+    if (
+        value is None
+        or not sys.executable
+        or sys.argv[0] in ("", "-")
+        or args[len(args) - (len(sys.argv) - 1) :] != sys.argv[1:]
+    ):
         return
     before = {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", HUGE_PAGES_ENV)}
     os.environ.update({"GLIBC_TUNABLES": value, HUGE_PAGES_ENV: "restarted"})

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -56,8 +57,12 @@ def _step(run_scores, run_idx, q_QD, c_BD, valid_B, offset, *, k_block: int, mes
             return _block_top_k(q, c, valid, off + lax.axis_index("data") * rows, k=k_block)
 
         spec = PartitionSpec("data")
-        scores, idx = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), spec, spec, PartitionSpec()),
-                                    out_specs=PartitionSpec(None, "data"))(q_QD, c_BD, valid_B, offset)
+        scores, idx = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), spec, spec, PartitionSpec()),
+            out_specs=PartitionSpec(None, "data"),
+        )(q_QD, c_BD, valid_B, offset)
     scores = jnp.concatenate([run_scores, scores], axis=1)
     idx = jnp.concatenate([run_idx, idx], axis=1)
     top, pos = lax.top_k(scores, run_scores.shape[1])
@@ -69,16 +74,18 @@ def _blocks(corpus, block_rows: int) -> Iterator[np.ndarray]:
     folder's shards, read one at a time."""
     if not isinstance(corpus, (str, os.PathLike)):
         for start in range(0, len(corpus), block_rows):
-            yield corpus[start:start + block_rows]
+            yield corpus[start : start + block_rows]
         return
     from .shards import iter_shards
+
     parts, held = [], 0
     for emb, _ in iter_shards(Path(corpus)):
+        assert emb is not None  # iter_shards reads the embeddings unless told not to
         while len(emb):
-            take = emb[:block_rows - held]
+            take = emb[: block_rows - held]
             parts.append(take)
             held += len(take)
-            emb = emb[len(take):]
+            emb = emb[len(take) :]
             if held == block_rows:
                 yield np.concatenate(parts)
                 parts, held = [], 0
@@ -90,20 +97,32 @@ def corpus_size(corpus) -> tuple[int, int]:
     """(rows, dim) of an array or of an ``e5lite embed --output DIR`` folder, without reading the shards."""
     if isinstance(corpus, (str, os.PathLike)):
         from .shards import open_embeddings
+
         manifest = open_embeddings(corpus)
         precision = manifest["run"].get("precision", "float32")
         if precision != "float32":  # scoring the stored ints or packed bits as floats would be silently wrong
-            raise ValueError(f"{corpus} holds {precision} embeddings (e5lite embed --precision {precision}); exact "
-                             "search needs float32 ones: embed the corpus without --precision")
+            raise ValueError(
+                f"{corpus} holds {precision} embeddings (e5lite embed --precision {precision}); exact "
+                "search needs float32 ones: embed the corpus without --precision"
+            )
         return manifest["rows"], manifest["run"]["dim"]
     if getattr(corpus, "ndim", None) != 2:
-        raise ValueError(f"corpus must be a [n, dim] array or an embeddings folder, got {type(corpus).__name__} "
-                         f"of shape {getattr(corpus, 'shape', None)}")
+        raise ValueError(
+            f"corpus must be a [n, dim] array or an embeddings folder, got {type(corpus).__name__} "
+            f"of shape {getattr(corpus, 'shape', None)}"
+        )
     return corpus.shape
 
 
-def search(query_emb, corpus, k: int, *, metric: str = "cosine", block_rows: int = CORPUS_BLOCK, devices=None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    query_emb: npt.ArrayLike,
+    corpus: npt.ArrayLike | str | os.PathLike,
+    k: int,
+    *,
+    metric: str = "cosine",
+    block_rows: int = CORPUS_BLOCK,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The k best corpus rows for each query: (scores float32 [q, k'], indices int64 [q, k']), best first,
     where k' = min(k, corpus rows).
 
@@ -127,16 +146,15 @@ def search(query_emb, corpus, k: int, *, metric: str = "cosine", block_rows: int
     k_block = min(k, rows // len(devices))
     if queries.shape[0] == 0 or k == 0:
         return np.zeros((queries.shape[0], k), np.float32), np.zeros((queries.shape[0], k), np.int64)
-    q_chunks = [queries[i:i + QUERY_BLOCK] for i in range(0, len(queries), QUERY_BLOCK)]
+    q_chunks = [queries[i : i + QUERY_BLOCK] for i in range(0, len(queries), QUERY_BLOCK)]
     if metric == "cosine":
         q_chunks = [np.asarray(_normalize(q)) for q in q_chunks]
     state = [(jnp.full((len(q), k), -jnp.inf), jnp.zeros((len(q), k), jnp.int32)) for q in q_chunks]
-    place = functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec("data")) if mesh
-                              else devices[0])
+    place = functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec("data")) if mesh else devices[0])
     offset, previous = 0, None
     for block in _blocks(corpus, rows):
         padded = np.zeros((rows, dim), np.float32)
-        padded[:len(block)] = block
+        padded[: len(block)] = block
         c, valid = place(padded), place(np.arange(rows) < len(block))
         if metric == "cosine":  # once per block, not once per query chunk
             c = _normalize_rows(c)

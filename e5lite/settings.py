@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "pallas")
 PACKING = ("auto", True, False)
@@ -18,7 +19,7 @@ PACKING = ("auto", True, False)
 # a one-query forward), and runs unrolled layers faster in bulk too; it costs compile time (L layers compiled,
 # not one), which accelerators, with their longer compiles and no such copies to save, keep.
 # The measurements behind each number are in BENCHMARKS.md.
-BACKEND_DEFAULTS = {
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {  # field -> value, per backend
     "cpu": {"token_budget": 1024, "streams": 2, "min_window": 64, "unroll": True},
     "accelerator": {"token_budget": 65536, "streams": 1, "min_window": 0, "unroll": False},
 }
@@ -51,6 +52,7 @@ class EngineSettings:
     - ``unroll``: the encoder's layers compiled one after the other, each with its own weights, rather than
       one layer run L times under ``lax.scan`` over stacked weights: faster on CPU, compiles take longer.
     """
+
     token_budget: int | None = None
     packing: bool | str = "auto"
     pack_length: int | None = None
@@ -64,7 +66,7 @@ class EngineSettings:
     small_inputs: int = 16
     unroll: bool | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.packing not in PACKING or not isinstance(self.packing, (bool, str)):
             raise ValueError(f"packing must be one of {PACKING}, got {self.packing!r}")
         if self.attention_impl not in ATTENTION_CHOICES:
@@ -83,17 +85,17 @@ class EngineSettings:
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
             raise ValueError(f"min_window must be an int >= 0 (0: no windows), got {w!r}")
 
-    def for_platform(self, platform: str) -> "EngineSettings":
+    def for_platform(self, platform: str) -> EngineSettings:
         """These settings with every None filled with the default of ``platform`` ("cpu", "gpu", "tpu")."""
         defaults = BACKEND_DEFAULTS["cpu" if platform == "cpu" else "accelerator"]
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
-    def replace(self, **changes) -> "EngineSettings":
+    def replace(self, **changes: Any) -> EngineSettings:
         """A copy with ``changes`` applied (validated again); unknown names raise TypeError."""
         return dataclasses.replace(self, **changes)
 
 
 def default_help(name: str) -> str:
-    """"1024 on CPU, 65536 on accelerators": a backend default for help texts."""
+    """ "1024 on CPU, 65536 on accelerators": a backend default for help texts."""
     cpu, acc = BACKEND_DEFAULTS["cpu"][name], BACKEND_DEFAULTS["accelerator"][name]
     return f"{cpu} on CPU, {acc} on accelerators"

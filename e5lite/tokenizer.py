@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -19,7 +19,8 @@ from tokenizers.models import Unigram
 
 from .config import BertConfig
 from .errors import E5LiteError, TextEncodingError, TextTooLongError
-from .fast_tokenizer import SAMPLE as FAST_PATH_SAMPLE, TokieFastPath
+from .fast_tokenizer import SAMPLE as FAST_PATH_SAMPLE
+from .fast_tokenizer import TokieFastPath
 from .files import json_field, json_type, read_json
 from .ragged import Ragged
 
@@ -38,8 +39,7 @@ def resolve_max_length(model_dir, config: BertConfig, max_length: int | None = N
     limit = config.max_tokens
     if max_length is not None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2 or max_length > limit:
-            raise ValueError(f"max_length must be an int in [2, {limit}] (the model's positions), "
-                             f"got {max_length!r}")
+            raise ValueError(f"max_length must be an int in [2, {limit}] (the model's positions), got {max_length!r}")
         return max_length
     st_path, tok_path = d / "sentence_bert_config.json", d / "tokenizer_config.json"
     st = json_field(st_path, read_json(st_path, default={}, expect=dict), "max_seq_length", (int,))
@@ -105,12 +105,15 @@ def _as_transformers_xlmr(tok: Tokenizer, raw: dict, tok_config: dict) -> Tokeni
         tok.model = Unigram([tuple(v) for v in model["vocab"]], unk_id=XLMR_UNK_ID, byte_fallback=False)
     norm = raw.get("normalizer") or {}
     parts = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
-    charsmap = next((n["precompiled_charsmap"] for n in parts
-                     if n.get("type") == "Precompiled" and n.get("precompiled_charsmap")), None)
+    charsmap = next(
+        (n["precompiled_charsmap"] for n in parts if n.get("type") == "Precompiled" and n.get("precompiled_charsmap")),
+        None,
+    )
     tok.normalizer = normalizers.Precompiled(base64.b64decode(charsmap)) if charsmap else normalizers.Sequence([])
     scheme = "always" if tok_config.get("add_prefix_space", True) else "never"
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)]
+    )
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
     bos = _token_name(tok_config.get("bos_token")) or "<s>"
     eos = _token_name(tok_config.get("eos_token")) or "</s>"
@@ -118,8 +121,10 @@ def _as_transformers_xlmr(tok: Tokenizer, raw: dict, tok_config: dict) -> Tokeni
         if tok.token_to_id(t) is None:
             raise E5LiteError(f"XLM-R tokenizer has no special token {t!r}")
     tok.post_processor = processors.TemplateProcessing(
-        single=[bos, "$A", eos], pair=[bos, "$A", eos, eos, "$B", eos],
-        special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))])
+        single=[bos, "$A", eos],
+        pair=[bos, "$A", eos, eos, "$B", eos],
+        special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))],
+    )
     return tok
 
 
@@ -127,13 +132,15 @@ def _pad_id(tok: Tokenizer, tok_config: dict, config_pad: int) -> int:
     """The tokenizer's own pad id: tokenizer_config.json's pad_token, the file's padding, [PAD] or <pad>;
     else config.json's pad_token_id. (multilingual-e5-small is a BERT whose XLM-R tokenizer pads with 1.)"""
     name = _token_name(tok_config.get("pad_token"))
-    if name is not None and tok.token_to_id(name) is not None:
-        return tok.token_to_id(name)
+    pad_id = tok.token_to_id(name) if name is not None else None
+    if pad_id is not None:
+        return pad_id
     if tok.padding:
         return int(tok.padding["pad_id"])
     for name in ("[PAD]", "<pad>"):
-        if tok.token_to_id(name) is not None:
-            return tok.token_to_id(name)
+        pad_id = tok.token_to_id(name)
+        if pad_id is not None:
+            return pad_id
     return config_pad
 
 
@@ -167,8 +174,7 @@ class TextTokenizer:
                 logger.info("tokenising with tokenizers: %s", self.fast_unavailable)
 
     @classmethod
-    def from_dir(cls, model_dir, max_length: int, config_pad_token_id: int = 0, backend: str = "auto"
-                 ) -> "TextTokenizer":
+    def from_dir(cls, model_dir, max_length: int, config_pad_token_id: int = 0, backend: str = "auto") -> TextTokenizer:
         d = Path(model_dir)
         tok_config = read_json(d / "tokenizer_config.json", default={}, expect=dict)
         if (d / "tokenizer.json").is_file():
@@ -179,11 +185,14 @@ class TextTokenizer:
             if tok_config.get("tokenizer_class") in XLMR_CLASSES:
                 raw = read_json(d / "tokenizer.json")
                 if raw.get("model", {}).get("type") != "Unigram":
-                    raise E5LiteError(f"{d / 'tokenizer.json'}: tokenizer_class {tok_config['tokenizer_class']} "
-                                      f"needs a Unigram model, found {raw.get('model', {}).get('type')!r}")
+                    raise E5LiteError(
+                        f"{d / 'tokenizer.json'}: tokenizer_class {tok_config['tokenizer_class']} "
+                        f"needs a Unigram model, found {raw.get('model', {}).get('type')!r}"
+                    )
                 tok = _as_transformers_xlmr(tok, raw, tok_config)
         elif (d / "vocab.txt").is_file():
             from tokenizers import BertWordPieceTokenizer
+
             lower = tok_config.get("do_lower_case", True)
             tok = BertWordPieceTokenizer(str(d / "vocab.txt"), lowercase=bool(lower))._tokenizer  # the Tokenizer
         else:
@@ -211,12 +220,14 @@ class TextTokenizer:
             if ids is not None:
                 bad = fast.disagreement(self._tok, texts, ids, fast.sample(full))
                 if bad is None:
-                    over = np.flatnonzero(full > fast.max_body) if not truncate else ()
+                    over = np.flatnonzero(full > fast.max_body) if not truncate else np.zeros(0, np.intp)
                     if len(over):
                         raise TextTooLongError(offset + int(over[0]), self.max_length)
                     return ids
-                logger.warning("tokie's token ids differ from tokenizers' for text %d; tokenising with tokenizers "
-                               "from now on", offset + bad)
+                logger.warning(
+                    "tokie's token ids differ from tokenizers' for text %d; tokenising with tokenizers from now on",
+                    offset + bad,
+                )
                 self._fast, self.backend = None, "tokenizers"
                 self.fast_unavailable = f"tokie disagreed with tokenizers on text {offset + bad} of a call"
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never use, which is faster.
@@ -226,12 +237,13 @@ class TextTokenizer:
         except Exception as e:
             raise self._failure(texts, offset, e) from None
         if not truncate:
-            for i, e in enumerate(encodings):
-                if e.overflowing:
+            for i, encoding in enumerate(encodings):
+                if encoding.overflowing:
                     raise TextTooLongError(offset + i, self.max_length)
         lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
-        return Ragged(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32,
-                                  int(lengths.sum())), lengths)
+        return Ragged(
+            np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, int(lengths.sum())), lengths
+        )
 
     def _failure(self, texts: list[str], offset: int, error: Exception) -> TextEncodingError:
         """The first text that fails alone, as an error naming its index (the batch call does not say)."""
@@ -239,8 +251,9 @@ class TextTokenizer:
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError as e:
-                return TextEncodingError(offset + i, f"it is not valid Unicode text ({e.reason} at character "
-                                                     f"{e.start}: {t[e.start]!r})")
+                return TextEncodingError(
+                    offset + i, f"it is not valid Unicode text ({e.reason} at character {e.start}: {t[e.start]!r})"
+                )
             try:
                 self._tok.encode(t)
             except Exception as e:
@@ -280,8 +293,8 @@ class TextTokenizer:
             enc = self._variant("none").encode(marker)
             body = self._variant("none").encode(marker, add_special_tokens=False).ids
             ids = enc.ids
-            at = next(i for i in range(len(ids) - len(body) + 1) if ids[i:i + len(body)] == body)
-            self._specials = (ids[:at], ids[at + len(body):])
+            at = next(i for i in range(len(ids) - len(body) + 1) if ids[i : i + len(body)] == body)
+            self._specials = (ids[:at], ids[at + len(body) :])
         return self._specials
 
     def encode_left(self, texts: Sequence[str], offset: int = 0) -> list[np.ndarray]:
@@ -290,14 +303,19 @@ class TextTokenizer:
         encodings = self._encode_with(self._variant("left", direction="left"), list(texts), offset)
         return [np.asarray(e.ids, np.int32) for e in encodings]
 
-    def encode_tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True, offset: int = 0
-                      ) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
+    def encode_tokens(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True, offset: int = 0
+    ) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
         """Per text, per token: (id, token string, special?, (start, stop) character offsets in the text, or
         None for a special token), not truncated (TEI's ``/tokenize``)."""
         encodings = self._encode_with(self._variant("none"), list(texts), offset, add_special_tokens=add_special_tokens)
-        return [[(i, t, bool(s), None if s else (a, b))
-                 for i, t, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)]
-                for e in encodings]
+        return [
+            [
+                (i, t, bool(s), None if s else (a, b))
+                for i, t, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets, strict=True)
+            ]
+            for e in encodings
+        ]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of token ids, as the tokenizer's decoder writes it."""

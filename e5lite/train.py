@@ -12,15 +12,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError
 from .files import write_atomic
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 LOG = "train_log.jsonl"
 STATE_DIR = "training"  # inside the output folder: checkpoints and the log
@@ -35,6 +40,7 @@ class TrainSettings:
     ``dtype``: the compute dtype ("bfloat16": bf16 matmuls, float32 master weights, loss and optimiser).
     ``chunk_size``: GradCache chunk rows (None: the whole batch at once).
     """
+
     batch_size: int = 32
     learning_rate: float = 2e-5
     optimizer: str = "adamw"
@@ -50,7 +56,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     chunk_size: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("batch_size", "epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -75,9 +81,15 @@ def make_optimizer(s: TrainSettings, steps: int, mask):
     """AdamW (or SGD) with linear warm-up to the learning rate and linear decay to 0 at the last step, as
     transformers' get_linear_schedule_with_warmup; weight decay only where ``mask`` is True."""
     import optax
+
     decay = optax.linear_schedule(s.learning_rate, 0.0, max(steps - s.warmup_steps, 1))
-    schedule = decay if not s.warmup_steps else optax.join_schedules(
-        [optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps), decay], [s.warmup_steps])
+    schedule = (
+        decay
+        if not s.warmup_steps
+        else optax.join_schedules(
+            [optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps), decay], [s.warmup_steps]
+        )
+    )
     if s.optimizer == "adamw":
         return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=s.weight_decay, mask=mask), schedule
     return optax.chain(optax.add_decayed_weights(s.weight_decay, mask), optax.sgd(schedule)), schedule
@@ -87,8 +99,9 @@ def _check_output(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {str(out)!r} is a file")
     if not resume and out.is_dir() and any(out.iterdir()):
-        raise InputError(f"--output {str(out)!r} is not empty; pass --resume to continue a run there, or choose "
-                         "another folder")
+        raise InputError(
+            f"--output {str(out)!r} is not empty; pass --resume to continue a run there, or choose another folder"
+        )
 
 
 class _Log:
@@ -118,22 +131,40 @@ def _dropout_rates(config, s: TrainSettings) -> tuple[float, float]:
 def _meta(enc, train: Path, s: TrainSettings, fields: tuple) -> dict:
     """What a checkpoint was made from; a resume with anything else is refused."""
     from .shards import input_identity
-    return {"model": str(enc.model_dir), "train": input_identity(train, jsonl=True), "fields": list(fields),
-            "settings": dataclasses.asdict(s)}
+
+    return {
+        "model": str(enc.model_dir),
+        "train": input_identity(train, jsonl=True),
+        "fields": list(fields),
+        "settings": dataclasses.asdict(s),
+    }
 
 
 def _evaluate(enc, params, eval_data, step: int, log: _Log) -> dict:
     """Every process evaluates (encode is collective under jax.distributed); ``params`` are host arrays."""
     from .evaluate import evaluate_retrieval
+
     enc.set_params(params)
     report = evaluate_retrieval(enc, eval_data, show_progress_bar=False)
     log.write({"step": step, "eval": report})
     return report
 
 
-def fit(model, train, output, *, settings: TrainSettings | None = None, eval_data=None, eval_every: int | None = None,
-        save_every: int | None = None, resume: bool = False, query_field: str = "query",
-        positive_field: str = "positive", negative_field: str = "negative", show_progress: bool = True) -> dict:
+def fit(
+    model: Encoder | str | os.PathLike,
+    train: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    settings: TrainSettings | None = None,
+    eval_data: str | os.PathLike | None = None,
+    eval_every: int | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    query_field: str = "query",
+    positive_field: str = "positive",
+    negative_field: str = "negative",
+    show_progress: bool = True,
+) -> dict:
     """Fine-tunes ``model`` (a folder, hub id or ``Encoder``) on the records of ``train`` (JSONL) and writes a
     Hugging Face / sentence-transformers model folder to ``output``; returns a summary (steps, last loss,
     tokens/s, final evaluation). Checkpoints (every ``save_every`` steps) and the JSONL log live in
@@ -146,12 +177,13 @@ def fit(model, train, output, *, settings: TrainSettings | None = None, eval_dat
     import jax
 
     from .runtime import huge_pages_tunables
+
     if huge_pages_tunables() is not None and jax.default_backend() == "cpu":
         logging.getLogger("e5lite").info(
             "e5lite: training steps on CPU run about a fifth faster in a process started with "
-            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `e5lite train` restarts itself)")
-    run = _Run(model, train, output, settings or TrainSettings(), (query_field, positive_field, negative_field),
-               resume)
+            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `e5lite train` restarts itself)"
+        )
+    run = _Run(model, train, output, settings or TrainSettings(), (query_field, positive_field, negative_field), resume)
     return run.loop(eval_data, eval_every, save_every, show_progress)
 
 
@@ -165,11 +197,12 @@ class _Run:
         from .encoder import Encoder, load
         from .train_data import TokenisedPairs, read_pairs, total_steps
         from .train_step import StepConfig, decay_mask
+
         self.s, self.out = s, Path(output)
         _check_output(self.out, resume)
         self.place = _Placement(s)
         self.place.barrier("checked the output folder")  # before process 0 creates anything there
-        pairs = read_pairs(train, **dict(zip(("query_field", "positive_field", "negative_field"), fields)))
+        pairs = read_pairs(train, **dict(zip(("query_field", "positive_field", "negative_field"), fields, strict=True)))
         self.enc = model if isinstance(model, Encoder) else load(model)
         self.data = TokenisedPairs(self.enc, pairs)
         self.steps = total_steps(len(self.data), s)
@@ -184,12 +217,21 @@ class _Run:
             self.start, state, old = found
             changed = [k for k in self.meta if old.get(k) != self.meta[k]]
             if changed:
-                raise InputError(f"{self.out / STATE_DIR} holds a run with other {', '.join(changed)}; start a "
-                                 "new --output")
+                raise InputError(
+                    f"{self.out / STATE_DIR} holds a run with other {', '.join(changed)}; start a new --output"
+                )
             self.params, self.opt_state = self.place.params(state)
         hidden, attention = _dropout_rates(self.enc.config, s)
-        self.sc = StepConfig(self.enc.config, self.enc.pooling, s.temperature, hidden, attention, s.dtype,
-                             s.gradient_checkpointing, s.chunk_size)
+        self.sc = StepConfig(
+            self.enc.config,
+            self.enc.pooling,
+            s.temperature,
+            hidden,
+            attention,
+            s.dtype,
+            s.gradient_checkpointing,
+            s.chunk_size,
+        )
         self.log = _Log(self.out / STATE_DIR / LOG, self.start, self.place.writer)
 
     def loop(self, eval_data, eval_every, save_every, show_progress) -> dict:
@@ -199,23 +241,31 @@ class _Run:
         from .export import save_pretrained
         from .train_data import batch_index
         from .train_step import train_step
+
         key, loss, tokens, t0 = jax.random.PRNGKey(self.s.seed), float("nan"), 0, time.perf_counter()
         with _bar(self.steps, self.start, show_progress) as bar:
             for step in range(self.start, self.steps):
                 batch, n = self.data.batch(batch_index(step, len(self.data), self.s))
                 self.params, self.opt_state, loss = train_step(
-                    self.params, self.opt_state, self.place.batch(batch), jax.random.fold_in(key, step), sc=self.sc,
-                    optimizer=self.optimizer)
+                    self.params,
+                    self.opt_state,
+                    self.place.batch(batch),
+                    jax.random.fold_in(key, step),
+                    sc=self.sc,
+                    optimizer=self.optimizer,
+                )
                 loss, tokens, lr = float(self.place.host(loss)), tokens + n, float(self.schedule(step))
                 rate = tokens / (time.perf_counter() - t0)
-                self.log.write({"step": step + 1, "loss": loss, "learning_rate": lr, "tokens": n,
-                                "tokens_per_s": round(rate, 1)})
+                self.log.write(
+                    {"step": step + 1, "loss": loss, "learning_rate": lr, "tokens": n, "tokens_per_s": round(rate, 1)}
+                )
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {rate:,.0f} tokens/s")
                 done = step + 1
                 if save_every and done % save_every == 0 and done < self.steps and self.place.writer:
-                    save_checkpoint(self.out / STATE_DIR, done, self.place.host((self.params, self.opt_state)),
-                                    self.meta)
+                    save_checkpoint(
+                        self.out / STATE_DIR, done, self.place.host((self.params, self.opt_state)), self.meta
+                    )
                 if eval_data is not None and eval_every and done % eval_every == 0 and done < self.steps:
                     _evaluate(self.enc, self.place.host(self.params), eval_data, done, self.log)
         params = self.place.host(self.params)
@@ -223,14 +273,23 @@ class _Run:
         if self.place.writer:
             save_pretrained(self.enc, self.out, params=params, overwrite=True, keep=(STATE_DIR,))
         self.place.barrier("wrote the model")
-        return {"steps": self.steps, "resumed_at": self.start, "loss": loss, "tokens": tokens,
-                "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "eval": final, "output": str(self.out)}
+        return {
+            "steps": self.steps,
+            "resumed_at": self.start,
+            "loss": loss,
+            "tokens": tokens,
+            "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+            "eval": final,
+            "output": str(self.out),
+        }
 
 
 def _bar(total: int, initial: int, show: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not show, file=sys.stderr,
-                dynamic_ncols=True)
+
+    return tqdm(
+        total=total, initial=initial, desc="train", unit="step", disable=not show, file=sys.stderr, dynamic_ncols=True
+    )
 
 
 class _Placement:
@@ -241,6 +300,7 @@ class _Placement:
     def __init__(self, s: TrainSettings):
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
         devices = jax.devices()
         n = len(devices)
         if s.batch_size % n or (s.chunk_size and s.chunk_size % n):
@@ -261,9 +321,11 @@ class _Placement:
     def host(self, tree):
         """Numpy values of replicated arrays (each process holds a whole copy: no gather needed)."""
         import jax
+
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
     def barrier(self, what: str) -> None:
         if self._multi:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(f"e5lite train: {what}")

@@ -17,6 +17,7 @@ from .files import iter_jsonl
 @dataclass(frozen=True)
 class Pairs:
     """Parallel lists: ``negatives[i]`` is record i's hard negatives (possibly none)."""
+
     queries: list[str]
     positives: list[str]
     negatives: list[list[str]]
@@ -37,8 +38,13 @@ def _string(rec: dict, field: str, where: str) -> str:
     return rec[field]
 
 
-def read_pairs(path: str | os.PathLike, *, query_field: str = "query", positive_field: str = "positive",
-               negative_field: str = "negative") -> Pairs:
+def read_pairs(
+    path: str | os.PathLike,
+    *,
+    query_field: str = "query",
+    positive_field: str = "positive",
+    negative_field: str = "negative",
+) -> Pairs:
     """Reads a JSONL file of records ``{query, positive[, negative]}``; ``negative`` is a string or a list of
     strings (absent or null: none). Errors name the file, line and field."""
     path = Path(path)
@@ -66,10 +72,10 @@ class TokenisedPairs:
         self.queries = enc.tokenize(pairs.queries, prompt=enc.prompt_for("query"))
         passages = pairs.positives + [n for negs in pairs.negatives for n in negs]
         ids = enc.tokenize(passages, prompt=enc.prompt_for("passage"))
-        self.positives, rest = ids[:len(pairs)], ids[len(pairs):]
+        self.positives, rest = ids[: len(pairs)], ids[len(pairs) :]
         self.negatives, start = [], 0
         for negs in pairs.negatives:
-            self.negatives.append(rest[start:start + len(negs)])
+            self.negatives.append(rest[start : start + len(negs)])
             start += len(negs)
         self.max_negatives, self.max_length = pairs.max_negatives, enc.max_length
         self.pad_id = enc.tokenizer.pad_token_id
@@ -86,6 +92,7 @@ class TokenisedPairs:
         """The StepBatch of these records and its real token count: positives first, then each record's hard
         negatives in rows of max_negatives per record (unused rows are padding, marked invalid)."""
         from .train_step import StepBatch
+
         B, m = len(index), self.max_negatives
         q_ids, q_mask = self._pad([self.queries[i] for i in index], B)
         passages = [self.positives[i] for i in index]
@@ -95,7 +102,7 @@ class TokenisedPairs:
             passages += negs + [negs[0] if negs else self.positives[i]] * (m - len(negs))
             valid += [True] * len(negs) + [False] * (m - len(negs))
         p_ids, p_mask = self._pad(passages, B * (1 + m))
-        tokens = int(q_mask.sum()) + int(sum(len(p) for p, v in zip(passages, valid) if v))
+        tokens = int(q_mask.sum()) + int(sum(len(p) for p, v in zip(passages, valid, strict=True) if v))
         return StepBatch(q_ids, q_mask, p_ids, p_mask, np.array(valid)), tokens
 
 
@@ -110,7 +117,7 @@ def batch_index(step: int, n: int, s) -> np.ndarray:
     per_epoch = steps_per_epoch(n, s.batch_size)
     epoch, k = divmod(step, per_epoch)
     order = np.random.default_rng([s.seed, epoch]).permutation(n) if s.shuffle else np.arange(n)
-    return order[k * s.batch_size:(k + 1) * s.batch_size]
+    return order[k * s.batch_size : (k + 1) * s.batch_size]
 
 
 def total_steps(n: int, s) -> int:

@@ -24,15 +24,17 @@ from .pooling import l2_normalize, pool
 
 class StepBatch(NamedTuple):
     """Token ids of one training batch: B queries, then P = B x (1 + negatives) candidate passages."""
-    q_ids: np.ndarray    # [B, Sq] int32
-    q_mask: np.ndarray   # [B, Sq] int32
-    p_ids: np.ndarray    # [P, Sp] int32
-    p_mask: np.ndarray   # [P, Sp] int32
+
+    q_ids: np.ndarray  # [B, Sq] int32
+    q_mask: np.ndarray  # [B, Sq] int32
+    p_ids: np.ndarray  # [P, Sp] int32
+    p_mask: np.ndarray  # [P, Sp] int32
     p_valid: np.ndarray  # [P] bool: False for the rows that pad records with fewer negatives
 
 
 class StepConfig(NamedTuple):
     """The static (compile-time) part of a step."""
+
     config: BertConfig
     pooling: str
     temperature: float
@@ -45,8 +47,10 @@ class StepConfig(NamedTuple):
 
 def decay_mask(params: Params) -> Params:
     """Weight decay for weight matrices and embeddings; none for biases and LayerNorm, as transformers' trainer."""
+
     def fields(cls):
         return [not ("bias" in f or "ln_" in f) for f in cls._fields]
+
     emb, lay = fields(EmbeddingParams), fields(LayerParams)
     return Params(EmbeddingParams(*emb), LayerParams(*lay))
 
@@ -56,8 +60,9 @@ def embed(params: Params, ids, mask, key, sc: StepConfig):
     # bfloat16 compute: the float32 master weights stay outside. The projections' weights and biases go in as
     # float32: ``project`` multiplies as bfloat16 operands and returns their gradients summed in float32.
     p = jax.tree.map(lambda x: x.astype(sc.compute_dtype), params)
-    p = p._replace(layers=p.layers._replace(**{k: getattr(params.layers, k)
-                                               for k in MATMUL_WEIGHTS + PROJECTION_BIASES}))
+    p = p._replace(
+        layers=p.layers._replace(**{k: getattr(params.layers, k) for k in MATMUL_WEIGHTS + PROJECTION_BIASES})
+    )
     dropout = None
     if sc.hidden_dropout or sc.attention_dropout:
         dropout = Dropout(key, sc.hidden_dropout, sc.attention_dropout)
@@ -83,12 +88,13 @@ def _chunks(x, c: int):
 
 def _grad_cache(params: Params, batch: StepBatch, key, sc: StepConfig):
     c = sc.chunk_size
+    assert c is not None  # train_step takes this path only with a chunk_size
     kq, kp = jax.random.split(key)
     sides = []
     for ids, mask, k in ((batch.q_ids, batch.q_mask, kq), (batch.p_ids, batch.p_mask, kp)):
         ids_c, mask_c = _chunks(ids, c), _chunks(mask, c)
         keys = jax.random.split(k, ids_c.shape[0])  # the same dropout in both passes: one key per chunk
-        emb = lax.map(lambda a: embed(params, *a, sc), (ids_c, mask_c, keys))
+        emb = lax.map(lambda a: embed(params, a[0], a[1], a[2], sc), (ids_c, mask_c, keys))
         sides.append((ids_c, mask_c, keys, lax.stop_gradient(emb.reshape(-1, emb.shape[-1]))))
     (_, _, _, q_emb), (_, _, _, p_emb) = sides
     loss, (g_q, g_p) = jax.value_and_grad(info_nce, argnums=(0, 1))(q_emb, p_emb, batch.p_valid, sc.temperature)
@@ -99,7 +105,7 @@ def _grad_cache(params: Params, batch: StepBatch, key, sc: StepConfig):
         return jax.tree.map(jnp.add, total, vjp(g)[0]), None
 
     grads = jax.tree.map(jnp.zeros_like, params)
-    for (ids_c, mask_c, keys, _), g in zip(sides, (g_q, g_p)):
+    for (ids_c, mask_c, keys, _), g in zip(sides, (g_q, g_p), strict=True):
         grads, _ = lax.scan(accumulate, grads, (ids_c, mask_c, keys, _chunks(g, c)))
     return loss, grads
 
@@ -113,6 +119,7 @@ def loss_and_grads(params: Params, batch: StepBatch, key, sc: StepConfig):
 def train_step(params: Params, opt_state, batch: StepBatch, key, *, sc: StepConfig, optimizer):
     """One optimiser step -> (params, opt_state, loss). ``optimizer``: an optax GradientTransformation."""
     import optax
+
     loss, grads = loss_and_grads(params, batch, key, sc)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

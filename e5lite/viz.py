@@ -19,6 +19,7 @@ def _pyplot():
         raise InputError("plots need the viz extra (matplotlib is missing): pip install 'e5lite[viz]'") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -42,11 +43,16 @@ def layer_similarity(enc, text: str, other: str, *, prompt_name: str | None = No
         ids, mask, _ = _one(enc, t, prompt_name)
         _, hidden = forward(enc.params, enc.config, ids, mask, output_hidden_states=True)
         hidden = np.asarray(hidden)[:, 0]  # [L + 1, S, D]
-        states.append((np.asarray(l2_normalize(mean_pool(hidden, np.ones(hidden.shape[:2])))),
-                       np.asarray(l2_normalize(hidden[:, 0]))))
+        states.append(
+            (
+                np.asarray(l2_normalize(mean_pool(hidden, np.ones(hidden.shape[:2])))),
+                np.asarray(l2_normalize(hidden[:, 0])),
+            )
+        )
     (m1, c1), (m2, c2) = states
-    return [{"layer": i, "cosine_mean": float(m1[i] @ m2[i]), "cosine_cls": float(c1[i] @ c2[i])}
-            for i in range(len(m1))]
+    return [
+        {"layer": i, "cosine_mean": float(m1[i] @ m2[i]), "cosine_cls": float(c1[i] @ c2[i])} for i in range(len(m1))
+    ]
 
 
 def plot_attention(path, tokens: list[str], probs_NSS: np.ndarray, layer: int, heads: list[int]) -> None:
@@ -57,14 +63,14 @@ def plot_attention(path, tokens: list[str], probs_NSS: np.ndarray, layer: int, h
     size = max(3.0, 0.22 * len(tokens) + 1.5)  # room for one label per token
     fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
     font = max(4, min(9, 220 // max(len(tokens), 1)))
-    for ax, h in zip(axes.flat, heads):
+    for ax, h in zip(axes.flat, heads, strict=False):  # the grid may have spare cells
         ax.imshow(probs_NSS[h], cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"layer {layer}, head {h}", fontsize=font + 2)
         ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=font)
         ax.set_yticks(range(len(tokens)), tokens, fontsize=font)
         ax.set_xlabel("key", fontsize=font + 1)
         ax.set_ylabel("query", fontsize=font + 1)
-    for ax in list(axes.flat)[len(heads):]:
+    for ax in list(axes.flat)[len(heads) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from safetensors import safe_open
 
 from .config import BertConfig
@@ -24,10 +25,10 @@ from .model import EmbeddingParams, LayerParams, Params
 
 
 class Entry(NamedTuple):
-    field: str     # name in EmbeddingParams / LayerParams
-    key: str       # HF key, after the architecture's prefix (`bert.`, `roberta.`) is dropped; `{i}`: layer index
+    field: str  # name in EmbeddingParams / LayerParams
+    key: str  # HF key, after the architecture's prefix (`bert.`, `roberta.`) is dropped; `{i}`: layer index
     stored: tuple  # stored shape, in config dims (see _dims)
-    linear: bool   # torch Linear weight stored [out, in]: transposed before the reshape
+    linear: bool  # torch Linear weight stored [out, in]: transposed before the reshape
 
 
 # The one weight-mapping table. Our shape is the stored one (transposed for Linear weights) reshaped to the
@@ -68,19 +69,27 @@ XLMR_LAYER = LAYER
 
 
 class Architecture(NamedTuple):
-    prefix: str           # the base model's prefix in checkpoints saved from a task model
-    embeddings: tuple     # Entries of EmbeddingParams
-    layer: tuple          # Entries of LayerParams
-    ignored: re.Pattern   # keys carried but not used by the encoder (matched with and without the prefix)
+    prefix: str  # the base model's prefix in checkpoints saved from a task model
+    embeddings: tuple  # Entries of EmbeddingParams
+    layer: tuple  # Entries of LayerParams
+    ignored: re.Pattern  # keys carried but not used by the encoder (matched with and without the prefix)
 
 
 ARCHITECTURES = {
     # the pooler, position/token-type buffers, and `cls.` (BERT's pre-training heads, beside `bert.`)
-    "bert": Architecture("bert.", EMBEDDINGS, LAYER, re.compile(
-        r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|cls\.)")),
+    "bert": Architecture(
+        "bert.",
+        EMBEDDINGS,
+        LAYER,
+        re.compile(r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|cls\.)"),
+    ),
     # the pooler, the buffers, and `lm_head.` (XLMRobertaForMaskedLM's head, beside `roberta.`)
-    "xlm-roberta": Architecture("roberta.", XLMR_EMBEDDINGS, XLMR_LAYER, re.compile(
-        r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|lm_head\.)")),
+    "xlm-roberta": Architecture(
+        "roberta.",
+        XLMR_EMBEDDINGS,
+        XLMR_LAYER,
+        re.compile(r"^(pooler\.|embeddings\.position_ids$|embeddings\.token_type_ids$|lm_head\.)"),
+    ),
 }
 IGNORED = ARCHITECTURES["bert"].ignored
 
@@ -92,8 +101,16 @@ INDEX = "model.safetensors.index.json"
 
 def _dims(config: BertConfig) -> dict:
     c = config
-    return {"V": c.vocab_size, "P": c.max_position_embeddings, "Y": c.type_vocab_size, "D": c.hidden_size,
-            "N": c.num_attention_heads, "K": c.head_dim, "NK": c.hidden_size, "F": c.intermediate_size}
+    return {
+        "V": c.vocab_size,
+        "P": c.max_position_embeddings,
+        "Y": c.type_vocab_size,
+        "D": c.hidden_size,
+        "N": c.num_attention_heads,
+        "K": c.head_dim,
+        "NK": c.hidden_size,
+        "F": c.intermediate_size,
+    }
 
 
 def _field_shape(field: str, dims: dict) -> tuple:
@@ -107,7 +124,7 @@ def architecture(config: BertConfig) -> Architecture:
 def normalize_key(key: str, prefix: str = "bert.") -> str:
     """Drops a leading ``prefix`` and maps legacy LayerNorm `gamma`/`beta` to `weight`/`bias`."""
     if key.startswith(prefix):
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
     if "LayerNorm." in key:
         key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
         key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
@@ -148,21 +165,22 @@ def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
     if torch_files:
         raise WeightsError(
             f"{d} has only PyTorch weights ({', '.join(torch_files)}); e5lite reads safetensors, without torch. "
-            "Convert once with: python -c \"from transformers import AutoModel; "
-            f"AutoModel.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\"")
+            'Convert once with: python -c "from transformers import AutoModel; '
+            f"AutoModel.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\""
+        )
     raise WeightsError(f"no {SAFETENSORS} or {INDEX} in {d}")
 
 
-def _open(path: Path):
+def _open(path: Path) -> safe_open:
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
         raise WeightsError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
 
 
-def read_checkpoint(model_dir, arch: Architecture = ARCHITECTURES["bert"]) -> dict[str, tuple[Path, object, str]]:
+def read_checkpoint(model_dir, arch: Architecture = ARCHITECTURES["bert"]) -> dict[str, tuple[Path, safe_open, str]]:
     """Maps each normalised key to (file, open handle, stored key); raises on duplicated keys."""
-    found: dict[str, tuple[Path, object, str]] = {}
+    found: dict[str, tuple[Path, safe_open, str]] = {}
     for path in checkpoint_files(model_dir):
         handle = _open(path)
         for raw in handle.keys():
@@ -177,11 +195,12 @@ def read_checkpoint(model_dir, arch: Architecture = ARCHITECTURES["bert"]) -> di
 
 def expected_keys(config: BertConfig) -> list[str]:
     arch = architecture(config)
-    return [e.key for e in arch.embeddings] + [e.key.format(i=i) for i in range(config.num_hidden_layers)
-                                               for e in arch.layer]
+    return [e.key for e in arch.embeddings] + [
+        e.key.format(i=i) for i in range(config.num_hidden_layers) for e in arch.layer
+    ]
 
 
-def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
+def load_params(model_dir: str | os.PathLike, config: BertConfig, dtype: npt.DTypeLike = "float32") -> Params:
     """Reads a model folder's safetensors into ``Params`` of ``dtype`` (fp16/bf16 storage is cast)."""
     dtype = resolve_dtype(dtype)
     dims, arch = _dims(config), architecture(config)
@@ -193,8 +212,10 @@ def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
     if unexpected:
         path, _, raw = found[unexpected[0]]
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise WeightsError(f"unexpected key {raw!r} in {path.name}{more}: not part of a "
-                           f"{config.num_hidden_layers}-layer {config.model_type} encoder as config.json describes")
+        raise WeightsError(
+            f"unexpected key {raw!r} in {path.name}{more}: not part of a "
+            f"{config.num_hidden_layers}-layer {config.model_type} encoder as config.json describes"
+        )
     missing = [k for k in expected if k not in found]
     if missing:
         files = ", ".join(sorted({p.name for p, _, _ in found.values()})) or "no tensors"
@@ -209,21 +230,25 @@ def load_params(model_dir, config: BertConfig, dtype="float32") -> Params:
             raise WeightsError(f"cannot read key {raw!r} from {path}: {e}") from None
         want = tuple(dims[d] for d in entry.stored)
         if arr.shape != want:
-            raise WeightsError(f"key {raw!r} in {path.name} has shape {list(arr.shape)}, "
-                               f"expected {list(want)} from config.json")
+            raise WeightsError(
+                f"key {raw!r} in {path.name} has shape {list(arr.shape)}, expected {list(want)} from config.json"
+            )
         if arr.dtype.kind != "f" and arr.dtype != jnp.bfloat16:
             raise WeightsError(f"key {raw!r} in {path.name} has dtype {arr.dtype}, expected a float type")
         if not np.isfinite(arr).all():
             bad = int(arr.size - np.isfinite(arr).sum())
-            raise WeightsError(f"key {raw!r} in {path.name} holds {bad} non-finite values (NaN or inf): the "
-                               "checkpoint is corrupt or was saved after a diverged training step")
+            raise WeightsError(
+                f"key {raw!r} in {path.name} holds {bad} non-finite values (NaN or inf): the "
+                "checkpoint is corrupt or was saved after a diverged training step"
+            )
         if entry.linear:
             arr = arr.T
         return arr.reshape(_field_shape(entry.field, dims)).astype(dtype)
 
-    emb = EmbeddingParams(*(get(e) for e in arch.embeddings))
-    layers = LayerParams(*(np.stack([get(e, i) for i in range(config.num_hidden_layers)]) for e in arch.layer))
-    return jax.tree.map(jnp.asarray, Params(emb, layers))
+    emb = [get(e) for e in arch.embeddings]
+    layers = [np.stack([get(e, i) for i in range(config.num_hidden_layers)]) for e in arch.layer]
+    emb, layers = jax.tree.map(jnp.asarray, (emb, layers))  # every tensor read and checked first
+    return Params(EmbeddingParams(*emb), LayerParams(*layers))
 
 
 def num_params(params: Params) -> int:
@@ -231,6 +256,7 @@ def num_params(params: Params) -> int:
 
 
 # -- the way back: Params -> transformers' BertModel / XLMRobertaModel tensors (the export, e5lite/export.py) --
+
 
 def _to_stored(entry: Entry, arr: np.ndarray, dims: dict) -> np.ndarray:
     """Undoes ``load_params``' step for one field: reshape to the stored shape (for a Linear weight, first to
@@ -257,8 +283,10 @@ def to_state_dict(params: Params, config: BertConfig, dtype="float32") -> dict[s
             arr = np.asarray(jax.device_get(getattr(getattr(params, part), entry.field)))
             want = lead + _field_shape(entry.field, dims)
             if arr.shape != want:
-                raise WeightsError(f"params.{part}.{entry.field} has shape {list(arr.shape)}, expected "
-                                   f"{list(want)} from the config ({L} layers)")
+                raise WeightsError(
+                    f"params.{part}.{entry.field} has shape {list(arr.shape)}, expected "
+                    f"{list(want)} from the config ({L} layers)"
+                )
             arr = arr.astype(dtype)
             if lead:
                 out.update({entry.key.format(i=i): _to_stored(entry, arr[i], dims) for i in range(L)})

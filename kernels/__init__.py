@@ -20,8 +20,9 @@ if __name__ != "e5lite.kernels":  # pragma: no branch - the hand-over; see the d
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
     if _spec is None or _spec.loader is None:
         del sys.modules[__name__]
-        raise ModuleNotFoundError(f"No module named {__name__!r} (e5lite's kernels/ folder is e5lite.kernels)",
-                                  name=__name__)
+        raise ModuleNotFoundError(
+            f"No module named {__name__!r} (e5lite's kernels/ folder is e5lite.kernels)", name=__name__
+        )
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _module  # the import statement returns what sys.modules holds after this file runs
     _spec.loader.exec_module(_module)

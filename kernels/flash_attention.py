@@ -4,8 +4,8 @@ What it is
 ----------
 A fused ``softmax(q k^T, masked) v`` that never materialises the [S, T] score matrix in memory: one
 kernel instance handles one (batch row, head, block of ``block_q`` query rows) and walks over blocks of
-``block_k`` keys with an online softmax (running row max ``m`` and row sum ``l`` in float32, output
-accumulated in float32 and divided by ``l`` at the end). Key blocks that cannot contribute to a query
+``block_k`` keys with an online softmax (running row max ``m`` and row sum ``row_sum`` in float32, output
+accumulated in float32 and divided by ``row_sum`` at the end). Key blocks that cannot contribute to a query
 block are skipped outright (no matmul, no exp).
 
 Contract
@@ -120,8 +120,7 @@ def reference_attention(q_BNSK, k_BNTK, v_BNTK, *, key_valid_BT=None, segment_id
     if seg_BS is not None:
         allowed = allowed & (seg_BS[:, None, :, None] == seg_BS[:, None, None, :])
     prec = _precision(q_BNSK.dtype)
-    logits = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=prec,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BNSK,BNTK->BNST", q_BNSK, k_BNTK, precision=prec, preferred_element_type=jnp.float32)
     logits = jnp.where(allowed, logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BNTK.dtype)
     return jnp.einsum("BNST,BNTK->BNSK", probs, v_BNTK, precision=prec)
@@ -154,8 +153,7 @@ def _block_tables(valid_BT, seg_BS, q_live_BS, block_q: int, block_k: int):
     seg = jnp.zeros(valid_BT.shape, jnp.int32) if seg_BS is None else seg_BS
     qmin, qmax = _segment_ranges(seg, q_live_BS, block_q)
     kmin, kmax = _segment_ranges(seg, valid_BT, block_k)
-    needed = (jnp.maximum(qmin[:, :, None], kmin[:, None, :])
-              <= jnp.minimum(qmax[:, :, None], kmax[:, None, :]))
+    needed = jnp.maximum(qmin[:, :, None], kmin[:, None, :]) <= jnp.minimum(qmax[:, :, None], kmax[:, None, :])
     return qmin, qmax, kmin, kmax, needed
 
 
@@ -193,6 +191,7 @@ class _Config:
 @dataclasses.dataclass(frozen=True)
 class _MetaLayout:
     """Offsets into the flat int32 metadata vector: 4 [B * nq] tables, then 2 [B * nk] tables."""
+
     B: int
     nq: int
     nk: int
@@ -207,8 +206,19 @@ class _MetaLayout:
         return pl.next_power_of_2(4 * self.B * self.nq + 2 * self.B * self.nk)
 
 
-def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, kvalid_ref, *refs, layout: _MetaLayout,
-                      block_q: int, block_k: int, has_segments: bool, precision):
+def _attention_kernel(
+    meta_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    kvalid_ref,
+    *refs,
+    layout: _MetaLayout,
+    block_q: int,
+    block_k: int,
+    has_segments: bool,
+    precision,
+):
     """One (batch row b, head, query block i): online softmax over the needed key blocks.
 
     Refs: meta [M] int32 (whole), q [bq, K], k/v [T, K] (whole row), kvalid [1, T] int32,
@@ -216,7 +226,7 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, kvalid_ref, *refs, layout: 
     int32.
     """
     qseg_ref, kseg_ref = refs[:2] if has_segments else (None, None)
-    o_ref, visits_ref = (*refs[2 * has_segments:], None)[:2]
+    o_ref, visits_ref = (*refs[2 * has_segments :], None)[:2]
     off = layout.offsets()
     b = pl.program_id(0)
     qi = b * layout.nq + pl.program_id(2)
@@ -229,23 +239,15 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, kvalid_ref, *refs, layout: 
     q_seg = jnp.broadcast_to(qseg_ref[...], shape) if has_segments else None
 
     def visit(j, carry):
-        acc, m, l, visits = carry
+        acc, m, row_sum, visits = carry
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)                    # [bq, bk]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
         allowed = jnp.broadcast_to(kvalid_ref[:, pl.ds(start, block_k)], shape) != 0
         if has_segments:
             allowed = allowed & (q_seg == jnp.broadcast_to(kseg_ref[:, pl.ds(start, block_k)], shape))
-        s = jnp.where(allowed, s, _MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        correction = jnp.exp(m - m_new)
-        p = jnp.where(allowed, jnp.exp(s - m_new), 0.0)
-        l = correction * l + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)                   # [bq, K]
-        return correction * acc + pv, m_new, l, visits + 1
+        return (*_softmax_step(acc, m, row_sum, s, allowed, v, precision), visits + 1)
 
     def step(j, carry):
         kj = b * layout.nk + j
@@ -254,24 +256,43 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, kvalid_ref, *refs, layout: 
         needed = jnp.maximum(q_min, k_min) <= jnp.minimum(q_max, k_max)
         return lax.cond(needed, visit, lambda _, c: c, j, carry)
 
-    K = q_ref.shape[-1]
-    carry = (jnp.zeros((block_q, K), jnp.float32),
-             jnp.full((block_q, 1), _MASK_VALUE, jnp.float32),
-             jnp.zeros((block_q, 1), jnp.float32),
-             jnp.int32(0))
-    acc, _, l, visits = lax.fori_loop(lo, hi, step, carry)
-    # Rows that saw no allowed key have l == 0 and acc == 0: emit zeros, not 0/0.
-    l = jnp.where(l == 0.0, 1.0, l)
-    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    acc, _, row_sum, visits = lax.fori_loop(lo, hi, step, _initial_carry(block_q, q_ref.shape[-1]))
+    # Rows that saw no allowed key have row_sum == 0 and acc == 0: emit zeros, not 0/0.
+    row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
+    o_ref[...] = (acc / row_sum).astype(o_ref.dtype)
     if visits_ref is not None:
         visits_ref[...] = jnp.full((block_q, 1), visits, jnp.int32)
+
+
+def _initial_carry(block_q: int, K: int):
+    """(output [bq, K], row max and row sum [bq, 1], key blocks visited) before the first key block."""
+    return (
+        jnp.zeros((block_q, K), jnp.float32),
+        jnp.full((block_q, 1), _MASK_VALUE, jnp.float32),
+        jnp.zeros((block_q, 1), jnp.float32),
+        jnp.int32(0),
+    )
+
+
+def _softmax_step(acc, m, row_sum, s, allowed, v, precision):
+    """One key block into the running output ``acc`` [bq, K], row max ``m`` and row sum ``row_sum`` [bq, 1]:
+    ``s`` [bq, bk] the block's scores, ``allowed`` its mask, ``v`` [bk, K] its values."""
+    s = jnp.where(allowed, s, _MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    correction = jnp.exp(m - m_new)
+    p = jnp.where(allowed, jnp.exp(s - m_new), 0.0)
+    row_sum = correction * row_sum + jnp.sum(p, axis=1, keepdims=True)
+    pv = lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )  # [bq, K]
+    return correction * acc + pv, m_new, row_sum
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _meta(valid_BT, seg_BS, q_live, bq: int, bk: int, layout: "_MetaLayout"):
+def _meta(valid_BT, seg_BS, q_live, bq: int, bk: int, layout: _MetaLayout):
     """The kernel's per-block table (see ``_MetaLayout``): each query block's first and last needed key block
     and segment range, and each key block's segment range, as one int32 vector."""
     qmin, qmax, kmin, kmax, needed = _block_tables(valid_BT, seg_BS, q_live, bq, bk)
@@ -280,6 +301,21 @@ def _meta(valid_BT, seg_BS, q_live, bq: int, bk: int, layout: "_MetaLayout"):
     last = jnp.where(any_needed, layout.nk - jnp.argmax(needed[:, :, ::-1], axis=2), 0)
     meta = jnp.concatenate([t.reshape(-1).astype(jnp.int32) for t in (first, last, qmin, qmax, kmin, kmax)])
     return jnp.pad(meta, (0, layout.size - meta.shape[0]))
+
+
+def _backend_specs(cfg: _Config, layout: _MetaLayout, K: int) -> tuple[pl.BlockSpec, pl.CompilerParams | None]:
+    """The meta table's BlockSpec and the compiler parameters of ``cfg.backend``."""
+    if cfg.backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        meta_spec = pl.BlockSpec(memory_space=pltpu.SMEM)  # scalars: whole vector in SMEM
+        return meta_spec, pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    meta_spec = pl.BlockSpec((layout.size,), lambda b, n, i: (0,))
+    if cfg.backend == "gpu" and not cfg.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        return meta_spec, plgpu.CompilerParams(num_warps=4 if K <= 64 else 8, num_stages=2)
+    return meta_spec, None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -309,31 +345,34 @@ def _forward(q, k, v, valid_BT, seg_BS, cfg: _Config):
     qrow_spec = pl.BlockSpec((None, bq, 1), lambda b, n, i: (b, i, 0))
     q_spec = pl.BlockSpec((None, None, bq, K), lambda b, n, i: (b, n, i, 0))
     kv_spec = pl.BlockSpec((None, None, S_pad, K), lambda b, n, i: (b, n, 0, 0))
-    if cfg.backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        meta_spec = pl.BlockSpec(memory_space=pltpu.SMEM)  # scalars: whole vector in SMEM
-        compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
-    else:
-        meta_spec = pl.BlockSpec((layout.size,), lambda b, n, i: (0,))
-        compiler_params = None
-        if cfg.backend == "gpu" and not cfg.interpret:
-            from jax.experimental.pallas import triton as plgpu
-            compiler_params = plgpu.CompilerParams(num_warps=4 if K <= 64 else 8, num_stages=2)
-
+    meta_spec, compiler_params = _backend_specs(cfg, layout, K)
     inputs = [meta, q, k, v, kvalid_B1T]
     in_specs = [meta_spec, q_spec, kv_spec, kv_spec, row_spec]
     if has_segments:
         inputs += [seg_BS[:, :, None], seg_BS[:, None, :]]
         in_specs += [qrow_spec, row_spec]
-    kernel = functools.partial(_attention_kernel, layout=layout, block_q=bq, block_k=bk,
-                               has_segments=has_segments, precision=_precision(q.dtype))
+    kernel = functools.partial(
+        _attention_kernel,
+        layout=layout,
+        block_q=bq,
+        block_k=bk,
+        has_segments=has_segments,
+        precision=_precision(q.dtype),
+    )
     out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct((B, N, S_pad, K), q.dtype)]
     if cfg.count_visits:
         out_specs.append(pl.BlockSpec((None, None, bq, 1), lambda b, n, i: (b, n, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((B, N, S_pad, 1), jnp.int32))
-    outs = pl.pallas_call(kernel, grid=(B, N, nq), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=cfg.interpret, compiler_params=compiler_params,
-                          name="e5lite_flash_attention")(*inputs)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(B, N, nq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=cfg.interpret,
+        compiler_params=compiler_params,
+        name="e5lite_flash_attention",
+    )(*inputs)
     if cfg.count_visits:
         return outs[0][:, :, :S], outs[1][:, :, ::bq, 0]
     return outs[0][:, :, :S]
@@ -364,8 +403,9 @@ def _resolve_block(name: str, block, S: int, dtype, backend: str) -> int:
     block = int(block)
     gran = 16 if (backend == "tpu" and dtype == jnp.bfloat16) else 8
     if block % gran:
-        raise ValueError(f"{name}={block} must be a multiple of {gran} (dtype {jnp.dtype(dtype).name}, "
-                         f"backend {backend!r})")
+        raise ValueError(
+            f"{name}={block} must be a multiple of {gran} (dtype {jnp.dtype(dtype).name}, backend {backend!r})"
+        )
     if backend == "gpu" and (block < 16 or block & (block - 1)):
         raise ValueError(f"{name}={block} must be a power of two >= 16 on the GPU (Triton) backend")
     # A block longer than the sequence shrinks to it (rounded up to the granule / a power of two).
@@ -379,11 +419,11 @@ def _prepare(q, k, v, key_valid_BT, segment_ids_BS, block_q, block_k, interpret,
         if jnp.ndim(x) != 4:
             raise ValueError(f"{name} must be 4-D [B, N, S, K], got shape {jnp.shape(x)}")
     if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have the same shape [B, N, S, K] (self-attention), got "
-                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ValueError(
+            f"q, k, v must have the same shape [B, N, S, K] (self-attention), got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
     if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in _DTYPES:
-        raise ValueError(f"q, k, v must share one dtype out of float32 / bfloat16, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one dtype out of float32 / bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, N, S, K = q.shape
     if K not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={K} is not supported; expected one of {SUPPORTED_HEAD_DIMS}")
@@ -393,8 +433,7 @@ def _prepare(q, k, v, key_valid_BT, segment_ids_BS, block_q, block_k, interpret,
         raise ValueError(f"key_valid_BT must have shape [B, T] = {(B, S)}, got {jnp.shape(key_valid_BT)}")
     if segment_ids_BS is not None:
         if jnp.shape(segment_ids_BS) != (B, S):
-            raise ValueError(f"segment_ids_BS must have shape [B, S] = {(B, S)}, "
-                             f"got {jnp.shape(segment_ids_BS)}")
+            raise ValueError(f"segment_ids_BS must have shape [B, S] = {(B, S)}, got {jnp.shape(segment_ids_BS)}")
         if not jnp.issubdtype(jnp.result_type(segment_ids_BS), jnp.integer):
             raise ValueError(f"segment_ids_BS must be integer, got {jnp.result_type(segment_ids_BS)}")
     bq = _resolve_block("block_q", block_q, S, q.dtype, backend)
@@ -415,16 +454,27 @@ def _flash_fwd(q, k, v, valid_BT, seg_BS, cfg):
 def _flash_bwd(cfg, residuals, g):
     # Fallback: differentiate the plain-jnp reference (materialises [B, N, S, T]); no fused backward.
     q, k, v, valid_BT, seg_BS = residuals
-    _, vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, key_valid_BT=valid_BT,
-                                                         segment_ids_BS=seg_BS), q, k, v)
+    _, vjp = jax.vjp(
+        lambda q, k, v: reference_attention(q, k, v, key_valid_BT=valid_BT, segment_ids_BS=seg_BS), q, k, v
+    )
     return (*vjp(g), None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q_BNSK, k_BNTK, v_BNTK, *, key_valid_BT=None, segment_ids_BS=None,
-                    block_q: int = 128, block_k: int = 128, interpret=None, backend=None):
+def flash_attention(
+    q_BNSK,
+    k_BNTK,
+    v_BNTK,
+    *,
+    key_valid_BT=None,
+    segment_ids_BS=None,
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret=None,
+    backend=None,
+):
     """Masked self-attention ``softmax(q k^T) v`` -> ctx [B, N, S, K] in q's dtype (Pallas kernel).
 
     Args:
@@ -439,17 +489,29 @@ def flash_attention(q_BNSK, k_BNTK, v_BNTK, *, key_valid_BT=None, segment_ids_BS
     Differentiable: the VJP recomputes through :func:`reference_attention` (no fused backward).
     Raises ValueError for unsupported shapes, dtypes, head dims, block sizes or backends.
     """
-    valid, seg, cfg = _prepare(q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS,
-                               block_q, block_k, interpret, backend)
+    valid, seg, cfg = _prepare(
+        q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS, block_q, block_k, interpret, backend
+    )
     return _flash(q_BNSK, k_BNTK, v_BNTK, valid, seg, cfg)
 
 
-def flash_attention_visits(q_BNSK, k_BNTK, v_BNTK, *, key_valid_BT=None, segment_ids_BS=None,
-                           block_q: int = 128, block_k: int = 128, interpret=None, backend=None):
+def flash_attention_visits(
+    q_BNSK,
+    k_BNTK,
+    v_BNTK,
+    *,
+    key_valid_BT=None,
+    segment_ids_BS=None,
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret=None,
+    backend=None,
+):
     """Debug/test twin of :func:`flash_attention` (forward only): returns ``(ctx, visits)`` where
     ``visits`` int32 [B, N, nq] counts the key blocks the kernel actually computed for each query block
     (the blocks after shrinking; nq = padded S // block_q). With skipping it equals
     ``block_needed(...).sum(-1)`` per head; without skipping it would be nk everywhere."""
-    valid, seg, cfg = _prepare(q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS,
-                               block_q, block_k, interpret, backend)
+    valid, seg, cfg = _prepare(
+        q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS, block_q, block_k, interpret, backend
+    )
     return _forward(q_BNSK, k_BNTK, v_BNTK, valid, seg, dataclasses.replace(cfg, count_visits=True))

@@ -26,11 +26,13 @@ _RANGES_KEY = "e5lite-embed-ranges"  # process 0 -> the others, under jax.distri
 
 def _distributed_client():
     from jax._src.distributed import global_state  # jax has no public key-value store
+
     return global_state.client
 
 
-def fix_ranges(enc, out_dir, manifest: dict, process_index: int, process_count: int, *,
-               batch_size: int | None = None) -> None:
+def fix_ranges(
+    enc, out_dir, manifest: dict, process_index: int, process_count: int, *, batch_size: int | None = None
+) -> None:
     """Sets ``manifest["run"]["ranges"]`` of an int8/uint8 run calibrated on its first texts, the same in every
     process: from the manifest when a previous run fixed them; else process 0 computes them, writes them into
     the manifest before any shard is embedded and, under jax.distributed, hands them to the others (which wait
@@ -54,16 +56,20 @@ def fix_ranges(enc, out_dir, manifest: dict, process_index: int, process_count: 
             raise E5LiteError(f"process 0 failed before fixing the {run['precision']} ranges ({got['error']})")
         run["ranges"] = got["ranges"]
     elif run["ranges"] is None:
-        raise E5LiteError(f"process {process_index}: the {run['precision']} ranges are not in "
-                          f"{Path(out_dir) / MANIFEST} yet; without jax.distributed the processes cannot hand them "
-                          "over: run process 0 first (it computes them from the first texts), or pass the ranges")
+        raise E5LiteError(
+            f"process {process_index}: the {run['precision']} ranges are not in "
+            f"{Path(out_dir) / MANIFEST} yet; without jax.distributed the processes cannot hand them "
+            "over: run process 0 first (it computes them from the first texts), or pass the ranges"
+        )
 
 
 def wait_after_failure(process_index: int, process_count: int, error: BaseException) -> None:
     """A process that failed (bad input, a model missing on its host) says so at once, then waits for the others
     at the end barrier: they would otherwise wait there for it until the barrier's timeout."""
-    print(f"e5lite: process {process_index} failed ({error}); waiting for the other processes to finish their "
-          "shards", file=sys.stderr)
+    print(
+        f"e5lite: process {process_index} failed ({error}); waiting for the other processes to finish their shards",
+        file=sys.stderr,
+    )
     if process_index == 0:  # processes waiting for process 0's int8/uint8 ranges (fix_ranges) must not wait on
         client = _distributed_client()
         if client is not None:
@@ -79,6 +85,7 @@ def _wait_for_all_processes(process_count: int, failed: bool = False) -> None:
     hosts jax.distributed's coordination service, and the others are stopped when it exits, so no process may
     leave while another is still embedding. A no-op without jax.distributed (independent processes)."""
     from jax._src.distributed import global_state  # the runtime client: jax has no public barrier without devices
+
     client = global_state.client
     if client is None:
         return
@@ -86,8 +93,10 @@ def _wait_for_all_processes(process_count: int, failed: bool = False) -> None:
         client.wait_at_barrier("e5lite-embed-corpus", BARRIER_TIMEOUT_S * 1000)
     except Exception as e:  # a process died: its shards are left for a rerun
         if not failed:
-            raise E5LiteError(f"another process failed or was stopped before finishing its shards ({e}); run the "
-                              "same command again on every host to resume") from None
+            raise E5LiteError(
+                f"another process failed or was stopped before finishing its shards ({e}); run the "
+                "same command again on every host to resume"
+            ) from None
 
 
 def failing_together(step, *, together: bool, catch=Exception):
@@ -99,5 +108,6 @@ def failing_together(step, *, together: bool, catch=Exception):
     except catch as e:
         if together:
             import jax
+
             wait_after_failure(jax.process_index(), jax.process_count(), e)
         raise

@@ -1,4 +1,4 @@
-"""Per-host and Ray runs (format 2): planning the shards, opening a run, embedding and committing shards.
+"""Per-host and Ray runs (format 2): embedding and committing shards (planning and opening a run: ``plan.py``).
 
 ``e5lite embed --output DIR`` with --coordinator/--distributed (one process per host under jax.distributed),
 --engine ray, a folder, glob or Parquet input, or --shard-size. The input is cut into shards by
@@ -27,113 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..corpus_inputs import (CHUNK_ROWS, SHARD_BYTES, describe_inputs, describe_shard, parse_size, plan_shards,
-                             read_shard, resolve_inputs, shard_bytes_of)
-from ..errors import E5LiteError
-from ..files import read_json, write_atomic
+from ..corpus_inputs import CHUNK_ROWS, SHARD_BYTES, describe_shard, read_shard, shard_bytes_of
+from ..files import write_atomic
 from .coordination import _wait_for_all_processes, fix_ranges, wait_after_failure
+from .plan import missing_shards, open_run, plan_run
 from .shard_files import ShardOutput, _file_metadata
-from .store import (FORMAT, FORMAT_SHARDED, MANIFEST, _SHARD_NAME, _changed_settings, _check_shard_format,
-                    _listing, _record, output_options, shard_stem, stored_layout)
+from .store import OUTPUT_DEFAULTS, output_options, shard_stem, stored_layout
 from .vector_steps import prepare, stored, vectors
 
-
-def plan_run(input, out_dir, *, dim: int, pooling: str, prompt: str, settings: dict | None = None,
-             field: str = "text", id_field: str | None = None, prompt_name: str | None = None, normalize: bool = True,
-             shard_size: int | str = SHARD_BYTES, shard_format: str = "npy", json_records: bool = False,
-             output: dict | None = None) -> dict:
-    """The manifest of a per-host or Ray run: settings, the inputs' identity and the shard plan. ``dim``: the
-    model's; ``output``: ``output_options(dim, ...)`` (default: float32 vectors of truncated inputs)."""
-    _check_shard_format(shard_format)
-    shard_bytes = parse_size(shard_size)
-    paths = resolve_inputs(input, exclude=out_dir)
-    inputs = describe_inputs(paths, json_records=json_records, field=field, id_field=id_field)
-    plan = plan_shards(inputs, shard_bytes)
-    run = {"inputs": inputs, "field": field, "id_field": id_field, "prompt_name": prompt_name, "prompt": prompt,
-           "normalize": normalize, "pooling": pooling, "shard_size": shard_bytes,
-           "shard_format": shard_format, **(settings or {}), **(output or output_options(dim))}
-    return {"format": FORMAT_SHARDED, "run": run, "width": max(5, len(str(max(len(plan) - 1, 0)))), "plan": plan}
-
-
-def _changes(old: dict, new: dict) -> list[str]:
-    a, b = old["run"], new["run"]
-    changed = []
-    if [f["path"] for f in a.get("inputs", [])] != [f["path"] for f in b["inputs"]]:
-        changed.append("list of input files")
-    else:
-        for fa, fb in zip(a["inputs"], b["inputs"]):
-            name = Path(fb["path"]).name
-            changed += [f"input {name} {'modification time' if k == 'mtime_ns' else k.replace('_', ' ')}"
-                        for k in fb if fa.get(k) != fb[k]]
-    return changed + _changed_settings(a, b)
-
-
-def open_run(out_dir, manifest: dict, *, overwrite: bool = False, primary: bool = True, owned=lambda k: True
-             ) -> set[int]:
-    """Prepares out_dir for a run of ``manifest``; returns the shards already done.
-
-    A manifest there that differs (settings, inputs) is refused unless ``overwrite``. The ``primary`` process
-    (process 0, or the Ray driver) writes the manifest; each process removes what previous runs left of the
-    shards it ``owned`` and has still to do (temporaries, files without a record) and, with ``overwrite``,
-    their old files too. Files of other shards are never touched: another process may be writing them."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MANIFEST
-    try:
-        old = read_json(path, default=None)
-    except E5LiteError as e:
-        if not overwrite:
-            raise E5LiteError(f"{e}: not a valid manifest; use --overwrite to start again") from None
-        old = None
-    if old is not None and not overwrite:
-        if not isinstance(old, dict) or old.get("format") not in (FORMAT, FORMAT_SHARDED):
-            raise E5LiteError(f"{path} is not an e5lite embeddings manifest; use another --output")
-        if old["format"] == FORMAT:
-            raise E5LiteError(f"{out_dir} holds a single-process run of one file ({FORMAT}: row shards); finish it "
-                              "without --coordinator, --distributed, --engine ray or --shard-size, or choose "
-                              "another --output")
-        changed = _changes(old, manifest)
-        if changed:
-            raise E5LiteError(f"{out_dir} holds a run with a different {', '.join(changed)}; pass --overwrite to "
-                              "start again or choose another --output")
-        run = manifest["run"]
-        if run.get("calibration") is not None and run.get("ranges") is None:
-            run["ranges"] = old["run"].get("ranges")  # fixed by the run that started it (None: not yet)
-    if primary and (overwrite or old != manifest):
-        write_atomic(path, json.dumps(manifest).encode())
-    width, n = manifest["width"], len(manifest["plan"])
-    listing = _listing(out_dir)
-    names = {name for group in listing.values() for name in group}
-    done = set()
-    for k, group in listing.items():
-        stale = k >= n or any(len(_SHARD_NAME.match(name).group(1)) != width for name in group)
-        if stale:  # another plan's names: no process of this run writes them
-            if primary and overwrite:
-                for name in group:
-                    (out_dir / name).unlink(missing_ok=True)
-            continue
-        stem = shard_stem(k, width)
-        rec = None if overwrite else _record(out_dir, k, width, names)
-        if rec is not None:
-            done.add(k)
-        if owned(k):
-            keep = set() if rec is None else {f"{stem}.json", *rec["files"]}
-            # the record first: from then on the shard reads as missing, whatever else is left
-            for name in sorted(group, key=lambda s: s != f"{stem}.json"):
-                if name not in keep:
-                    (out_dir / name).unlink(missing_ok=True)
-    return done
-
-
-def missing_shards(out_dir, manifest: dict, *, read_records: bool = True) -> list[int]:
-    """The shards of ``manifest`` without a complete record in out_dir; ``read_records=False`` looks at the
-    names alone (a summary line at the end of a process; ``read_embeddings`` reads every record)."""
-    out_dir = Path(out_dir)
-    listing = _listing(out_dir)
-    names = {name for group in listing.values() for name in group}
-    if not read_records:
-        return [k for k in range(len(manifest["plan"])) if f"{shard_stem(k, manifest['width'])}.json" not in names]
-    return [k for k in range(len(manifest["plan"])) if _record(out_dir, k, manifest["width"], names) is None]
+# embed_per_host's arguments that go to plan_run as they are
+_PLAN_ARGS = ("settings", "field", "id_field", "prompt_name", "normalize", "shard_size", "shard_format", "json_records")
 
 
 def _groups(shards, chunk_rows: int):
@@ -152,10 +55,18 @@ def _groups(shards, chunk_rows: int):
                 room = chunk_rows - rows
                 final_part = len(texts) <= room
                 take = texts if final_part else texts[:room]
-                group.append((k, where, take, None if ids is None else ids[:len(take)], nbytes if final_part else 0,
-                              final_part and following is None))
+                group.append(
+                    (
+                        k,
+                        where,
+                        take,
+                        None if ids is None else ids[: len(take)],
+                        nbytes if final_part else 0,
+                        final_part and following is None,
+                    )
+                )
                 rows += len(take)
-                texts, ids = texts[len(take):], None if ids is None else ids[len(take):]
+                texts, ids = texts[len(take) :], None if ids is None else ids[len(take) :]
                 if rows >= chunk_rows:
                     yield group
                     group, rows = [], 0
@@ -173,6 +84,7 @@ def _tokenized(enc, groups, run: dict):
     chunk mode); the next group is read and tokenised on a thread while the caller embeds this one (the
     tokenizer releases the GIL), so the devices do not wait for the input."""
     import concurrent.futures
+
     it = iter(groups)
 
     def produce():
@@ -189,8 +101,19 @@ def _tokenized(enc, groups, run: dict):
             yield item
 
 
-def embed_shards(enc, out_dir, run: dict, width: int, shards, *, writer: str, batch_size: int | None = None,
-                 progress=None, chunk_rows: int | None = None, on_error=None):
+def embed_shards(
+    enc,
+    out_dir,
+    run: dict,
+    width: int,
+    shards,
+    *,
+    writer: str,
+    batch_size: int | None = None,
+    progress=None,
+    chunk_rows: int | None = None,
+    on_error=None,
+):
     """Embeds shards into their files and commits each with its record DIR/shard-K.json as soon as its last row
     is written; yields the records. ``shards``: (k, where, chunks) with chunks (texts, ids or None, input
     bytes) tuples; consecutive shards share engine calls of up to ``chunk_rows`` rows (default: the engine's
@@ -201,24 +124,22 @@ def embed_shards(enc, out_dir, run: dict, width: int, shards, *, writer: str, ba
     if chunk_rows is None:
         chunk_rows = getattr(getattr(enc, "settings", None), "chunk_texts", CHUNK_ROWS)
     out_dir = Path(out_dir)
-    with_ids = run["id_field"] is not None
-    dtype, stored_width = stored_layout(run)
     open_: dict[int, tuple[ShardOutput, dict]] = {}
     try:
         for group, (prepared, lengths) in _tokenized(enc, _groups(shards, chunk_rows), run):
             for k, where, *_ in group:
                 if k not in open_:
-                    out = ShardOutput(out_dir, shard_stem(k, width), run["shard_format"], stored_width, with_ids,
-                                      _file_metadata(run, k, where), dtype)
+                    out = _shard_output(out_dir, run, k, width, where)
                     open_[k] = out, {"shard": k, "rows": 0, "tokens": 0, "started": time.time(), "input": where}
             emb = stored(vectors(enc, prepared, run, batch_size=batch_size), run) if len(lengths) else None
             at, nbytes = 0, 0
-            for k, where, texts, ids, piece_bytes, last in group:
+            for k, _where, texts, ids, piece_bytes, last in group:
                 out, rec = open_[k]
                 if texts:
-                    out.append(emb[at:at + len(texts)], ids)
+                    assert emb is not None  # the group has texts: they were embedded
+                    out.append(emb[at : at + len(texts)], ids)
                     rec["rows"] += len(texts)
-                    rec["tokens"] += int(lengths[at:at + len(texts)].sum())
+                    rec["tokens"] += int(lengths[at : at + len(texts)].sum())
                 at, nbytes = at + len(texts), nbytes + piece_bytes
                 if last:
                     del open_[k]
@@ -239,14 +160,40 @@ def embed_shards(enc, out_dir, run: dict, width: int, shards, *, writer: str, ba
             out.abort()
 
 
-def embed_per_host(enc, input, out_dir, *, settings: dict | None = None, field: str = "text",
-                   id_field: str | None = None, prompt_name: str | None = None, task: str | None = None,
-                   normalize: bool = True, shard_size: int | str = SHARD_BYTES, shard_format: str = "npy",
-                   json_records: bool = False, batch_size: int | None = None, overwrite: bool = False,
-                   process_index: int | None = None, process_count: int | None = None,
-                   show_progress: bool = True, long_inputs: str = "truncate", chunk_overlap: int = 0,
-                   truncate_dim: int | None = None, precision: str = "float32", calibration: int | None = None,
-                   ranges=None) -> dict:
+def _shard_output(out_dir: Path, run: dict, k: int, width: int, where: str) -> ShardOutput:
+    """Shard k's files, open for its rows."""
+    dtype, stored_width = stored_layout(run)
+    with_ids = run["id_field"] is not None
+    meta = _file_metadata(run, k, where)
+    return ShardOutput(out_dir, shard_stem(k, width), run["shard_format"], stored_width, with_ids, meta, dtype)
+
+
+def embed_per_host(
+    enc,
+    input,
+    out_dir,
+    *,
+    settings: dict | None = None,
+    field: str = "text",
+    id_field: str | None = None,
+    prompt_name: str | None = None,
+    task: str | None = None,
+    normalize: bool = True,
+    shard_size: int | str = SHARD_BYTES,
+    shard_format: str = "npy",
+    json_records: bool = False,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    show_progress: bool = True,
+    long_inputs: str = "truncate",
+    chunk_overlap: int = 0,
+    truncate_dim: int | None = None,
+    precision: str = "float32",
+    calibration: int | None = None,
+    ranges=None,
+) -> dict:
     """This process's share of a corpus run into ``out_dir`` (see the notes above): the shards k with
     k % process_count == process_index (default: ``jax.process_index()`` of ``jax.process_count()``), on this
     process's own devices, skipping shards already done. Returns a summary of what this process did.
@@ -256,36 +203,12 @@ def embed_per_host(enc, input, out_dir, *, settings: dict | None = None, field: 
     the processes wait for each other at the end (``_wait_for_all_processes``), not before; an int8/uint8 run
     whose ranges are not fixed yet also waits at the start for process 0 to compute them (``fix_ranges``).
     The vector options (``long_inputs`` ... ``ranges``): see ``output_options``."""
-    if process_index is None or process_count is None:
-        import jax
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
-        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-    if isinstance(process_index, bool) or not isinstance(process_index, int) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
-    out_dir = Path(out_dir)
-
-    def mine(k: int) -> bool:
-        return k % process_count == process_index
-
+    args = locals().copy()  # the arguments by name: _plan_share and _embed_share take theirs from it
+    process_index, process_count = _check_share(process_index, process_count)
     totals = {"rows": 0, "tokens": 0}
     t0 = time.perf_counter()
     try:  # whatever fails here, on one host or all, every process still reaches the barrier below
-        prompt = enc.prompt_prefix(prompt_name, None, task)  # bad names fail before anything is written
-        output = output_options(enc.dim, long_inputs=long_inputs, chunk_overlap=chunk_overlap,
-                                truncate_dim=truncate_dim, precision=precision, calibration=calibration, ranges=ranges)
-        manifest = plan_run(input, out_dir, dim=enc.dim, pooling=enc.pooling, prompt=prompt, settings=settings,
-                            field=field, id_field=id_field, prompt_name=prompt_name, normalize=normalize,
-                            shard_size=shard_size, shard_format=shard_format, json_records=json_records, output=output)
-        if output["long_inputs"] == "chunk":
-            prepare(enc, [""], manifest["run"])  # an overlap too large for the window fails before any write
-        done = open_run(out_dir, manifest, overwrite=overwrite, primary=process_index == 0, owned=mine)
-        fix_ranges(enc, out_dir, manifest, process_index, process_count, batch_size=batch_size)
-        plan = manifest["plan"]
-        todo = [k for k in range(len(plan)) if mine(k) and k not in done]
-        desc = f"embed {process_index}/{process_count}" if process_count > 1 else "embed"
-        _embed_todo(enc, out_dir, manifest, todo, f"process {process_index} of {process_count}", totals, t0,
-                    batch_size, show_progress, desc)
+        manifest, todo = _embed_share(enc, input, Path(out_dir), args, (process_index, process_count), totals, t0)
     except Exception as e:
         if process_count > 1:
             wait_after_failure(process_index, process_count, e)
@@ -293,27 +216,98 @@ def embed_per_host(enc, input, out_dir, *, settings: dict | None = None, field: 
     if process_count > 1:
         _wait_for_all_processes(process_count)
     missing = missing_shards(out_dir, manifest, read_records=False)
-    return {"process": process_index, "processes": process_count, "shards": len(plan), "embedded": len(todo),
-            "skipped": sum(map(mine, range(len(plan)))) - len(todo), "rows": totals["rows"],
-            "tokens": totals["tokens"], "seconds": time.perf_counter() - t0, "missing": missing}
+    plan = manifest["plan"]
+    return {
+        "process": process_index,
+        "processes": process_count,
+        "shards": len(plan),
+        "embedded": len(todo),
+        "skipped": sum(k % process_count == process_index for k in range(len(plan))) - len(todo),
+        "rows": totals["rows"],
+        "tokens": totals["tokens"],
+        "seconds": time.perf_counter() - t0,
+        "missing": missing,
+    }
+
+
+def _check_share(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """This process's index and the number of processes (default: jax's), checked."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if isinstance(process_index, bool) or not isinstance(process_index, int) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+    return process_index, process_count
+
+
+def _embed_share(
+    enc, input, out_dir: Path, args: dict, share: tuple[int, int], totals: dict, t0: float
+) -> tuple[dict, list[int]]:
+    """Plans and opens the run, fixes int8/uint8 ranges, and embeds this process's shards still to do (``args``:
+    embed_per_host's); -> (the manifest, the shards it embedded)."""
+    process_index, process_count = share
+
+    def mine(k: int) -> bool:
+        return k % process_count == process_index
+
+    manifest = _plan_share(enc, input, out_dir, args)
+    done = open_run(out_dir, manifest, overwrite=args["overwrite"], primary=process_index == 0, owned=mine)
+    batch_size = args["batch_size"]
+    fix_ranges(enc, out_dir, manifest, process_index, process_count, batch_size=batch_size)
+    todo = [k for k in range(len(manifest["plan"])) if mine(k) and k not in done]
+    desc = f"embed {process_index}/{process_count}" if process_count > 1 else "embed"
+    writer = f"process {process_index} of {process_count}"
+    _embed_todo(enc, out_dir, manifest, todo, writer, totals, t0, batch_size, args["show_progress"], desc)
+    return manifest, todo
+
+
+def _plan_share(enc, input, out_dir: Path, args: dict) -> dict:
+    """The run's manifest (``plan_run``) from embed_per_host's ``args``: a bad prompt name or vector option
+    fails before anything is written."""
+    prompt = enc.prompt_prefix(args["prompt_name"], None, args["task"])
+    output = output_options(enc.dim, **{k: args[k] for k in OUTPUT_DEFAULTS})
+    plan_args = {k: args[k] for k in _PLAN_ARGS}
+    manifest = plan_run(input, out_dir, dim=enc.dim, pooling=enc.pooling, prompt=prompt, output=output, **plan_args)
+    if output["long_inputs"] == "chunk":
+        prepare(enc, [""], manifest["run"])  # an overlap too large for the window fails before any write
+    return manifest
 
 
 def _embed_todo(enc, out_dir, manifest, todo, writer, totals, t0, batch_size, show_progress, desc) -> None:
     from tqdm.auto import tqdm
+
     plan, run, inputs = manifest["plan"], manifest["run"], manifest["run"]["inputs"]
-    with tqdm(total=sum(shard_bytes_of(plan[k]) for k in todo), unit="B", unit_scale=True, disable=not show_progress,
-              desc=desc, file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=sum(shard_bytes_of(plan[k]) for k in todo),
+        unit="B",
+        unit_scale=True,
+        disable=not show_progress,
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
 
         def progress(rows, tokens, nbytes):
             totals["rows"] += rows
             totals["tokens"] += tokens
             bar.update(nbytes)
-            bar.set_postfix_str(f"{totals['rows']:,} rows, "
-                                f"{totals['tokens'] / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
+            bar.set_postfix_str(
+                f"{totals['rows']:,} rows, {totals['tokens'] / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s"
+            )
 
-        shards = ((k, describe_shard(inputs, plan[k]), read_shard(inputs, plan[k], field=run["field"],
-                                                                  id_field=run["id_field"])) for k in todo)
-        for _ in embed_shards(enc, out_dir, run, manifest["width"], shards, writer=writer, batch_size=batch_size,
-                              progress=progress):
+        shards = (
+            (
+                k,
+                describe_shard(inputs, plan[k]),
+                read_shard(inputs, plan[k], field=run["field"], id_field=run["id_field"]),
+            )
+            for k in todo
+        )
+        for _ in embed_shards(
+            enc, out_dir, run, manifest["width"], shards, writer=writer, batch_size=batch_size, progress=progress
+        ):
             pass
         bar.update(bar.total - bar.n)  # the bytes no row started in (before a shard's first line)

@@ -8,8 +8,10 @@ order), and names the shards still missing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 
@@ -29,13 +31,16 @@ def open_embeddings(out_dir, *, allow_partial: bool = False) -> dict:
     if manifest["format"] == FORMAT_SHARDED:
         return _open_sharded(out_dir, manifest, allow_partial)
     if not manifest["complete"] and not allow_partial:
-        raise E5LiteError(f"{out_dir}: the run is unfinished ({manifest['rows']} rows so far); run e5lite embed "
-                          "again to resume it, or pass allow_partial=True")
+        raise E5LiteError(
+            f"{out_dir}: the run is unfinished ({manifest['rows']} rows so far); run e5lite embed "
+            "again to resume it, or pass allow_partial=True"
+        )
     return manifest
 
 
-def iter_shards(out_dir, *, allow_partial: bool = False, embeddings: bool = True
-                ) -> Iterator[tuple[np.ndarray | None, list]]:
+def iter_shards(
+    out_dir, *, allow_partial: bool = False, embeddings: bool = True
+) -> Iterator[tuple[np.ndarray | None, list]]:
     """(embeddings [rows, width] as written: float32, int8/uint8, or packed bits; ids) of each shard in input
     order, one shard in memory at a time; ``embeddings=False`` reads the ids alone (None in their place)."""
     out_dir = Path(out_dir)
@@ -46,7 +51,9 @@ def _open_sharded(out_dir: Path, manifest: dict, allow_partial: bool) -> dict:
     listing = _listing(out_dir)
     names = {name for group in listing.values() for name in group}
     width, plan = manifest["width"], manifest["plan"]
-    shards, missing, row = [], [], 0
+    shards: list[dict] = []
+    missing: list[int] = []
+    row: int | None = 0  # None past a missing shard
     for k in range(len(plan)):
         rec = _record(out_dir, k, width, names)
         if rec is None:
@@ -56,13 +63,21 @@ def _open_sharded(out_dir: Path, manifest: dict, allow_partial: bool) -> dict:
         shards.append({**rec, "first_row": row})
         row = None if row is None else row + rec["rows"]
     if missing and not allow_partial:
-        shown = ", ".join(shard_stem(k, width) for k in missing[:8]) + (f" and {len(missing) - 8} more"
-                                                                       if len(missing) > 8 else "")
-        raise E5LiteError(f"{out_dir}: the run is unfinished: {len(missing)} of {len(plan)} shards are missing "
-                          f"({shown}); run the same e5lite embed command again to resume, or pass "
-                          "allow_partial=True")
-    return {**manifest, "shards": shards, "missing": missing, "rows": sum(s["rows"] for s in shards),
-            "complete": not missing}
+        shown = ", ".join(shard_stem(k, width) for k in missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise E5LiteError(
+            f"{out_dir}: the run is unfinished: {len(missing)} of {len(plan)} shards are missing "
+            f"({shown}); run the same e5lite embed command again to resume, or pass "
+            "allow_partial=True"
+        )
+    return {
+        **manifest,
+        "shards": shards,
+        "missing": missing,
+        "rows": sum(s["rows"] for s in shards),
+        "complete": not missing,
+    }
 
 
 def _shards(out_dir: Path, manifest: dict, embeddings: bool = True):
@@ -74,6 +89,7 @@ def _shards(out_dir: Path, manifest: dict, embeddings: bool = True):
         emb = None
         if manifest["run"]["shard_format"] == "parquet":
             import pyarrow.parquet as pq
+
             table = pq.read_table(out_dir / shard["files"][0], columns=None if embeddings else ["id"])
             if embeddings:
                 emb = _parquet_vectors(table, shard["rows"], dtype)
@@ -83,8 +99,10 @@ def _shards(out_dir: Path, manifest: dict, embeddings: bool = True):
             ids = read_json(out_dir / shard["files"][1])
         bad = emb is not None and (emb.shape != (shard["rows"], width) or emb.dtype != dtype)
         if bad or len(ids) != shard["rows"]:
-            raise E5LiteError(f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
-                              "records (changed after the run?)")
+            raise E5LiteError(
+                f"{out_dir / shard['files'][0]} does not hold the {shard['rows']} rows the manifest "
+                "records (changed after the run?)"
+            )
         yield emb, ids
 
 
@@ -99,6 +117,7 @@ def _sharded(out_dir: Path, manifest: dict, embeddings: bool):
         files, rows, emb, ids = shard["files"], shard["rows"], None, None
         if run["shard_format"] == "parquet":
             import pyarrow.parquet as pq
+
             columns = (["id"] if run["id_field"] is not None else []) + (["embedding"] if embeddings else [])
             table = pq.read_table(out_dir / files[0], columns=columns)
             if embeddings:
@@ -112,13 +131,30 @@ def _sharded(out_dir: Path, manifest: dict, embeddings: bool):
         if ids is None and shard["first_row"] is not None:  # no id field: the row numbers
             ids = list(range(shard["first_row"], shard["first_row"] + rows))
         if (emb is not None and (emb.shape != (rows, width) or emb.dtype != dtype)) or (
-                ids is not None and len(ids) != rows):
-            raise E5LiteError(f"{out_dir / files[0]} does not hold the {rows} rows its record "
-                              f"{shard_stem(shard['shard'], manifest['width'])}.json names (changed after the run?)")
+            ids is not None and len(ids) != rows
+        ):
+            raise E5LiteError(
+                f"{out_dir / files[0]} does not hold the {rows} rows its record "
+                f"{shard_stem(shard['shard'], manifest['width'])}.json names (changed after the run?)"
+            )
         yield emb, ids
 
 
-def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = False):
+@overload
+def read_embeddings(
+    out_dir: str | os.PathLike, *, with_ids: Literal[False] = False, allow_partial: bool = False
+) -> np.ndarray: ...
+@overload
+def read_embeddings(
+    out_dir: str | os.PathLike, *, with_ids: Literal[True], allow_partial: bool = False
+) -> tuple[np.ndarray, list]: ...
+@overload
+def read_embeddings(
+    out_dir: str | os.PathLike, *, with_ids: bool, allow_partial: bool = False
+) -> np.ndarray | tuple[np.ndarray, list]: ...
+def read_embeddings(
+    out_dir: str | os.PathLike, *, with_ids: bool = False, allow_partial: bool = False
+) -> np.ndarray | tuple[np.ndarray, list]:
     """The embeddings of a sharded ``e5lite embed --output DIR`` run as one array in input order, as written:
     float32 [rows, dim], int8/uint8 [rows, dim] (``--precision int8/uint8``; the manifest's "run" holds the
     "ranges") or packed sign bits int8/uint8 [rows, ceil(dim / 8)] (binary/ubinary); and the ids, a list,
@@ -128,11 +164,14 @@ def read_embeddings(out_dir, *, with_ids: bool = False, allow_partial: bool = Fa
     out_dir = Path(out_dir)
     manifest = open_embeddings(out_dir, allow_partial=allow_partial)
     dtype, width = stored_layout(manifest["run"])
-    parts, ids = [np.zeros((0, width), dtype)], []
+    parts: list[np.ndarray] = [np.zeros((0, width), dtype)]
+    ids: list = []
     for emb, shard_ids in _shards(out_dir, manifest):
         if with_ids and shard_ids is None:
-            raise E5LiteError(f"{out_dir}: row numbers past the first missing shard are unknown until it is done; "
-                              "read the embeddings alone, or resume the run")
+            raise E5LiteError(
+                f"{out_dir}: row numbers past the first missing shard are unknown until it is done; "
+                "read the embeddings alone, or resume the run"
+            )
         parts.append(emb)
         ids += shard_ids or []
     emb = np.concatenate(parts)

@@ -40,9 +40,21 @@ def planned_layout(input, out_dir, *, engine: str = "local", per_host: bool = Fa
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_SHARDED
 
 
-def embed_file(input, out_dir, *, load, options, model, revision: str | None, dtype: str, field: str = "text",
-               json_records: bool = False, rows_per_shard: int | None = None, shard_format: str | None = None,
-               **kw) -> dict:
+def embed_file(
+    input,
+    out_dir,
+    *,
+    load,
+    options,
+    model,
+    revision: str | None,
+    dtype: str,
+    field: str = "text",
+    json_records: bool = False,
+    rows_per_shard: int | None = None,
+    shard_format: str | None = None,
+    **kw,
+) -> dict:
     """One process embedding one .txt/.jsonl file into row shards (``embed_corpus``); ``json_records``: read a
     .txt file as JSONL records too (the command's --field). ``kw``: ``embed_corpus``'s id_field, prompt_name,
     task, normalize, batch_size and overwrite. Returns the final manifest."""
@@ -50,17 +62,43 @@ def embed_file(input, out_dir, *, load, options, model, revision: str | None, dt
     enc = load()
     settings = {"model": model, "revision": revision, "dtype": dtype, "max_length": enc.max_length}
     jsonl = path.name.endswith(".jsonl") or json_records
-    return embed_corpus(enc, path, Path(out_dir), settings=settings, field=field if jsonl else None,
-                        rows_per_shard=ROWS_PER_SHARD if rows_per_shard is None else rows_per_shard,
-                        shard_format=shard_format or "npy", **kw, **options(enc.dim))
+    return embed_corpus(
+        enc,
+        path,
+        Path(out_dir),
+        settings=settings,
+        field=field if jsonl else None,
+        rows_per_shard=ROWS_PER_SHARD if rows_per_shard is None else rows_per_shard,
+        shard_format=shard_format or "npy",
+        **kw,
+        **options(enc.dim),
+    )
 
 
-def embed_planned(input, out_dir, *, load, options, model, revision: str | None = None, dtype: str = "float32",
-                  max_length: int | None = None, knobs: dict | None = None, engine: str = "local",
-                  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-                  distributed: bool = False, num_actors: int | None = None, ray_address: str | None = None,
-                  gpus_per_actor: float | None = None, cpus_per_actor: float | None = None, shard_size=None,
-                  shard_format: str | None = None, **common) -> dict:
+def embed_planned(
+    input,
+    out_dir,
+    *,
+    load,
+    options,
+    model,
+    revision: str | None = None,
+    dtype: str = "float32",
+    max_length: int | None = None,
+    knobs: dict | None = None,
+    engine: str = "local",
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    distributed: bool = False,
+    num_actors: int | None = None,
+    ray_address: str | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float | None = None,
+    shard_size=None,
+    shard_format: str | None = None,
+    **common,
+) -> dict:
     """A per-host run (under jax.distributed with ``coordinator`` or ``distributed``, else one process;
     ``embed_per_host``) or a Ray run (``engine="ray"``: ``embed_corpus_ray``, with the engine
     ``knobs`` for its actors). ``common``: field, id_field, prompt_name, task, normalize, json_records,
@@ -69,14 +107,25 @@ def embed_planned(input, out_dir, *, load, options, model, revision: str | None 
     common.update(shard_size=parse_size(shard_size or SHARD_BYTES))
     if engine == "ray":
         common.update(options(model_facts(model, revision=revision).dim))
-        s = embed_corpus_ray(model, input, Path(out_dir), num_actors=num_actors or 1, address=ray_address,
-                             gpus_per_actor=gpus_per_actor, cpus_per_actor=1.0 if cpus_per_actor is None else
-                             cpus_per_actor, revision=revision, dtype=dtype, max_length=max_length, knobs=knobs,
-                             **common)
+        s = embed_corpus_ray(
+            model,
+            input,
+            Path(out_dir),
+            num_actors=num_actors or 1,
+            address=ray_address,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=1.0 if cpus_per_actor is None else cpus_per_actor,
+            revision=revision,
+            dtype=dtype,
+            max_length=max_length,
+            knobs=knobs,
+            **common,
+        )
         return {**s, "who": f"{num_actors or 1} Ray actors"}
     together = bool(coordinator or distributed)
     if together:  # before anything starts a JAX backend
         from ..runtime import initialize_distributed
+
         initialize_distributed(coordinator, num_processes, process_id, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     enc = failing_together(load, together=together)  # a model missing on this host: the others must not wait
     settings = {"model": model, "revision": revision, "dtype": dtype, "max_length": enc.max_length}

@@ -41,14 +41,27 @@ TMP_SUFFIX = ".tmp"
 SHARD_FORMATS = ("npy", "parquet")
 CALIBRATION_ROWS = 1000
 # The keys these options add to a run, with the values a manifest written before them implies (it resumes).
-OUTPUT_DEFAULTS = {"long_inputs": "truncate", "chunk_overlap": 0, "truncate_dim": None, "precision": "float32",
-                   "calibration": None, "ranges": None}
+OUTPUT_DEFAULTS = {
+    "long_inputs": "truncate",
+    "chunk_overlap": 0,
+    "truncate_dim": None,
+    "precision": "float32",
+    "calibration": None,
+    "ranges": None,
+}
 _SHARD_NAME = re.compile(r"^\.?shard-(\d+)\.")
 
 
-def output_options(dim: int, *, long_inputs: str = "truncate", chunk_overlap: int = 0,
-                   truncate_dim: int | None = None, precision: str = "float32", calibration: int | None = None,
-                   ranges=None) -> dict:
+def output_options(
+    dim: int,
+    *,
+    long_inputs: str = "truncate",
+    chunk_overlap: int = 0,
+    truncate_dim: int | None = None,
+    precision: str = "float32",
+    calibration: int | None = None,
+    ranges=None,
+) -> dict:
     """The run keys of these options for a model of ``dim`` components, validated (errors name the option).
     int8/uint8 without ``ranges`` take them from the first ``calibration`` texts (default CALIBRATION_ROWS)."""
     check_long_inputs(long_inputs, chunk_overlap)
@@ -62,8 +75,10 @@ def output_options(dim: int, *, long_inputs: str = "truncate", chunk_overlap: in
         if not scalar:
             raise ValueError(f"calibration sets int8/uint8 ranges; precision {precision!r} has none")
         if ranges is not None:
-            raise ValueError("pass ranges or calibration, not both: the ranges are given, or computed from the "
-                             "first calibration texts")
+            raise ValueError(
+                "pass ranges or calibration, not both: the ranges are given, or computed from the "
+                "first calibration texts"
+            )
     if ranges is not None:
         if not scalar:
             raise ValueError(f"ranges are int8/uint8 buckets; precision {precision!r} has none")
@@ -71,9 +86,15 @@ def output_options(dim: int, *, long_inputs: str = "truncate", chunk_overlap: in
         ranges = np.asarray(ranges, np.float32).tolist()  # exact in JSON: float32 -> float64 -> float32
     elif scalar and calibration is None:
         calibration = CALIBRATION_ROWS
-    return {"dim": out_dim, "long_inputs": long_inputs, "chunk_overlap": int(chunk_overlap),
-            "truncate_dim": truncate_dim, "precision": precision,
-            "calibration": None if calibration is None else int(calibration), "ranges": ranges}
+    return {
+        "dim": out_dim,
+        "long_inputs": long_inputs,
+        "chunk_overlap": int(chunk_overlap),
+        "truncate_dim": truncate_dim,
+        "precision": precision,
+        "calibration": None if calibration is None else int(calibration),
+        "ranges": ranges,
+    }
 
 
 def load_ranges(spec) -> np.ndarray:
@@ -83,12 +104,16 @@ def load_ranges(spec) -> np.ndarray:
     if path.is_dir():
         manifest = _read_manifest(path)
         if manifest is None:
-            raise InputError(f"--ranges {spec}: a folder without {MANIFEST} (pass a .npy file [2, dim], or the "
-                             "folder of an e5lite embed --precision int8/uint8 run)")
+            raise InputError(
+                f"--ranges {spec}: a folder without {MANIFEST} (pass a .npy file [2, dim], or the "
+                "folder of an e5lite embed --precision int8/uint8 run)"
+            )
         ranges = manifest["run"].get("ranges")
         if ranges is None:
-            raise InputError(f"--ranges {spec}: that run has no int8/uint8 ranges (precision "
-                             f"{manifest['run'].get('precision', 'float32')})")
+            raise InputError(
+                f"--ranges {spec}: that run has no int8/uint8 ranges (precision "
+                f"{manifest['run'].get('precision', 'float32')})"
+            )
         return np.asarray(ranges, np.float32)
     if not path.is_file():
         raise InputError(f"--ranges {spec}: no such file or folder")
@@ -97,8 +122,10 @@ def load_ranges(spec) -> np.ndarray:
     except (ValueError, OSError) as e:
         raise InputError(f"--ranges {spec}: not a .npy array ({e})") from None
     if ranges.ndim != 2 or ranges.shape[0] != 2:
-        raise InputError(f"--ranges {spec}: expected shape (2, dim) (row 0 the minimum, row 1 the maximum of each "
-                         f"dimension), got {ranges.shape}")
+        raise InputError(
+            f"--ranges {spec}: expected shape (2, dim) (row 0 the minimum, row 1 the maximum of each "
+            f"dimension), got {ranges.shape}"
+        )
     return ranges
 
 
@@ -129,7 +156,7 @@ def first_texts(inputs: list[dict], plan: list[dict], field: str, n: int) -> lis
     texts: list[str] = []
     for shard in plan:
         for chunk, _, _ in read_shard(inputs, shard, field=field, id_field=None, chunk_rows=max(1, n - len(texts))):
-            texts += chunk[:n - len(texts)]
+            texts += chunk[: n - len(texts)]
             if len(texts) >= n:
                 return texts
     return texts
@@ -148,6 +175,7 @@ def _check_shard_format(shard_format: str) -> None:
 
 def _arrow_type(dtype: np.dtype):
     import pyarrow as pa
+
     return {"float32": pa.float32(), "int8": pa.int8(), "uint8": pa.uint8()}[np.dtype(dtype).name]
 
 
@@ -165,6 +193,7 @@ def _read_manifest(out_dir: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ the files of a planned run's shards
+
 
 def shard_stem(k: int, width: int) -> str:
     return f"shard-{k:0{width}d}"
@@ -191,7 +220,11 @@ def _record(out_dir: Path, k: int, width: int, names: set[str]) -> dict | None:
     except E5LiteError:
         return None
     files = rec.get("files")
-    if rec.get("shard") != k or not isinstance(rec.get("rows"), int) or not isinstance(files, list) or not all(
-            isinstance(f, str) and f in names for f in files):
+    if (
+        rec.get("shard") != k
+        or not isinstance(rec.get("rows"), int)
+        or not isinstance(files, list)
+        or not all(isinstance(f, str) and f in names for f in files)
+    ):
         return None
     return rec

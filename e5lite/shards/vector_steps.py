@@ -1,5 +1,6 @@
 """The vectors of a corpus run: its texts tokenised (or cut into windows), embedded, cut to ``truncate_dim``
-and quantised as the run's options ask (``store.py``), in the steps and order of ``Encoder.encode``.
+and quantised as the run's options ask (``store.py``): ``e5lite.pipeline``'s steps, which ``Encoder.encode``
+runs too, with the run's options as the pipeline's ``Recipe``.
 
 Every writer computes its vectors here: the single-process writer, the per-host and Ray shards, the Ray
 ``Embedder`` and the int8/uint8 calibration, so that a run's vectors do not depend on which of them wrote it.
@@ -10,56 +11,60 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import E5LiteError
-from ..long_inputs import Windows, embed_windows, split
-from ..quantize import quantize_embeddings, truncate
+from ..pipeline import Prepared, Recipe, quantize
 from .store import _opt, stored_layout
 
 
-def prepare(enc, texts: list[str], run: dict, offset: int = 0):
-    """-> (what ``vectors`` embeds: token ids per text, or the texts' ``Windows`` in chunk mode; tokens per
-    text [n] int64)."""
-    if _opt(run, "long_inputs") == "chunk":
-        windows = split(enc.tokenizer, texts, run["prompt"], _opt(run, "chunk_overlap"), offset)
-        return windows, np.bincount(windows.owner, weights=windows.weight, minlength=windows.n).astype(np.int64)
-    ids = enc.tokenize(texts, prompt=run["prompt"])
-    return ids, np.fromiter((len(t) for t in ids), np.int64, len(ids))
+def recipe(run: dict, dim: int) -> Recipe:
+    """The pipeline's options for a run's vectors from a model of ``dim`` components, int8/uint8 with the
+    manifest's ranges."""
+    ranges = run.get("ranges")
+    return Recipe(
+        dim,
+        prompt=run["prompt"],
+        long_inputs=_opt(run, "long_inputs"),
+        chunk_overlap=_opt(run, "chunk_overlap"),
+        normalize=run["normalize"],
+        truncate_dim=_opt(run, "truncate_dim"),
+        precision=_opt(run, "precision"),
+        ranges=None if ranges is None else np.asarray(ranges, np.float32),
+    )
 
 
-def vectors(enc, prepared, run: dict, *, batch_size: int | None = None, local: bool = True) -> np.ndarray:
-    """Float32 vectors [n, dim] as ``Encoder.encode`` computes them with the run's options (the same steps in
-    the same order), on this process's devices alone when ``local`` (see ``embed_local``)."""
-    dim = _opt(run, "truncate_dim")
-    normalize = run["normalize"] and dim is None  # with a cut, normalised after it (sentence-transformers')
-    n = prepared.n if isinstance(prepared, Windows) else len(prepared)
-    if n == 0:
-        return np.zeros((0, run["dim"]), np.float32)
+def prepare(enc, texts: list[str], run: dict, offset: int = 0) -> tuple[Prepared, np.ndarray]:
+    """-> (what ``vectors`` embeds: the texts' token ids, or their windows in chunk mode; tokens per text [n]
+    int64). ``offset``: the index of texts[0] in the input, for errors naming a text (only windows can fail)."""
+    r = recipe(run, enc.dim)
+    prepared = enc.prepare(texts, r, offset=offset if r.chunk else 0)
+    return prepared, prepared.lengths
 
-    def embed(ids, norm):
-        return enc.embed_ids(ids, normalize=norm, batch_size=batch_size, show_progress_bar=False, local=local)
 
-    if isinstance(prepared, Windows):  # as encode
-        x = embed_windows(prepared, embed, normalize, enc.dim)
-    else:
-        x = embed(prepared, normalize)
-    return x if dim is None else truncate(x, dim, run["normalize"])
+def vectors(enc, prepared: Prepared, run: dict, *, batch_size: int | None = None, local: bool = True) -> np.ndarray:
+    """Float32 vectors [n, dim] as ``Encoder.encode`` computes them with the run's options. ``local``: on this
+    process's own devices alone, with no collective (``Encoder.embed_ids`` under several JAX processes is SPMD:
+    every process passes the same ids and all get the merged result; a corpus process holds rows no other
+    process has)."""
+    return enc.embed_prepared(
+        prepared, recipe(run, enc.dim), batch_size=batch_size, show_progress_bar=False, local=local
+    )
 
 
 def stored(x: np.ndarray, run: dict) -> np.ndarray:
-    """Float vectors -> what the run stores (``quantize_embeddings`` with the manifest's ranges)."""
+    """Float vectors -> what the run stores (the pipeline's quantisation, with the manifest's ranges)."""
     precision = _opt(run, "precision")
     if precision == "float32":
         return x
     if len(x) == 0:
         dtype, width = stored_layout(run)
         return np.zeros((0, width), dtype)
-    ranges = run.get("ranges")
-    if precision in ("int8", "uint8") and ranges is None:
+    if precision in ("int8", "uint8") and run.get("ranges") is None:
         raise E5LiteError(f"a {precision} run without ranges in its manifest; report this as a bug")
-    return quantize_embeddings(x, precision, None if ranges is None else np.asarray(ranges, np.float32))
+    return quantize(x, recipe(run, run["dim"]))
 
 
-def calibration_ranges(enc, texts: list[str], run: dict, *, batch_size: int | None = None, local: bool = True
-                       ) -> list | None:
+def calibration_ranges(
+    enc, texts: list[str], run: dict, *, batch_size: int | None = None, local: bool = True
+) -> list | None:
     """int8/uint8 ranges (per-dimension [min, max], as lists) of the float vectors of ``texts`` computed with the
     run's options; None for no texts (an empty input: nothing to quantise)."""
     if not texts:
@@ -67,12 +72,3 @@ def calibration_ranges(enc, texts: list[str], run: dict, *, batch_size: int | No
     prepared, _ = prepare(enc, texts, run)
     x = vectors(enc, prepared, run, batch_size=batch_size, local=local)
     return np.vstack((x.min(axis=0), x.max(axis=0))).astype(np.float32).tolist()
-
-
-def embed_local(enc, token_ids: list, *, normalize: bool = True, batch_size: int | None = None) -> np.ndarray:
-    """Embeddings of these token ids computed on this process's own devices only.
-
-    ``Encoder.embed_ids`` under several JAX processes is SPMD: every process passes the same ids, embeds a
-    share and all-gather the result. A corpus process holds rows no other process has, so it asks for the
-    per-process path (``local=True``: no share, no all-gather)."""
-    return enc.embed_ids(token_ids, normalize=normalize, batch_size=batch_size, show_progress_bar=False, local=True)
