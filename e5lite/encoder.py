@@ -1,4 +1,5 @@
-"""``e5lite.load(...)`` and ``Encoder``: prompts, tokenisation and the public embedding calls.
+"""``Encoder``: prompts, tokenisation and the public embedding calls. ``e5lite.load(...)``, which reads a model
+into one, is ``loading.py``'s (re-exported here); the checks of a call's texts and ids are ``inputs.py``'s.
 
 ``Encoder.encode`` = ``tokenize`` + ``embed_ids`` (+ windows, ``truncate_dim``, quantisation): the steps are
 ``pipeline.py``'s, with the engine as the model; the batching, devices and threads behind it are the engine's
@@ -11,24 +12,26 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
+import jax
 import numpy as np
+import numpy.typing as npt
 
-from . import hub, pipeline
+from . import pipeline
 from .batching import Batch
 from .config import BertConfig
-from .engine import Engine, check_weights
-from .errors import E5LiteError
+from .engine import Engine
+from .inputs import check_ids, check_texts
+from .loading import load as load  # re-exported: ``from e5lite.encoder import load``
 from .long_inputs import window_length
 from .model import Params
 from .pipeline import Prepared, Recipe
-from .pooling import read_pooling_mode
-from .runtime import CACHE_ENV, enable_compilation_cache
 from .settings import EngineSettings
-from .tokenizer import TextTokenizer, read_prompts, resolve_max_length
-from .weights import load_params, resolve_dtype
+from .tokenizer import TextTokenizer
+from .weights import resolve_dtype
 
 logger = logging.getLogger("e5lite")
 
@@ -42,46 +45,6 @@ def instruct_prompt(task: str) -> str:
     return INSTRUCT_TEMPLATE.format(task=task)
 
 
-def _check_texts(texts) -> tuple[list[str], bool]:
-    if isinstance(texts, str):
-        return [texts], True
-    if isinstance(texts, Mapping):
-        raise TypeError(f"texts must be a str or a sequence of str, got a mapping ({type(texts).__name__}): "
-                        "pass list(d.values()) or list(d) explicitly")
-    if isinstance(texts, AbstractSet):
-        raise TypeError(f"texts must be a str or a sequence of str, got a {type(texts).__name__}, which has no "
-                        "order for the results to follow: pass sorted(...) or a list")
-    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
-        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
-    return texts, False
-
-
-def _check_ids(ids, max_length: int, vocab_size: int) -> list[np.ndarray]:
-    """A list of token id sequences -> int32 arrays; errors name the sequence."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise TypeError(f"ids must be a list of token id sequences, got {type(ids).__name__}")
-    out = []
-    for i, seq in enumerate(ids):
-        if isinstance(seq, (int, np.integer)):
-            raise TypeError(f"ids[{i}] is an int: pass a list of sequences ([[101, 2054, 102]], not [101, ...])")
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, np.ndarray)):
-            raise TypeError(f"ids[{i}] is {type(seq).__name__}, expected a sequence of token ids")
-        arr = np.asarray(seq)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise TypeError(f"ids[{i}] must be a flat sequence of ints, got dtype {arr.dtype} shape {arr.shape}")
-        if not 1 <= arr.size <= max_length:
-            raise ValueError(f"ids[{i}] has {arr.size} tokens; expected 1 to {max_length} (max_length)")
-        if arr.min() < 0 or arr.max() >= vocab_size:
-            raise ValueError(f"ids[{i}] holds token id {int(arr.min() if arr.min() < 0 else arr.max())}, "
-                             f"outside the vocabulary [0, {vocab_size})")
-        out.append(arr.astype(np.int32, copy=False))
-    return out
-
-
 class Encoder:
     """A loaded E5/BERT sentence encoder. Build with ``e5lite.load``.
 
@@ -90,10 +53,22 @@ class Encoder:
     Batches are sharded over ``devices`` (default: all local devices).
     """
 
-    def __init__(self, model_dir, config: BertConfig, params: Params, tokenizer: TextTokenizer, *,
-                 pooling: str = "mean", prompts: dict[str, str] | None = None,
-                 default_prompt_name: str | None = None, dtype="float32", settings: EngineSettings | None = None,
-                 devices=None, weights: str | None = None, **knobs):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        config: BertConfig,
+        params: Params,
+        tokenizer: TextTokenizer,
+        *,
+        pooling: str = "mean",
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        dtype: npt.DTypeLike = "float32",
+        settings: EngineSettings | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        weights: str | None = None,
+        **knobs: Any,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.config = config
         self.tokenizer = tokenizer
@@ -102,9 +77,17 @@ class Encoder:
         self.default_prompt_name = default_prompt_name
         self.dtype = resolve_dtype(dtype)
         settings = (settings or EngineSettings()).replace(**knobs)
-        self.engine = Engine(config, params, pooling=pooling, max_length=tokenizer.max_length,
-                             pad_id=tokenizer.pad_token_id, dtype=self.dtype, settings=settings, devices=devices,
-                             weights=weights)
+        self.engine = Engine(
+            config,
+            params,
+            pooling=pooling,
+            max_length=tokenizer.max_length,
+            pad_id=tokenizer.pad_token_id,
+            dtype=self.dtype,
+            settings=settings,
+            devices=devices,
+            weights=weights,
+        )
 
     @property
     def weights(self) -> str:
@@ -135,7 +118,7 @@ class Encoder:
         return self.engine.settings
 
     @property
-    def devices(self) -> list:
+    def devices(self) -> list[jax.Device]:
         return self.engine.devices
 
     def set_params(self, params: Params) -> None:
@@ -153,24 +136,25 @@ class Encoder:
         """Stops the engine's worker threads (also done when the Encoder is garbage collected)."""
         self.engine.close()
 
-    def __enter__(self) -> "Encoder":
+    def __enter__(self) -> Encoder:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def configure(self, **changes) -> EngineSettings:
+    def configure(self, **changes: Any) -> EngineSettings:
         """Changes engine settings between calls, e.g. ``configure(token_budget=4096, packing=False)``."""
         return self.engine.configure(**changes)
 
-    def __repr__(self):
-        return (f"Encoder({str(self.model_dir)!r}, layers={self.config.num_hidden_layers}, dim={self.dim}, "
-                f"max_length={self.max_length}, pooling={self.pooling!r}, dtype={self.dtype.name}, "
-                f"weights={self.weights!r}, "
-                f"devices={len(self.devices)}, attention={self.settings.attention_impl!r})")
+    def __repr__(self) -> str:
+        return (
+            f"Encoder({str(self.model_dir)!r}, layers={self.config.num_hidden_layers}, dim={self.dim}, "
+            f"max_length={self.max_length}, pooling={self.pooling!r}, dtype={self.dtype.name}, "
+            f"weights={self.weights!r}, "
+            f"devices={len(self.devices)}, attention={self.settings.attention_impl!r})"
+        )
 
-    def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None
-                      ) -> str:
+    def prompt_prefix(self, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None) -> str:
         """The text put before each input: ``prompt`` as given; for a ``task`` (the -instruct models' queries)
         "Instruct: {task}\nQuery: "; else the named prompt (``prompts[prompt_name]``), else the default
         prompt's, else ""."""
@@ -195,17 +179,26 @@ class Encoder:
         ``e5lite eval``, ``e5lite train`` and the MTEB adapter for the query and passage sides."""
         return self.prompts[name] if name in self.prompts else ""
 
-    def tokenize(self, texts: Sequence[str], *, prompt_name=None, prompt=None, task=None, truncate: bool = True,
-                 direction: str = "right") -> list[np.ndarray]:
+    def tokenize(
+        self,
+        texts: str | Iterable[str],
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        task: str | None = None,
+        truncate: bool = True,
+        direction: str = "right",
+    ) -> list[np.ndarray]:
         """Token ids per text (int32 arrays), with the prompt prepended and truncation to max_length applied
         (``direction="left"``: a long text keeps its last tokens, the special tokens stay); ``truncate=False``
         raises TextTooLongError (its ``index`` names the text) instead of cutting."""
-        texts, _ = _check_texts(texts)
+        texts, _ = check_texts(texts)
         recipe = self.recipe(prompt_name=prompt_name, prompt=prompt, task=task, truncate=truncate, direction=direction)
         return pipeline.prepare(self.tokenizer, texts, recipe).ids
 
-    def recipe(self, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
-               **options) -> Recipe:
+    def recipe(
+        self, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None, **options: Any
+    ) -> Recipe:
         """A ``pipeline.Recipe`` for this model: the prompt as ``prompt_prefix`` resolves it, the other options
         (truncate, direction, long_inputs, chunk_overlap, normalize, truncate_dim, precision, ranges,
         calibration_embeddings) as given, checked."""
@@ -218,19 +211,34 @@ class Encoder:
         ``embed_prepared``."""
         return pipeline.prepare(self.tokenizer, items, recipe, offset=offset)
 
-    def embed_prepared(self, prepared: Prepared, recipe: Recipe, *, batch_size: int | None = None,
-                       show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
+    def embed_prepared(
+        self,
+        prepared: Prepared,
+        recipe: Recipe,
+        *,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        local: bool = False,
+    ) -> np.ndarray:
         """Float32 vectors [n, truncate_dim or dim] of a ``prepare`` result: windows combined, cut, normalised as
         ``recipe`` says (not quantised: ``pipeline.quantize``). ``local`` as in ``embed_ids``."""
-        return pipeline.vectors(prepared, self._model(self._run_kw(recipe.normalize, batch_size, show_progress_bar),
-                                                      local), recipe)
+        return pipeline.vectors(
+            prepared, self._model(self._run_kw(recipe.normalize, batch_size, show_progress_bar), local), recipe
+        )
 
-    def _model(self, kw: dict, local: bool = False) -> pipeline.Embed:
+    def _model(self, kw: dict[str, Any], local: bool = False) -> pipeline.Embed:
         """The pipeline's embed step on this engine, with ``_run_kw``'s keywords; the device normalises as asked."""
         return lambda source, n, normalize: self.engine.run(source, n, local=local, **{**kw, "normalize": normalize})
 
-    def iter_batches(self, texts, *, prompt_name: str | None = None, prompt: str | None = None,
-                     task: str | None = None, batch_size: int | None = None) -> Iterator[Batch]:
+    def iter_batches(
+        self,
+        texts: str | Iterable[str],
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        task: str | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[Batch]:
         """The batches ``encode`` runs for these texts, as numpy arrays, for a function or device loop of your own.
 
         Each ``batching.Batch`` has ``input_ids`` and ``attention_mask`` [R, S] int32; packed rows (``packed``)
@@ -241,37 +249,55 @@ class Encoder:
         device count. Chunks are tokenised and planned one ahead on a worker thread, as in ``encode``. Under
         several JAX processes this yields every text's batches in every process (shard them yourself).
         """
-        texts, _ = _check_texts(texts)
+        texts, _ = check_texts(texts)
         self._run_kw(True, batch_size, False)
-        prepared = pipeline.prepare(self.tokenizer, texts, self.recipe(prompt_name=prompt_name, prompt=prompt,
-                                                                       task=task), lazy=True)
+        prepared = pipeline.prepare(
+            self.tokenizer, texts, self.recipe(prompt_name=prompt_name, prompt=prompt, task=task), lazy=True
+        )
         return self.engine.batches(prepared.source, len(texts), batch_size)
 
-    def embed_ids(self, ids: Sequence[Sequence[int]], *, normalize: bool = True, batch_size: int | None = None,
-                  show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
+    def embed_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        local: bool = False,
+    ) -> np.ndarray:
         """Embeds token id sequences (as ``tokenize`` returns them: prompt and truncation applied) -> float32
         [n, dim] in input order. With several JAX processes, every process passes the same ids, embeds its
         contiguous share, and all get the merged result; with ``local=True`` each process embeds its own ids
         on its own devices, with no collective (what a corpus run per host needs)."""
-        checked = _check_ids(ids, self.max_length, self.config.vocab_size)
-        return self.embed_valid_ids(checked, normalize=normalize, batch_size=batch_size,
-                                    show_progress_bar=show_progress_bar, local=local)
+        checked = check_ids(ids, self.max_length, self.config.vocab_size)
+        return self.embed_valid_ids(
+            checked, normalize=normalize, batch_size=batch_size, show_progress_bar=show_progress_bar, local=local
+        )
 
-    def embed_valid_ids(self, ids: Sequence[np.ndarray], *, normalize: bool = True, batch_size: int | None = None,
-                        show_progress_bar: bool | None = None, local: bool = False) -> np.ndarray:
+    def embed_valid_ids(
+        self,
+        ids: Sequence[np.ndarray],
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        local: bool = False,
+    ) -> np.ndarray:
         """``embed_ids`` of ids the caller has checked already (int32 arrays of 1 to max_length ids in
         [0, vocab_size), as ``tokenize`` and ``prepare`` give them, or as the server validates a request's):
         no second pass over every token. Ids outside those bounds give wrong vectors, not an error."""
-        return self.engine.run(lambda lo, hi: ids[lo:hi], len(ids), local=local,
-                               **self._run_kw(normalize, batch_size, show_progress_bar))
+        return self.engine.run(
+            lambda lo, hi: ids[lo:hi], len(ids), local=local, **self._run_kw(normalize, batch_size, show_progress_bar)
+        )
 
     def token_states(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The last hidden state of every token, float32 [len, dim] per id sequence (TEI's ``/embed_all``); ids
         checked already, as for ``embed_valid_ids``."""
         return self.engine.token_states(ids)
 
-    def token_spans(self, texts: Sequence[str], *, add_special_tokens: bool = True
-                    ) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
+    def token_spans(
+        self, texts: Sequence[str], *, add_special_tokens: bool = True
+    ) -> list[list[tuple[int, str, bool, tuple[int, int] | None]]]:
         """Per text, per token: (id, token string, special?, (start, stop) character offsets in the text, or
         None for a special token), not truncated and without a prompt (TEI's ``/tokenize``)."""
         return self.tokenizer.encode_tokens(texts, add_special_tokens=add_special_tokens)
@@ -285,10 +311,23 @@ class Encoder:
         and ``prompt``; ``chunk_overlap`` must be less."""
         return window_length(self.tokenizer, len(self.tokenizer.body_ids([prompt])[0]) if prompt else 0)
 
-    def encode(self, texts, *, prompt_name: str | None = None, prompt: str | None = None, task: str | None = None,
-               normalize: bool = True, batch_size: int | None = None, show_progress_bar: bool | None = None,
-               long_inputs: str = "truncate", chunk_overlap: int = 0, truncate_dim: int | None = None,
-               precision: str = "float32", ranges=None, calibration_embeddings=None) -> np.ndarray:
+    def encode(
+        self,
+        texts: str | Iterable[str],
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        task: str | None = None,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+        long_inputs: str = "truncate",
+        chunk_overlap: int = 0,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        ranges: npt.ArrayLike | None = None,
+        calibration_embeddings: npt.ArrayLike | None = None,
+    ) -> np.ndarray:
         """Embeds texts: a list -> float32 [n, dim] in input order; a single str -> [dim].
 
         The prefix: ``prompt`` as given, or the model's prompt ``prompt_name`` ("query", "passage"), or for
@@ -307,18 +346,28 @@ class Encoder:
         ``quantize_embeddings``, with ``ranges`` [2, dim] or ``calibration_embeddings`` setting int8/uint8
         buckets (else the call's own embeddings, which needs two texts or more; see ``quantize.py``).
         """
-        texts, single = _check_texts(texts)
-        recipe = self.recipe(prompt_name=prompt_name, prompt=prompt, task=task, long_inputs=long_inputs,
-                             chunk_overlap=chunk_overlap, normalize=normalize, truncate_dim=truncate_dim,
-                             precision=precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
+        texts, single = check_texts(texts)
+        recipe = self.recipe(
+            prompt_name=prompt_name,
+            prompt=prompt,
+            task=task,
+            long_inputs=long_inputs,
+            chunk_overlap=chunk_overlap,
+            normalize=normalize,
+            truncate_dim=truncate_dim,
+            precision=precision,
+            ranges=ranges,
+            calibration_embeddings=calibration_embeddings,
+        )
         recipe.check_count(len(texts))
         kw = self._run_kw(normalize, batch_size, show_progress_bar)
         out = pipeline.run(pipeline.prepare(self.tokenizer, texts, recipe, lazy=True), self._model(kw), recipe)
         return out[0] if single else out
 
-    def _run_kw(self, normalize, batch_size, show_progress_bar) -> dict:
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+    def _run_kw(self, normalize: object, batch_size: object, show_progress_bar: bool | None) -> dict[str, Any]:
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         if not isinstance(normalize, (bool, np.bool_)):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r:.40}")
@@ -326,44 +375,12 @@ class Encoder:
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO
         return dict(normalize=bool(normalize), batch_size=batch_size, show_progress_bar=show_progress_bar)
 
-    def encode_queries(self, texts, *, task: str | None = None, **kw) -> np.ndarray:
+    def encode_queries(self, texts: str | Iterable[str], *, task: str | None = None, **kw: Any) -> np.ndarray:
         """``encode`` with prompt_name="query" (E5's "query: " prefix), or with the instruct prefix of ``task``."""
         if task is not None:
             return self.encode(texts, task=task, **kw)
         return self.encode(texts, prompt_name="query", **kw)
 
-    def encode_passages(self, texts, **kw) -> np.ndarray:
+    def encode_passages(self, texts: str | Iterable[str], **kw: Any) -> np.ndarray:
         """``encode`` with prompt_name="passage" (E5's "passage: " prefix)."""
         return self.encode(texts, prompt_name="passage", **kw)
-
-
-def load(model: str | os.PathLike, *, revision: str | None = None, dtype="float32", max_length: int | None = None,
-         cache_dir=None, settings: EngineSettings | None = None, devices=None, tokenizer_backend: str = "auto",
-         weights: str | None = None, **knobs) -> Encoder:
-    """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
-
-    Engine ``settings`` (or single knobs as keywords: token_budget, packing, pack_length, max_segments,
-    min_window, streams, attention_impl, ...; see ``EngineSettings``) and ``devices`` go to ``Encoder``.
-    ``tokenizer_backend``: "auto" (tokie when installed and in agreement with tokenizers, see
-    ``fast_tokenizer.py``), "tokie" or "tokenizers".
-    ``weights="bfloat16"`` (with float32 compute): the layers' matmul weights in bfloat16, multiplied as bf16
-    operands accumulating in float32, activations float32 throughout; faster one-query latency on CPU for
-    cosine >= 0.999 against float32 (see README, "Faster queries"); None: weights in ``dtype``.
-    """
-    check_weights(weights, resolve_dtype(dtype))
-    settings = (settings or EngineSettings()).replace(**knobs)  # bad knobs fail before the weights are read
-    if os.environ.get(CACHE_ENV):
-        enable_compilation_cache()
-    model_dir = hub.resolve(model, revision=revision, cache_dir=cache_dir)
-    config = BertConfig.from_json(model_dir / "config.json")
-    pooling = read_pooling_mode(model_dir)
-    max_len = resolve_max_length(model_dir, config, max_length)
-    tokenizer = TextTokenizer.from_dir(model_dir, max_len, config.pad_token_id, tokenizer_backend)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise E5LiteError(f"tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but config.json's "
-                          f"vocab_size is {config.vocab_size}")
-    prompts, default_prompt = read_prompts(model_dir, name=str(model))
-    params = load_params(model_dir, config, dtype)
-    return Encoder(model_dir, config, params, tokenizer, pooling=pooling, prompts=prompts,
-                   default_prompt_name=default_prompt, dtype=dtype, settings=settings, devices=devices,
-                   weights=weights)

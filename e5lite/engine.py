@@ -6,7 +6,9 @@ fill a token budget; batches are sharded across the local devices and dispatched
 results are read back ``in_flight`` batches behind the dispatch, so the device queue never drains while the
 host copies results out. With ``streams`` > 1 (CPU), that many threads each run one batch at a time.
 Under ``jax.distributed`` every process passes the same inputs, embeds its contiguous share, and all
-receive the merged result.
+receive the merged result. What runs on the devices (the jitted functions, the weights' layout) is
+``jitted.py``'s; ``embed_batch``, ``embed_packed``, ``hidden_states``, ``check_weights`` and ``WEIGHTS`` are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import functools
 import sys
 import threading
 import weakref
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -30,61 +31,16 @@ from . import batching
 from .attention import resolve_attention_impl
 from .batching import Batch, plan_packed, plan_padded
 from .config import BertConfig
-from .model import (FUSED_MATMUL_WEIGHTS, FusedLayerParams, Params, forward, fuse_layers, transposed, unfuse_layers,
-                    untransposed)
-from .pooling import PACKED_MODES, l2_normalize, pool, pool_segments
+from .jitted import WEIGHTS as WEIGHTS  # re-exported, as the jitted functions (used below)
+from .jitted import check_weights, embed_batch, embed_packed, hidden_states, run_layout, stacked
+from .model import Params
+from .pooling import PACKED_MODES
 from .settings import EngineSettings
 
 # (start, end) -> the token id sequences of inputs start..end-1 (a Ragged or a list of arrays): tokenising
 # texts, or slicing given ids.
 Source = Callable[[int, int], Sequence[np.ndarray]]
-
-
-WEIGHTS = ("float32", "bfloat16")
-
-
-def check_weights(weights: str | None, dtype) -> str:
-    """The storage of the layers' matmul weights: None -> the compute dtype's; "bfloat16" with float32 compute
-    (bf16 operands, float32 accumulation and activations: ``matmul.project``)."""
-    name = jnp.dtype(dtype).name
-    if weights is None or weights == name:
-        return name
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or None: as dtype), got {weights!r}")
-    if name != "float32":
-        raise ValueError(f"weights={weights!r} needs dtype='float32' (with dtype={name!r} every weight is {name})")
-    return weights
-
-
-# ``params`` of these functions: stacked layers run scanned, a tuple of per-layer ones unrolled (model.encoder).
-
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "attention_impl"))
-def embed_batch(params: Params, input_ids, attention_mask, *, config: BertConfig, pooling: str, normalize: bool,
-                attention_impl: str = "xla"):
-    """Padded batch: token ids, mask [B, S] -> sentence embeddings [B, D] float32 (forward, pool, L2 norm)."""
-    hidden_BSD = forward(params, config, input_ids, attention_mask, attention_impl=attention_impl)
-    out_BD = pool(hidden_BSD, attention_mask, pooling)
-    return l2_normalize(out_BD) if normalize else out_BD
-
-
-@functools.partial(jax.jit, static_argnames=("config", "pooling", "normalize", "num_segments", "attention_impl",
-                                             "attention_window"))
-def embed_packed(params: Params, input_ids, segment_ids, position_ids, *, config: BertConfig, pooling: str,
-                 normalize: bool, num_segments: int, attention_impl: str = "xla", attention_window: int | None = None):
-    """Packed batch: ids, segment ids, position ids [B, S] -> embeddings [B * G, D] float32, where sequence
-    g (1..G) of row b lands at b * G + g - 1 and G = num_segments. ``attention_window``: see ``forward``."""
-    hidden_BSD = forward(params, config, input_ids, segment_ids > 0, segment_ids=segment_ids,
-                         position_ids=position_ids, attention_impl=attention_impl,
-                         attention_window=attention_window)
-    out_BGD = pool_segments(hidden_BSD, segment_ids, position_ids, num_segments, pooling)
-    out_BGD = l2_normalize(out_BGD) if normalize else out_BGD
-    return out_BGD.reshape(-1, out_BGD.shape[-1])
-
-
-@functools.partial(jax.jit, static_argnames=("config", "attention_impl"))
-def hidden_states(params: Params, input_ids, attention_mask, *, config: BertConfig, attention_impl: str = "xla"):
-    """Padded batch: token ids, mask [B, S] -> the last layer's hidden state of every token [B, S, D] float32."""
-    return forward(params, config, input_ids, attention_mask, attention_impl=attention_impl).astype(jnp.float32)
+DEFAULT_SETTINGS = EngineSettings()  # resolved for the backend when an Engine is made
 
 
 def _shutdown(pools: dict) -> None:
@@ -96,8 +52,19 @@ class Engine:
     """Runs one model's forward + pooling on token ids. ``settings`` are resolved for the backend (no None
     left, ``attention_impl`` the one that runs); ``stats`` and ``compiled_shapes`` accumulate over calls."""
 
-    def __init__(self, config: BertConfig, params: Params, *, pooling: str, max_length: int, pad_id: int,
-                 dtype, settings: EngineSettings = EngineSettings(), devices=None, weights: str | None = None):
+    def __init__(
+        self,
+        config: BertConfig,
+        params: Params,
+        *,
+        pooling: str,
+        max_length: int,
+        pad_id: int,
+        dtype,
+        settings: EngineSettings = DEFAULT_SETTINGS,
+        devices=None,
+        weights: str | None = None,
+    ):
         self.config, self.pooling, self.max_length, self.pad_id, self.dtype = config, pooling, max_length, pad_id, dtype
         self.weights = check_weights(weights, dtype)
         self.devices = list(devices or jax.local_devices())
@@ -123,27 +90,20 @@ class Engine:
 
         Kept in the forward's own layout, built here once rather than on every call: query, key and value
         fused (``model.FusedLayerParams``), and with ``unroll`` one array per layer rather than stacked."""
-        host = jax.tree.map(np.asarray, params)  # a CPU device array is viewed, not copied
-        layers = fuse_layers(host.layers, xp=np)
-        narrow = jnp.dtype(self.weights)  # the matmul weights (float32 around them with weights="bfloat16")
-        layers = FusedLayerParams(*(x.astype(narrow if f in FUSED_MATMUL_WEIGHTS else self.dtype, copy=False)
-                                    for f, x in zip(FusedLayerParams._fields, layers)))
-        if self.weights == "bfloat16":
-            layers = layers._replace(ffn_out_FD=transposed(layers.ffn_out_FD, xp=np))
-        if self.settings.unroll:
-            layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(self.config.num_hidden_layers))
-        embeddings = jax.tree.map(lambda x: x.astype(self.dtype, copy=False), host.embeddings)
-        self._run_params = jax.device_put(Params(embeddings, layers), self._param_sharding)
+        host = run_layout(
+            params,
+            self.dtype,
+            self.weights,
+            unroll=bool(self.settings.unroll),
+            num_layers=self.config.num_hidden_layers,
+        )
+        self._run_params = jax.device_put(host, self._param_sharding)
 
     @property
     def params(self) -> Params:
         """The weights as ``load`` gives them (``model.Params``, layers stacked) in the engine's dtypes, rebuilt
         from the forward's layout (see ``set_params``) on each access."""
-        layers = self._run_params.layers
-        if not isinstance(layers, FusedLayerParams):
-            layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-        layers = layers._replace(ffn_out_FD=untransposed(layers.ffn_out_FD))
-        return Params(self._run_params.embeddings, unfuse_layers(layers))
+        return stacked(self._run_params)
 
     def _resolve(self, settings: EngineSettings) -> EngineSettings:
         s = settings.for_platform(self.platform)
@@ -151,8 +111,9 @@ class Engine:
             raise ValueError(f"packing needs pooling in {PACKED_MODES}, this model pools with {self.pooling!r}")
         if s.pack_length is not None and s.pack_length > self.max_length:
             raise ValueError(f"pack_length must be in [2, {self.max_length}] (max_length), got {s.pack_length}")
-        impl = resolve_attention_impl(s.attention_impl, self.platform, self.dtype,
-                                      self.config.num_attention_heads, self.config.head_dim)
+        impl = resolve_attention_impl(
+            s.attention_impl, self.platform, self.dtype, self.config.num_attention_heads, self.config.head_dim
+        )
         return s.replace(attention_impl=impl)
 
     def configure(self, **changes) -> EngineSettings:
@@ -168,20 +129,32 @@ class Engine:
     def layouts(self) -> list[tuple[int, int]]:
         """The layouts "auto" packing weighs (see ``batching.layouts``)."""
         s = self.settings
-        return batching.layouts(s.packing, packable=self.pooling in PACKED_MODES, max_length=self.max_length,
-                                pack_length=s.pack_length, min_window=s.min_window)
+        assert s.min_window is not None  # resolved for the backend (``_resolve``): no None left
+        return batching.layouts(
+            s.packing,
+            packable=self.pooling in PACKED_MODES,
+            max_length=self.max_length,
+            pack_length=s.pack_length,
+            min_window=s.min_window,
+        )
 
     def _plan_kw(self, batch_size):
-        return dict(max_length=self.max_length, token_budget=self.settings.token_budget, max_rows=batch_size,
-                    multiple=len(self.devices))
+        return dict(
+            max_length=self.max_length,
+            token_budget=self.settings.token_budget,
+            max_rows=batch_size,
+            multiple=len(self.devices),
+        )
 
     def choose_layout(self, lengths, batch_size: int | None = None) -> tuple[int, int]:
         """The layout of ``layouts()`` that needs the fewest multiply-adds for sequences of these lengths."""
-        return batching.choose_layout(lengths, self.layouts(), self.config, max_segments=self.settings.max_segments,
-                                      **self._plan_kw(batch_size))
+        return batching.choose_layout(
+            lengths, self.layouts(), self.config, max_segments=self.settings.max_segments, **self._plan_kw(batch_size)
+        )
 
-    def plan(self, ids: Sequence[np.ndarray], batch_size: int | None = None, layout: tuple[int, int] | None = None
-             ) -> tuple[tuple[int, int], list[Batch]]:
+    def plan(
+        self, ids: Sequence[np.ndarray], batch_size: int | None = None, layout: tuple[int, int] | None = None
+    ) -> tuple[tuple[int, int], list[Batch]]:
         """(layout, batches) for these token sequences; layout None picks one with ``choose_layout``."""
         if layout is None:
             layout = self.choose_layout([len(t) for t in ids], batch_size)
@@ -189,8 +162,11 @@ class Engine:
         pack_length, min_window = layout
         if pack_length == 0:
             return layout, list(plan_padded(ids, **kw))
-        return layout, list(plan_packed(ids, pack_length=pack_length, max_segments=self.settings.max_segments,
-                                        min_window=min_window, **kw))
+        return layout, list(
+            plan_packed(
+                ids, pack_length=pack_length, max_segments=self.settings.max_segments, min_window=min_window, **kw
+            )
+        )
 
     # ------------------------------------------------------------------------------------------- running
 
@@ -198,11 +174,20 @@ class Engine:
         """Starts one batch on the devices; returns the (asynchronous) result array, one row per slot."""
         put = self._put
         self.compiled_shapes.add(batch.shape)
-        kw = dict(config=self.config, pooling=self.pooling, normalize=normalize,
-                  attention_impl=self.settings.attention_impl)
+        kw = dict(
+            config=self.config, pooling=self.pooling, normalize=normalize, attention_impl=self.settings.attention_impl
+        )
         if batch.packed:
-            return embed_packed(self._run_params, put(batch.input_ids), put(batch.segment_ids), put(batch.position_ids),
-                                num_segments=batch.num_segments, attention_window=batch.window, **kw)
+            assert batch.segment_ids is not None and batch.position_ids is not None  # a packed batch has both
+            return embed_packed(
+                self._run_params,
+                put(batch.input_ids),
+                put(batch.segment_ids),
+                put(batch.position_ids),
+                num_segments=batch.num_segments,
+                attention_window=batch.window,
+                **kw,
+            )
         return embed_batch(self._run_params, put(batch.input_ids), put(batch.attention_mask), **kw)
 
     def _put(self, x: np.ndarray):
@@ -211,8 +196,16 @@ class Engine:
         is a few milliseconds)."""
         return jax.device_put(x, self._batch_sharding) if len(self.devices) > 1 else x
 
-    def run(self, source: Source, n: int, *, normalize: bool = True, batch_size: int | None = None,
-            show_progress_bar: bool = False, local: bool = False) -> np.ndarray:
+    def run(
+        self,
+        source: Source,
+        n: int,
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        show_progress_bar: bool = False,
+        local: bool = False,
+    ) -> np.ndarray:
         """Embeddings float32 [n, dim] of the n inputs ``source`` yields, in input order. Under several JAX
         processes every process passes the same inputs and gets the merged result (SPMD), unless ``local``:
         then this process embeds its own inputs on its own devices, with no collective (corpus runs)."""
@@ -225,12 +218,13 @@ class Engine:
                 self._run(source, n, out, normalize, batch_size, show_progress_bar)
             return out
         from jax.experimental import multihost_utils
+
         share = -(-n // jax.process_count())
         lo = min(n, jax.process_index() * share)
         hi = min(n, lo + share)
-        local = np.zeros((share, dim), dtype=np.float32)  # equal shapes for the all-gather
-        self._run(lambda a, b: source(lo + a, lo + b), hi - lo, local, normalize, batch_size, show_progress_bar)
-        merged = np.asarray(multihost_utils.process_allgather(local))  # [processes, share, dim]
+        mine = np.zeros((share, dim), dtype=np.float32)  # equal shapes for the all-gather
+        self._run(lambda a, b: source(lo + a, lo + b), hi - lo, mine, normalize, batch_size, show_progress_bar)
+        merged = np.asarray(multihost_utils.process_allgather(mine))  # [processes, share, dim]
         return merged.reshape(-1, dim)[:n]
 
     def small_batches(self, ids, batch_size: int | None = None) -> list[Batch]:
@@ -253,10 +247,17 @@ class Engine:
         put = self._put
         for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
             self.compiled_shapes.add(("states", *batch.shape))
-            states_BSD = np.asarray(hidden_states(self._run_params, put(batch.input_ids), put(batch.attention_mask),
-                                                  config=self.config, attention_impl=self.settings.attention_impl))
-            for j, slot in zip(batch.index, batch.slot):
-                out[j] = states_BSD[slot, :len(ids[j])]
+            states_BSD = np.asarray(
+                hidden_states(
+                    self._run_params,
+                    put(batch.input_ids),
+                    put(batch.attention_mask),
+                    config=self.config,
+                    attention_impl=self.settings.attention_impl,
+                )
+            )
+            for j, slot in zip(batch.index, batch.slot, strict=True):
+                out[j] = states_BSD[slot, : len(ids[j])]
         return out
 
     def warmup(self, max_length: int = 128, normalize: bool = True) -> list[tuple]:
@@ -265,8 +266,13 @@ class Engine:
         shapes = []
         rows = batching.partial_rows(1, self.settings.small_inputs or 1, len(self.devices))
         full = max(rows, self.settings.small_inputs)
-        for length in sorted({batching.seq_bucket(n, self.max_length) for n in batching.SEQ_BUCKETS
-                              if n <= max(2, min(max_length, self.max_length))}):
+        for length in sorted(
+            {
+                batching.seq_bucket(n, self.max_length)
+                for n in batching.SEQ_BUCKETS
+                if n <= max(2, min(max_length, self.max_length))
+            }
+        ):
             r = rows
             while True:
                 ids = [np.full(length, self.pad_id, np.int32)] * r
@@ -301,9 +307,9 @@ class Engine:
         # so that a corpus compiles a bounded set of shapes.
         s = self.settings
         starts = [0, *range(s.first_chunk_texts, n, s.chunk_texts)] if n else []
-        return list(zip(starts, starts[1:] + [n]))
+        return list(zip(starts, starts[1:] + [n], strict=True))
 
-    def batches(self, source: Source, n: int, batch_size: int | None = None) -> Iterator[Batch]:
+    def batches(self, source: Source, n: int, batch_size: int | None = None) -> Generator[Batch, None, None]:
         """The batches of the n inputs ``source`` yields, ``index`` counting from 0 over the n: chunks are
         produced (tokenised) and planned one ahead on a worker thread while the caller uses the current ones."""
         chunks = self._chunks(n)
@@ -312,7 +318,9 @@ class Engine:
             return self.plan(source(*chunks[k]), batch_size, layout)
 
         planner = self._pool("planner", 1)
-        future = planner.submit(host_work, 0, None) if chunks else None
+        if not chunks:
+            return
+        future = planner.submit(host_work, 0, None)
         try:
             for k, (start, _) in enumerate(chunks):
                 layout, planned = future.result()
@@ -322,19 +330,19 @@ class Engine:
                     batch.index = batch.index + start
                     yield batch
         finally:
-            if future is not None:
-                future.cancel()  # a consumer that stops early leaves no chunk being planned
+            future.cancel()  # a consumer that stops early leaves no chunk being planned
 
     def _run(self, source: Source, n: int, out: np.ndarray, normalize: bool, batch_size, show: bool) -> None:
         """Embeds the n inputs into out[:n]: the batches of ``batches`` run on ``streams`` threads (or are
         dispatched asynchronously from here with one stream), read back ``in_flight`` behind."""
         streams = self.settings.streams
+        assert streams is not None  # resolved for the backend (``_resolve``): no None left
         bar = tqdm(total=n, desc="embed", unit="text", disable=not show, file=sys.stderr)
 
         def compute(batch: Batch):
             return np.asarray(self.dispatch(batch, normalize))
 
-        pending: collections.deque = collections.deque()
+        pending: collections.deque[tuple[Batch, Any]] = collections.deque()  # (batch, array or Future)
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)  # also when a batch raises: no stale bar left on stderr
             batches = stack.enter_context(contextlib.closing(self.batches(source, n, batch_size)))

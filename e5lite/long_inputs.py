@@ -22,8 +22,8 @@ embed_ids``), in any batches. ``pipeline.py`` runs them for ``encode``, corpus r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class Windows:
     """The windows of ``n`` texts: ``ids`` the full ids of every window (int32; texts in order, a text's
     windows consecutive), ``owner`` [len(ids)] int64 the text each window belongs to, ``weight``
     [len(ids)] float32 its token count (``len(ids[k])``), which weights it in ``combine``."""
+
     ids: list[np.ndarray]
     owner: np.ndarray
     weight: np.ndarray
@@ -74,7 +75,7 @@ def split_ids(body: np.ndarray, width: int, overlap: int) -> list[np.ndarray]:
     starts = [0]
     while starts[-1] + width < len(body):
         starts.append(starts[-1] + step)
-    return [body[s:s + width] for s in starts]
+    return [body[s : s + width] for s in starts]
 
 
 def split(tokenizer, texts: Sequence[str], prefix: str = "", overlap: int = 0, offset: int = 0) -> Windows:
@@ -89,29 +90,40 @@ def split(tokenizer, texts: Sequence[str], prefix: str = "", overlap: int = 0, o
     prompt = tokenizer.body_ids([prefix])[0] if prefix else np.zeros(0, np.int32)
     width = window_length(tokenizer, len(prompt))
     if width < 1:
-        raise ValueError(f"the prompt {prefix!r:.60} takes {len(prompt)} tokens, which with the "
-                         f"{len(before) + len(after)} special tokens leaves no room for text in "
-                         f"max_length={tokenizer.max_length}")
+        raise ValueError(
+            f"the prompt {prefix!r:.60} takes {len(prompt)} tokens, which with the "
+            f"{len(before) + len(after)} special tokens leaves no room for text in "
+            f"max_length={tokenizer.max_length}"
+        )
     if overlap >= width:
-        raise ValueError(f"chunk_overlap must be less than the window of {width} text tokens (max_length "
-                         f"{tokenizer.max_length} - {len(before) + len(after)} special tokens - {len(prompt)} prompt "
-                         f"tokens), got {overlap}")
+        raise ValueError(
+            f"chunk_overlap must be less than the window of {width} text tokens (max_length "
+            f"{tokenizer.max_length} - {len(before) + len(after)} special tokens - {len(prompt)} prompt "
+            f"tokens), got {overlap}"
+        )
     full = tokenizer.encode_ragged([prefix + t for t in texts] if prefix else texts, offset=offset)
     # Truncated to max_length: only a text that reaches it can be longer; its untruncated count decides.
     maybe = np.flatnonzero(full.lengths >= tokenizer.max_length)
     long = set()
     if len(maybe):
         untruncated = tokenizer.body_ids([prefix + texts[i] for i in maybe], offset=offset)
-        long = {int(i) for i, b in zip(maybe, untruncated)
-                if len(b) + len(before) + len(after) > tokenizer.max_length}
+        long = {
+            int(i)
+            for i, b in zip(maybe, untruncated, strict=True)
+            if len(b) + len(before) + len(after) > tokenizer.max_length
+        }
     heads, tails = np.asarray(before, np.int32), np.asarray(after, np.int32)
-    bodies = dict(zip(sorted(long), tokenizer.body_ids([texts[i] for i in sorted(long)], offset=offset))) if long \
+    bodies = (
+        dict(zip(sorted(long), tokenizer.body_ids([texts[i] for i in sorted(long)], offset=offset), strict=True))
+        if long
         else {}
+    )
     ids, owner = [], []
     for i in range(len(texts)):
         if i in long:
-            parts = [np.concatenate([heads, prompt, w, tails]).astype(np.int32)
-                     for w in split_ids(bodies[i], width, overlap)]
+            parts = [
+                np.concatenate([heads, prompt, w, tails]).astype(np.int32) for w in split_ids(bodies[i], width, overlap)
+            ]
         else:
             parts = [np.asarray(full[i], np.int32)]
         ids.extend(parts)
@@ -152,8 +164,11 @@ def embed_windows(windows: Windows, embed, normalize: bool, dim: int) -> np.ndar
     if not single_N.all():
         many_M = np.flatnonzero(~single_N)
         keep_K = ~single_N[windows.owner]
-        sub = Windows(ids=[w for w, k in zip(windows.ids, keep_K) if k],
-                      owner=np.searchsorted(many_M, windows.owner[keep_K]), weight=windows.weight[keep_K],
-                      n=len(many_M))
+        sub = Windows(
+            ids=[w for w, k in zip(windows.ids, keep_K, strict=True) if k],
+            owner=np.searchsorted(many_M, windows.owner[keep_K]),
+            weight=windows.weight[keep_K],
+            n=len(many_M),
+        )
         out_ND[many_M] = combine(sub, embed(sub.ids, False), normalize)
     return out_ND

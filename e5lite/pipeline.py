@@ -18,8 +18,8 @@ left or refuse an input past ``max_length`` (``TextTooLongError``), or cut long 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -39,8 +39,10 @@ class IdsTooLongError(TextTooLongError):
     call, ``length`` their count."""
 
     def __init__(self, index: int, length: int, max_length: int):
-        InputError.__init__(self, f"ids {index} has {length} token ids, more than the model's maximum of "
-                                  f"{max_length} (truncation is off)")
+        InputError.__init__(
+            self,
+            f"ids {index} has {length} token ids, more than the model's maximum of {max_length} (truncation is off)",
+        )
         self.index, self.length, self.max_length = index, length, max_length
 
 
@@ -52,6 +54,7 @@ class Recipe:
     first ``truncate_dim`` components (normalised after the cut when ``normalize``), then ``precision`` with
     int8/uint8 buckets from ``ranges`` or ``calibration_embeddings`` (see ``quantize.py``). Checked when made,
     each error naming the option; ``normalize`` is the caller's to check (a bool)."""
+
     dim: int
     prompt: str = ""
     truncate: bool = True
@@ -91,8 +94,10 @@ class Recipe:
     def check_count(self, n: int) -> None:
         """Refuses int8/uint8 buckets that would have to come from a single embedding."""
         if self.scalar and self.ranges is None and self.calibration_embeddings is None and n == 1:
-            raise ValueError(f"precision={self.precision!r} of a single text needs ranges (shape (2, dim)) or "
-                             "calibration_embeddings: its buckets cannot come from one embedding")
+            raise ValueError(
+                f"precision={self.precision!r} of a single text needs ranges (shape (2, dim)) or "
+                "calibration_embeddings: its buckets cannot come from one embedding"
+            )
 
 
 class Prepared:
@@ -100,8 +105,9 @@ class Prepared:
     tokenised only then when lazy; otherwise ``ids`` holds them all. With long texts in windows, ``windows``
     maps the sequences to the inputs (several per long text, see ``long_inputs``) and ``ids`` are the windows'."""
 
-    def __init__(self, n: int, ids: list[np.ndarray] | None = None, windows: Windows | None = None,
-                 source: Source | None = None):
+    def __init__(
+        self, n: int, ids: list[np.ndarray] | None = None, windows: Windows | None = None, source: Source | None = None
+    ):
         self.n, self.windows, self._ids = n, windows, ids
         self.source: Source = source if source is not None else (lambda lo, hi: self.ids[lo:hi])
 
@@ -160,8 +166,7 @@ def prepare(tokenizer, items: Sequence, recipe: Recipe, *, offset: int = 0, lazy
         whole = split(tokenizer, texts, recipe.prompt, recipe.chunk_overlap, offset)
         return Prepared(len(items), whole.ids, whole)
     if lazy and all_texts:
-        return Prepared(len(items), source=lambda lo, hi: _text_ids(tokenizer, texts[lo:hi], recipe, offset + lo,
-                                                                   True))
+        return Prepared(len(items), source=lambda lo, hi: _text_ids(tokenizer, texts[lo:hi], recipe, offset + lo, True))
     seqs: list = [None] * len(items)
     windows: Windows | None = None
     if recipe.chunk and texts:
@@ -211,8 +216,9 @@ def vectors(prepared: Prepared, embed: Embed, recipe: Recipe) -> np.ndarray:
         return np.zeros((0, recipe.out_dim), np.float32)
     normalize = bool(recipe.normalize) and recipe.truncate_dim is None
     if prepared.windows is not None:
-        x = embed_windows(prepared.windows, lambda ids, norm: embed(lambda lo, hi: ids[lo:hi], len(ids), norm),
-                          normalize, recipe.dim)
+        x = embed_windows(
+            prepared.windows, lambda ids, norm: embed(lambda lo, hi: ids[lo:hi], len(ids), norm), normalize, recipe.dim
+        )
     else:
         x = embed(prepared.source, prepared.n, normalize)
     return x if recipe.truncate_dim is None else truncate(x, recipe.truncate_dim, recipe.normalize)

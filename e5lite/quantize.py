@@ -71,15 +71,21 @@ def check_ranges(ranges, calibration_embeddings, dim: int) -> None:
     if ranges is not None:
         r = np.asarray(ranges)
         if r.shape != (2, dim):
-            raise ValueError(f"ranges must have shape (2, {dim}) (row 0 the minimum, row 1 the maximum of each "
-                             f"dimension), got shape {r.shape}")
+            raise ValueError(
+                f"ranges must have shape (2, {dim}) (row 0 the minimum, row 1 the maximum of each "
+                f"dimension), got shape {r.shape}"
+            )
         if not np.issubdtype(r.dtype, np.number) or not np.isfinite(r).all():
-            raise ValueError(f"ranges must hold finite numbers, got dtype {r.dtype}"
-                             + ("" if not np.issubdtype(r.dtype, np.number) else " with NaN or inf"))
+            raise ValueError(
+                f"ranges must hold finite numbers, got dtype {r.dtype}"
+                + ("" if not np.issubdtype(r.dtype, np.number) else " with NaN or inf")
+            )
         bad = np.flatnonzero(r[0] > r[1])
         if len(bad):
-            raise ValueError(f"ranges[0] (the minimum) is above ranges[1] (the maximum) in dimension {int(bad[0])}: "
-                             f"{r[0, bad[0]]} > {r[1, bad[0]]}")
+            raise ValueError(
+                f"ranges[0] (the minimum) is above ranges[1] (the maximum) in dimension {int(bad[0])}: "
+                f"{r[0, bad[0]]} > {r[1, bad[0]]}"
+            )
     if calibration_embeddings is not None:
         c = np.asarray(calibration_embeddings)
         if c.ndim != 2 or c.shape[1] != dim or c.shape[0] < 1:
@@ -111,8 +117,10 @@ def quantize_embeddings(embeddings, precision: str, ranges=None, calibration_emb
         if calibration_embeddings is None and (x.ndim == 1 or x.shape[0] < 2):
             if x.ndim == 2 and x.shape[0] == 0:
                 return np.zeros((0, dim), output_dtype(precision))
-            raise ValueError(f"cannot compute {precision} quantization ranges from a single embedding: pass "
-                             "ranges (shape (2, dim)) or calibration_embeddings from a representative set")
+            raise ValueError(
+                f"cannot compute {precision} quantization ranges from a single embedding: pass "
+                "ranges (shape (2, dim)) or calibration_embeddings from a representative set"
+            )
         calib = x if calibration_embeddings is None else np.asarray(calibration_embeddings)
         ranges = np.vstack((calib.min(axis=0), calib.max(axis=0)))
     # The same float32 operations as ST, in the same order, so equal inputs give equal buckets.

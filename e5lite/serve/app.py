@@ -16,70 +16,53 @@ import contextlib
 import logging
 import sys
 import time
-from pathlib import Path
-from typing import Awaitable, Callable, Protocol, Sequence
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
 from ..errors import ApiError, TextTooLongError
 from ..pipeline import IdsTooLongError, Prepared, Recipe, finish
-from ..settings import EngineSettings
 from . import graceful
-from .batcher import Batcher, TokenEmbedder
+from .batcher import Batcher
 from .connection import ClientGone, read_json, unless_disconnected
-from .errors import SHUTTING_DOWN, error_response, shutting_down
+from .describe import DescribeRoutes
+from .errors import error_response, shutting_down
 from .limits import Limits
 from .metrics import Metrics
-from .protocol import (DecodeRequest, DecodeResponse, EmbedAllRequest, EmbedAllResponse, EmbeddingRequest,
-                       EmbeddingResponse, EmbedRequest, EmbedResponse, SimilarityRequest, SimilarityResponse,
-                       SimpleToken, TokenizeRequest, TokenizeResponse, json_response, parse)
-from .routes import DOCS_HTML, ROUTES, openapi
+from .protocol import (
+    DecodeRequest,
+    EmbedAllRequest,
+    EmbeddingRequest,
+    EmbedRequest,
+    SimilarityRequest,
+    TokenizeRequest,
+    parse,
+)
+from .responses import (
+    DecodeResponse,
+    EmbedAllResponse,
+    EmbeddingResponse,
+    EmbedResponse,
+    SimilarityResponse,
+    SimpleToken,
+    TokenizeResponse,
+    json_response,
+)
+from .routes import ROUTES, openapi
+from .served import ServedEncoder
 
 logger = logging.getLogger("e5lite.serve")
 
 # Requests of up to this many characters are tokenised on the event loop (tens of microseconds), larger ones in
 # the thread pool so that the loop keeps answering.
 INLINE_CHARS = 2000
-
-
-class ServedEncoder(TokenEmbedder, Protocol):
-    """The encoder the server runs: ``e5lite.Encoder``'s public interface, as far as the server uses it."""
-
-    @property
-    def dim(self) -> int: ...
-    @property
-    def max_length(self) -> int: ...
-    @property
-    def vocab_size(self) -> int: ...
-    @property
-    def model_dir(self) -> Path: ...
-    @property
-    def pooling(self) -> str: ...
-    @property
-    def dtype(self) -> np.dtype: ...
-    @property
-    def prompts(self) -> dict[str, str]: ...
-    @property
-    def default_prompt_name(self) -> str | None: ...
-    @property
-    def devices(self) -> list: ...
-    @property
-    def settings(self) -> EngineSettings: ...
-
-    def prompt_prefix(self, prompt_name: str | None = None) -> str: ...
-    def prepare(self, items: Sequence, recipe: Recipe) -> Prepared: ...
-    def token_states(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]: ...
-    def token_spans(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[tuple]]: ...
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
-    def window_length(self, prompt: str = "") -> int: ...
-    def warmup(self, max_length: int = 128, normalize: bool = True) -> list[tuple]: ...
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -93,21 +76,33 @@ def byte_offsets(text: str) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([len(c.encode("utf-8", "surrogatepass")) for c in text])])
 
 
-class Server:
-    """The handlers of every route, sharing one encoder, the limits, the metrics and the batch worker."""
+class Server(DescribeRoutes):
+    """The handlers of every route, sharing one encoder, the limits, the metrics and the batch worker: the
+    embedding and tokenizer routes here, the describing ones (health, info, metrics, docs) ``DescribeRoutes``'."""
 
     def __init__(self, enc: ServedEncoder, model_name: str, limits: Limits):
-        limits = limits.resolved(enc.settings.token_budget)
+        budget = enc.settings.token_budget
+        assert budget is not None  # the engine's settings are resolved for its backend: no None left
+        limits = limits.resolved(budget)
+        assert limits.max_queue_tokens is not None and limits.max_batch_tokens is not None  # filled by resolved
         self.enc, self.model_name, self.limits = enc, model_name, limits
         self.metrics = Metrics()
-        self.batcher = Batcher(enc, self.metrics, max_queue=limits.max_queue, max_queue_tokens=limits.max_queue_tokens,
-                               max_batch_tokens=limits.max_batch_tokens, max_wait_ms=limits.max_wait_ms,
-                               max_queue_wait_ms=limits.max_queue_wait_ms)
+        self.batcher = Batcher(
+            enc,
+            self.metrics,
+            max_queue=limits.max_queue,
+            max_queue_tokens=limits.max_queue_tokens,
+            max_batch_tokens=limits.max_batch_tokens,
+            max_wait_ms=limits.max_wait_ms,
+            max_queue_wait_ms=limits.max_queue_wait_ms,
+        )
         # what validation needs of the server
         self.context = {"dim": enc.dim, "max_inputs": limits.max_inputs, "vocab_size": enc.vocab_size}
         if limits.chunk and limits.chunk_overlap >= enc.window_length():
-            raise ValueError(f"--chunk-overlap {limits.chunk_overlap} must be less than the "
-                             f"{enc.window_length()} text tokens of a window")
+            raise ValueError(
+                f"--chunk-overlap {limits.chunk_overlap} must be less than the "
+                f"{enc.window_length()} text tokens of a window"
+            )
         self.openapi = openapi(__version__)
         self.draining = False  # shutting down: no new work
         self.active = 0  # embedding requests admitted and not yet answered
@@ -117,12 +112,18 @@ class Server:
         out = []
         for r in ROUTES:
             handler = getattr(self, r.handler)
-            out.append(Route(r.path, self.counted(r.path, r.style, self.admitted(handler) if r.work else handler),
-                             methods=[r.method]))
+            out.append(
+                Route(
+                    r.path,
+                    self.counted(r.path, r.style, self.admitted(handler) if r.work else handler),
+                    methods=[r.method],
+                )
+            )
         return out
 
     def admitted(self, handler: Handler) -> Handler:
         """``handler`` refusing new work while draining (503), and counted in ``active`` while it runs."""
+
         async def work(request: Request) -> Response:
             if self.draining:
                 raise shutting_down()
@@ -131,10 +132,12 @@ class Server:
                 return await handler(request)
             finally:
                 self.active -= 1
+
         return work
 
     def counted(self, path: str, style: str, handler: Handler) -> Handler:
         """``handler`` with ApiErrors turned into JSON error bodies, anything else into a JSON 500; all counted."""
+
         async def endpoint(request: Request) -> Response:
             t0 = time.perf_counter()
             try:
@@ -148,6 +151,7 @@ class Server:
                 response = error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"), style)
             self.metrics.request(path, response.status_code, time.perf_counter() - t0)
             return response
+
         return endpoint
 
     @contextlib.asynccontextmanager
@@ -162,14 +166,20 @@ class Server:
         self.draining = True
         timeout = self.limits.shutdown_timeout
         if self.active:
-            logger.info("e5lite serve: shutting down; finishing %d admitted requests (up to %g s; a second "
-                        "signal skips this)", self.active, timeout)
+            logger.info(
+                "e5lite serve: shutting down; finishing %d admitted requests (up to %g s; a second signal skips this)",
+                self.active,
+                timeout,
+            )
         until = time.monotonic() + timeout
         while self.active and time.monotonic() < until:
             await asyncio.sleep(0.05)
         if self.active:
-            logger.warning("e5lite serve: %d requests unfinished after %g s (--shutdown-timeout): answering 503",
-                           self.active, timeout)
+            logger.warning(
+                "e5lite serve: %d requests unfinished after %g s (--shutdown-timeout): answering 503",
+                self.active,
+                timeout,
+            )
             self.batcher.stop(timeout=0)
 
     def prefix(self, prompt_name: str | None, status: int) -> str:
@@ -178,15 +188,30 @@ class Server:
         except ValueError as e:
             raise ApiError(status, str(e), "prompt_name") from None
 
-    def recipe(self, prompt_name: str | None, status: int, *, truncate: bool, direction: str | None = None,
-               normalize: bool = True, dimensions: int | None = None, chunk: bool = True) -> Recipe:
+    def recipe(
+        self,
+        prompt_name: str | None,
+        status: int,
+        *,
+        truncate: bool,
+        direction: str | None = None,
+        normalize: bool = True,
+        dimensions: int | None = None,
+        chunk: bool = True,
+    ) -> Recipe:
         """A request's pipeline options: its prompt (refused with ``status`` if unknown), truncation, and with
         ``chunk`` the server's ``--long-inputs``."""
         chunk = chunk and self.limits.chunk
-        return Recipe(self.enc.dim, prompt=self.prefix(prompt_name, status), truncate=truncate,
-                      direction=direction or "right", long_inputs="chunk" if chunk else "truncate",
-                      chunk_overlap=self.limits.chunk_overlap if chunk else 0, normalize=normalize,
-                      truncate_dim=dimensions)
+        return Recipe(
+            self.enc.dim,
+            prompt=self.prefix(prompt_name, status),
+            truncate=truncate,
+            direction=direction or "right",
+            long_inputs="chunk" if chunk else "truncate",
+            chunk_overlap=self.limits.chunk_overlap if chunk else 0,
+            normalize=normalize,
+            truncate_dim=dimensions,
+        )
 
     def prepare(self, items: list, recipe: Recipe, field: str, status: int) -> Prepared:
         """Token ids of a request's inputs (``pipeline.prepare``), its refusals worded for the request's ``field``:
@@ -194,11 +219,20 @@ class Server:
         try:
             return self.enc.prepare(items, recipe)
         except IdsTooLongError as e:
-            raise ApiError(status, f"{field}[{e.index}] has {e.length} token ids, more than the model's maximum "
-                                   f"of {e.max_length} (truncation is off)", field, "context_length_exceeded") from None
+            raise ApiError(
+                status,
+                f"{field}[{e.index}] has {e.length} token ids, more than the model's maximum "
+                f"of {e.max_length} (truncation is off)",
+                field,
+                "context_length_exceeded",
+            ) from None
         except TextTooLongError as e:
-            raise ApiError(status, f"{field}[{e.index}] is longer than the model's maximum of {e.max_length} "
-                                   "tokens (truncation is off)", field, "context_length_exceeded") from None
+            raise ApiError(
+                status,
+                f"{field}[{e.index}] is longer than the model's maximum of {e.max_length} tokens (truncation is off)",
+                field,
+                "context_length_exceeded",
+            ) from None
         except ValueError as e:  # a prompt that leaves windows no longer than the overlap
             if not recipe.chunk:
                 raise
@@ -213,8 +247,9 @@ class Server:
         estimate = min(int(chars * self.batcher.tokens_per_char) + 2 * texts, texts * self.enc.max_length) + ids
         return self.batcher.admit(estimate, chars)
 
-    async def embed(self, request: Request, items: list, recipe: Recipe, *, field: str, status: int
-                    ) -> tuple[int, np.ndarray]:
+    async def embed(
+        self, request: Request, items: list, recipe: Recipe, *, field: str, status: int
+    ) -> tuple[int, np.ndarray]:
         """(tokens embedded, rows [len(items), dim or truncate_dim] finished as ``recipe`` says); 429 when the
         queue has no room, ClientGone when the client leaves first."""
         ticket = self.admit(items)
@@ -237,8 +272,9 @@ class Server:
         req = parse(EmbeddingRequest, await read_json(request, status), **self.context)
         recipe = self.recipe(None, status, truncate=self.limits.auto_truncate, dimensions=req.dimensions)
         tokens, rows = await self.embed(request, req.input, recipe, field="input", status=status)
-        return json_response(EmbeddingResponse.of(rows, model=self.model_name, tokens=tokens,
-                                                  encoding_format=req.encoding_format))
+        return json_response(
+            EmbeddingResponse.of(rows, model=self.model_name, tokens=tokens, encoding_format=req.encoding_format)
+        )
 
     def truncate(self, asked: bool | None) -> bool:
         return self.limits.auto_truncate if asked is None else asked
@@ -246,17 +282,27 @@ class Server:
     async def tei_embed(self, request: Request) -> Response:
         status = EmbedRequest.status
         req = parse(EmbedRequest, await read_json(request, status), **self.context)
-        recipe = self.recipe(req.prompt_name, status, truncate=self.truncate(req.truncate),
-                             direction=req.truncation_direction, normalize=req.normalize is not False,
-                             dimensions=req.dimensions)
+        recipe = self.recipe(
+            req.prompt_name,
+            status,
+            truncate=self.truncate(req.truncate),
+            direction=req.truncation_direction,
+            normalize=req.normalize is not False,
+            dimensions=req.dimensions,
+        )
         _, rows = await self.embed(request, req.inputs, recipe, field="inputs", status=status)
         return json_response(EmbedResponse.of(rows))
 
     async def embed_all(self, request: Request) -> Response:
         status = EmbedAllRequest.status
         req = parse(EmbedAllRequest, await read_json(request, status), **self.context)
-        recipe = self.recipe(req.prompt_name, status, truncate=self.truncate(req.truncate),
-                             direction=req.truncation_direction, chunk=False)
+        recipe = self.recipe(
+            req.prompt_name,
+            status,
+            truncate=self.truncate(req.truncate),
+            direction=req.truncation_direction,
+            chunk=False,
+        )
         ticket = self.admit(req.inputs)  # shares the queue's bound, though it runs beside the batch worker
         try:
             prepared = await run_in_threadpool(self.prepare, req.inputs, recipe, "inputs", status)
@@ -269,15 +315,20 @@ class Server:
         status = SimilarityRequest.status
         req = parse(SimilarityRequest, await read_json(request, status), **self.context)
         p = req.parameters
-        recipe = self.recipe(p.prompt_name if p else None, status, truncate=self.truncate(p.truncate if p else None),
-                             direction=p.truncation_direction if p else None)
+        recipe = self.recipe(
+            p.prompt_name if p else None,
+            status,
+            truncate=self.truncate(p.truncate if p else None),
+            direction=p.truncation_direction if p else None,
+        )
         texts = [req.inputs.source_sentence, *req.inputs.sentences]
         _, rows = await self.embed(request, texts, recipe, field="inputs", status=status)
         return json_response(SimilarityResponse.model_construct((rows[1:] @ rows[0]).tolist()))
 
     def tokens_of(self, texts: list[str], add_special_tokens: bool) -> list[list[SimpleToken]]:
         out = []
-        for text, tokens in zip(texts, self.enc.token_spans(texts, add_special_tokens=add_special_tokens)):
+        spans = self.enc.token_spans(texts, add_special_tokens=add_special_tokens)
+        for text, tokens in zip(texts, spans, strict=True):
             raw, at = text.encode("utf-8"), byte_offsets(text)
             row = []
             for i, t, special, span in tokens:
@@ -285,8 +336,11 @@ class Server:
                     row.append(SimpleToken.model_construct(id=i, text=t, special=True, start=None, stop=None))
                 else:
                     a, b = int(at[span[0]]), int(at[span[1]])
-                    row.append(SimpleToken.model_construct(id=i, text=raw[a:b].decode("utf-8", "replace"),
-                                                           special=False, start=a, stop=b))
+                    row.append(
+                        SimpleToken.model_construct(
+                            id=i, text=raw[a:b].decode("utf-8", "replace"), special=False, start=a, stop=b
+                        )
+                    )
             out.append(row)
         return out
 
@@ -303,46 +357,18 @@ class Server:
         texts = await run_in_threadpool(lambda: [decode(ids, req.skip_special_tokens) for ids in req.ids])
         return json_response(DecodeResponse.model_construct(texts))
 
-    async def health(self, request: Request) -> Response:
-        if self.draining:  # unhealthy: no Retry-After, as TEI's /health
-            raise ApiError(503, SHUTTING_DOWN)
-        if not self.batcher.thread.is_alive():
-            raise ApiError(503, "the batch worker is not running")
-        return JSONResponse({"status": "ok"})
 
-    async def info(self, request: Request) -> Response:
-        enc, limits = self.enc, self.limits
-        return JSONResponse({
-            "model_id": self.model_name, "model_dir": str(enc.model_dir), "dim": enc.dim,
-            "max_input_length": enc.max_length, "pooling": enc.pooling, "dtype": enc.dtype.name,
-            "weights": getattr(enc, "weights", enc.dtype.name),
-            "devices": [str(d) for d in enc.devices], "attention_impl": enc.settings.attention_impl,
-            "prompts": enc.prompts, "default_prompt_name": enc.default_prompt_name,
-            "max_client_batch_size": limits.max_inputs, "max_batch_tokens": limits.max_batch_tokens,
-            "max_wait_ms": limits.max_wait_ms, "max_queue": limits.max_queue,
-            "max_queue_tokens": limits.max_queue_tokens, "max_queue_wait_ms": limits.max_queue_wait_ms,
-            "shutdown_timeout": limits.shutdown_timeout, "auto_truncate": limits.auto_truncate,
-            "long_inputs": limits.long_inputs, "chunk_overlap": limits.chunk_overlap,
-            "version": __version__})
-
-    async def prometheus(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(self.batcher.state(), self.limits.max_queue),
-                                 media_type="text/plain; version=0.0.4")
-
-    async def openapi_json(self, request: Request) -> Response:
-        return JSONResponse(self.openapi)
-
-    async def docs(self, request: Request) -> Response:
-        return HTMLResponse(DOCS_HTML)
-
-
-async def http_error(request: Request, exc: HTTPException) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405 in the error format of the API the path belongs to."""
+    assert isinstance(exc, HTTPException)  # the handler of HTTPException only (``build_app``)
     style = "openai" if request.url.path.startswith("/v1") else "tei"
     return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"), style)
 
 
-def build_app(enc: ServedEncoder, *, model_name: str, limits: Limits = Limits()) -> Starlette:
+DEFAULT_LIMITS = Limits()
+
+
+def build_app(enc: ServedEncoder, *, model_name: str, limits: Limits = DEFAULT_LIMITS) -> Starlette:
     """The ASGI app serving ``enc``; the batch worker starts and stops with the app's lifespan."""
     server = Server(enc, model_name, limits)
     app = Starlette(routes=server.routes(), lifespan=server.lifespan, exception_handlers={HTTPException: http_error})
@@ -350,14 +376,16 @@ def build_app(enc: ServedEncoder, *, model_name: str, limits: Limits = Limits())
     return app
 
 
-def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits,
-          log_level: str = "info") -> None:
+def serve(
+    enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits, log_level: str = "info"
+) -> None:
     """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``graceful.GracefulServer``)."""
     # compile the shapes a query can hit before /health says ready, as the batch worker runs them (unnormalised):
     # the first request is then not slower
     enc.warmup(normalize=False)
-    server = graceful.make_server(build_app(enc, model_name=model_name, limits=limits), host=host, port=port,
-                                  log_level=log_level)
+    server = graceful.make_server(
+        build_app(enc, model_name=model_name, limits=limits), host=host, port=port, log_level=log_level
+    )
     server.run()
     if not server.started:  # uvicorn could not bind (it logged why)
         sys.exit(3)

@@ -24,7 +24,8 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -39,16 +40,31 @@ class TokenEmbedder(Protocol):
     """What the worker needs of an encoder: embeddings of token id sequences, in input order. The handlers
     validated the ids (the request models, then ``pipeline.prepare``), so the encoder does not again."""
 
-    def embed_valid_ids(self, ids: Sequence[np.ndarray], *, normalize: bool = True, batch_size: int | None = None,
-                        show_progress_bar: bool | None = None) -> np.ndarray: ...
+    def embed_valid_ids(
+        self,
+        ids: Sequence[np.ndarray],
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray: ...
 
 
 class Batcher:
     """Queues Jobs within the limits, and runs them on its own thread through ``embedder.embed_valid_ids`` in calls
     of up to ``max_batch_tokens`` tokens, waiting up to ``max_wait_ms`` for batch-mates to fill one."""
 
-    def __init__(self, embedder: TokenEmbedder, metrics: Metrics, *, max_queue: int, max_queue_tokens: int,
-                 max_batch_tokens: int, max_wait_ms: float, max_queue_wait_ms: float):
+    def __init__(
+        self,
+        embedder: TokenEmbedder,
+        metrics: Metrics,
+        *,
+        max_queue: int,
+        max_queue_tokens: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_queue_wait_ms: float,
+    ):
         self.embedder, self.metrics = embedder, metrics
         self.max_queue, self.max_queue_tokens, self.max_batch_tokens = max_queue, max_queue_tokens, max_batch_tokens
         self.max_wait, self.max_queue_wait = max_wait_ms / 1000, max_queue_wait_ms / 1000
@@ -80,10 +96,14 @@ class Batcher:
         """Requests and tokens queued, and admitted but still being tokenised (their tokens estimated); the
         measured throughput, and the wait a new request would have now."""
         with self._cond:
-            return {"queue_depth": len(self._jobs), "queue_tokens": self._queued_tokens,
-                    "tokenising": self._reserved, "tokenising_tokens": self._reserved_tokens,
-                    "tokens_per_second": self.throughput.tokens_per_s or 0.0,
-                    "queue_wait_seconds": self._wait(time.monotonic()) or 0.0}
+            return {
+                "queue_depth": len(self._jobs),
+                "queue_tokens": self._queued_tokens,
+                "tokenising": self._reserved,
+                "tokenising_tokens": self._reserved_tokens,
+                "tokens_per_second": self.throughput.tokens_per_s or 0.0,
+                "queue_wait_seconds": self._wait(time.monotonic()) or 0.0,
+            }
 
     def admit(self, tokens: int, chars: int = 0) -> Ticket:
         """Admits a request of about ``tokens`` tokens (``chars`` characters), before it is tokenised: its
@@ -172,12 +192,14 @@ class Batcher:
     def _wait(self, now: float, tokens: int = 1) -> float | None:
         """Seconds before the worker would start on a request of ``tokens`` tokens queued now: the rest of the
         call in flight, then the calls before it; None until the throughput is known."""
-        if self.throughput.mean is None:
+        full_call = self.throughput.seconds(self.max_batch_tokens)
+        if full_call is None:  # not measured yet
             return None
         in_flight = 0.0
         if self._call is not None:
-            in_flight = max(0.0, self.throughput.seconds(self._call.tokens) - (now - self._call.started))
-        return in_flight + self._calls_before(tokens) * self.throughput.seconds(self.max_batch_tokens)
+            call = self.throughput.seconds(self._call.tokens) or 0.0  # measured: not None
+            in_flight = max(0.0, call - (now - self._call.started))
+        return in_flight + self._calls_before(tokens) * full_call
 
     def _admit(self, tokens: int, now: float) -> None:
         if self._stopping:
@@ -187,13 +209,19 @@ class Batcher:
         if requests >= self.max_queue:
             self._shed("queue_requests", f"{requests} requests already queued (--max-queue)", wait)
         if requests and queued + tokens > self.max_queue_tokens:
-            self._shed("queue_tokens", f"{queued} tokens already queued, this request adds about {tokens} "
-                                       f"(--max-queue-tokens {self.max_queue_tokens})",
-                       self.throughput.seconds(queued + tokens - self.max_queue_tokens))
+            self._shed(
+                "queue_tokens",
+                f"{queued} tokens already queued, this request adds about {tokens} "
+                f"(--max-queue-tokens {self.max_queue_tokens})",
+                self.throughput.seconds(queued + tokens - self.max_queue_tokens),
+            )
         if wait is not None and wait > self.max_queue_wait:
-            self._shed("queue_wait", f"a new request would wait about {wait:.1f} s for the model, past the "
-                                     f"{self.max_queue_wait * 1000:g} ms limit (--max-queue-wait-ms)",
-                       wait - self.max_queue_wait)
+            self._shed(
+                "queue_wait",
+                f"a new request would wait about {wait:.1f} s for the model, past the "
+                f"{self.max_queue_wait * 1000:g} ms limit (--max-queue-wait-ms)",
+                wait - self.max_queue_wait,
+            )
 
     def _shed(self, reason: str, why: str, retry_after: float | None) -> None:
         self.metrics.shed(reason)
@@ -203,9 +231,13 @@ class Batcher:
     def _expired(self, job: Job) -> RetryLater:
         self.metrics.shed("expired")
         waited = time.monotonic() - job.queued_at
-        return RetryLater(429, f"server busy: this request waited {waited:.1f} s in the queue, past the "
-                               f"{self.max_queue_wait * 1000:g} ms limit (--max-queue-wait-ms); retry later",
-                          self.max_queue_wait, code="rate_limit_exceeded")
+        return RetryLater(
+            429,
+            f"server busy: this request waited {waited:.1f} s in the queue, past the "
+            f"{self.max_queue_wait * 1000:g} ms limit (--max-queue-wait-ms); retry later",
+            self.max_queue_wait,
+            code="rate_limit_exceeded",
+        )
 
     def _unreserve(self, ticket: Ticket) -> None:
         if not ticket.used:
@@ -250,8 +282,7 @@ class Batcher:
                 elif call.tokens == 0:
                     # larger than a call: call-sized pieces of whole texts (one text over the budget goes alone)
                     taken_tokens = 0
-                    while hi < len(job.ids) and (hi == lo or
-                                                 taken_tokens + len(job.ids[hi]) <= self.max_batch_tokens):
+                    while hi < len(job.ids) and (hi == lo or taken_tokens + len(job.ids[hi]) <= self.max_batch_tokens):
                         taken_tokens += len(job.ids[hi])
                         hi += 1
                 else:
@@ -299,7 +330,7 @@ class Batcher:
         self.metrics.batch(len(call.pieces), len(ids), call.tokens)
         start = 0
         for job, lo, hi in call.pieces:
-            rows = emb[start:start + hi - lo]
+            rows = emb[start : start + hi - lo]
             start += hi - lo
             if job.dropped:
                 continue

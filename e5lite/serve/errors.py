@@ -11,11 +11,25 @@ from starlette.responses import Response
 from ..errors import ApiError
 from .protocol import json_response
 
-OPENAI_TYPES = {400: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                429: "rate_limit_error", 404: "not_found_error", 405: "invalid_request_error"}
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+}
 # TEI's ErrorType enum as serde writes it (the variant's name); 503 is what its /health answers when unhealthy
-TEI_TYPES = {413: "Validation", 422: "Validation", 429: "Overloaded", 400: "Validation", 415: "Validation",
-             404: "Validation", 405: "Validation", 503: "Unhealthy"}
+TEI_TYPES = {
+    413: "Validation",
+    422: "Validation",
+    429: "Overloaded",
+    400: "Validation",
+    415: "Validation",
+    404: "Validation",
+    405: "Validation",
+    503: "Unhealthy",
+}
 SHUTTING_DOWN = "server is shutting down"
 
 
@@ -28,11 +42,13 @@ class OpenAIError(BaseModel):
 
 class OpenAIErrorResponse(BaseModel):
     """OpenAI error body."""
+
     error: OpenAIError
 
 
 class TEIErrorResponse(BaseModel):
     """TEI error body."""
+
     error: str
     error_type: str
 
@@ -60,8 +76,11 @@ def error_response(e: ApiError, style: str) -> Response:
     """OpenAI: {"error": {"message", "type", "param", "code"}}; TEI: {"error", "error_type"}. A RetryLater
     also sets ``Retry-After`` (which the openai client and most HTTP clients honour)."""
     if style == "openai":
-        body: BaseModel = OpenAIErrorResponse(error=OpenAIError(
-            message=e.message, type=OPENAI_TYPES.get(e.status, "server_error"), param=e.param, code=e.code))
+        body: BaseModel = OpenAIErrorResponse(
+            error=OpenAIError(
+                message=e.message, type=OPENAI_TYPES.get(e.status, "server_error"), param=e.param, code=e.code
+            )
+        )
     else:
         body = TEIErrorResponse(error=e.message, error_type=TEI_TYPES.get(e.status, "Backend"))
     headers = {"Retry-After": str(e.retry_after)} if isinstance(e, RetryLater) else None

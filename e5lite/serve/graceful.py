@@ -48,6 +48,13 @@ class GracefulServer(uvicorn.Server):
 
 def make_server(app: Starlette, *, host: str, port: int, log_level: str = "info") -> GracefulServer:
     """The uvicorn server that runs ``app`` (from ``build_app``) and drains it on shutdown."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=SHUTDOWN_CLOSE_S)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        # uvicorn annotates an int but waits with asyncio.timeout, which takes float seconds
+        timeout_graceful_shutdown=SHUTDOWN_CLOSE_S,  # type: ignore[arg-type]
+    )
     return GracefulServer(config, app.state.server)

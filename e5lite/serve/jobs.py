@@ -14,6 +14,7 @@ import numpy as np
 class Job:
     """One request's token ids (prompt and truncation applied), the future its handler awaits, and how far the
     worker has got with it."""
+
     ids: list[np.ndarray]
     tokens: int
     loop: asyncio.AbstractEventLoop
@@ -58,6 +59,7 @@ class Throughput:
     dominates it (on a GPU by far), so only calls of at least half ``full_call`` tokens count, scaled to a
     full call. Calls that compile count: while many do (a cold server), the engine is that slow. One odd call
     moves the mean by a bounded step."""
+
     full_call: int  # tokens of a full engine call
     weight: float = 0.25
     mean: float | None = None  # seconds per full call
@@ -87,6 +89,7 @@ class Throughput:
 class Ticket:
     """An admitted request on its way to the queue (being tokenised): its estimated tokens, its size in
     characters, and when it was admitted (its deadline counts from then)."""
+
     tokens: int
     chars: int
     admitted_at: float
@@ -96,6 +99,7 @@ class Ticket:
 @dataclass
 class Call:
     """One engine call: pieces (job, first text, end) in order, their token count, when it started."""
+
     pieces: list[tuple[Job, int, int]] = field(default_factory=list)
     tokens: int = 0
     started: float = 0.0

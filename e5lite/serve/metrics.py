@@ -26,7 +26,7 @@ class Histogram:
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts, strict=True)]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
         suffix = f"{{{labels}}}" if labels else ""
         return out + [f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.count}"]
@@ -39,6 +39,7 @@ def _head(name: str, kind: str, text: str) -> list[str]:
 @dataclass
 class Metrics:
     """Counters and histograms for /metrics; updated from the event loop and the batch worker."""
+
     requests: Counter = field(default_factory=Counter)  # (route, status) -> count
     latency: dict = field(default_factory=dict)  # route -> Histogram
     shed_latency: dict = field(default_factory=dict)  # route -> Histogram of its 429s alone
@@ -73,40 +74,74 @@ class Metrics:
             self.skipped_texts += texts
 
     def render(self, queue: dict, queue_capacity: int) -> str:
-        """``queue``: the batch worker's ``state()``."""
+        """The Prometheus text of the counters and histograms, and of the queue's gauges; ``queue``: the batch
+        worker's ``state()``."""
         with self.lock:
-            out = _head("e5lite_requests_total", "counter", "HTTP requests by route and status code.")
-            out += [f'e5lite_requests_total{{route="{r}",status="{s}"}} {n}'
-                    for (r, s), n in sorted(self.requests.items())]
-            out += _head("e5lite_request_duration_seconds", "histogram", "Request latency by route.")
-            for r, h in sorted(self.latency.items()):
-                out += h.lines("e5lite_request_duration_seconds", f'route="{r}"')
-            out += _head("e5lite_shed_duration_seconds", "histogram", "Latency of the 429 answers by route.")
-            for r, h in sorted(self.shed_latency.items()):
-                out += h.lines("e5lite_shed_duration_seconds", f'route="{r}"')
-            out += _head("e5lite_batch_texts", "histogram", "Texts per engine call (one dynamic batch).")
-            out += self.batch_texts.lines("e5lite_batch_texts")
-            out += _head("e5lite_batch_requests", "histogram", "Requests grouped into one engine call.")
-            out += self.batch_requests.lines("e5lite_batch_requests")
-            out += _head("e5lite_texts_embedded_total", "counter", "Texts embedded.") + [
-                f"e5lite_texts_embedded_total {self.texts}"]
-            out += _head("e5lite_tokens_embedded_total", "counter", "Tokens embedded (after truncation).") + [
-                f"e5lite_tokens_embedded_total {self.tokens}"]
-            out += _head("e5lite_requests_shed_total", "counter", "Requests answered 429 by reason: the queue's "
-                         "request, token or wait bound at admission, or expired while queued.")
-            out += [f'e5lite_requests_shed_total{{reason="{r}"}} {n}' for r, n in sorted(self.shed_requests.items())]
-            out += _head("e5lite_texts_skipped_total", "counter", "Texts never embedded because their client went "
-                         "away first (its requests count as status 499).") + [
-                f"e5lite_texts_skipped_total {self.skipped_texts}"]
-        gauges = [("e5lite_queue_depth", "Requests admitted and waiting for the model (being tokenised included).",
-                   queue["queue_depth"] + queue["tokenising"]),
-                  ("e5lite_queue_capacity", "Queue size in requests; a full queue answers 429.", queue_capacity),
-                  ("e5lite_queue_tokens", "Tokens waiting for the model (estimated for those being tokenised).",
-                   queue["queue_tokens"] + queue["tokenising_tokens"]),
-                  ("e5lite_queue_wait_seconds", "Estimated wait before the model starts on a new request.",
-                   f"{queue['queue_wait_seconds']:.3f}"),
-                  ("e5lite_throughput_tokens_per_second", "Measured engine throughput (moving average).",
-                   f"{queue['tokens_per_second']:.1f}")]
-        for name, text, value in gauges:
-            out += _head(name, "gauge", text) + [f"{name} {value}"]
+            out = self._counted()
+        out += _gauges(queue, queue_capacity)
         return "\n".join(out) + "\n"
+
+    def _counted(self) -> list[str]:
+        """The counters' and histograms' lines; the caller holds the lock."""
+        out = _head("e5lite_requests_total", "counter", "HTTP requests by route and status code.")
+        out += [f'e5lite_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+        out += _head("e5lite_request_duration_seconds", "histogram", "Request latency by route.")
+        for r, h in sorted(self.latency.items()):
+            out += h.lines("e5lite_request_duration_seconds", f'route="{r}"')
+        out += _head("e5lite_shed_duration_seconds", "histogram", "Latency of the 429 answers by route.")
+        for r, h in sorted(self.shed_latency.items()):
+            out += h.lines("e5lite_shed_duration_seconds", f'route="{r}"')
+        out += _head("e5lite_batch_texts", "histogram", "Texts per engine call (one dynamic batch).")
+        out += self.batch_texts.lines("e5lite_batch_texts")
+        out += _head("e5lite_batch_requests", "histogram", "Requests grouped into one engine call.")
+        out += self.batch_requests.lines("e5lite_batch_requests")
+        out += _head("e5lite_texts_embedded_total", "counter", "Texts embedded.") + [
+            f"e5lite_texts_embedded_total {self.texts}"
+        ]
+        out += _head("e5lite_tokens_embedded_total", "counter", "Tokens embedded (after truncation).") + [
+            f"e5lite_tokens_embedded_total {self.tokens}"
+        ]
+        out += _head(
+            "e5lite_requests_shed_total",
+            "counter",
+            "Requests answered 429 by reason: the queue's "
+            "request, token or wait bound at admission, or expired while queued.",
+        )
+        out += [f'e5lite_requests_shed_total{{reason="{r}"}} {n}' for r, n in sorted(self.shed_requests.items())]
+        out += _head(
+            "e5lite_texts_skipped_total",
+            "counter",
+            "Texts never embedded because their client went away first (its requests count as status 499).",
+        ) + [f"e5lite_texts_skipped_total {self.skipped_texts}"]
+        return out
+
+
+def _gauges(queue: dict, queue_capacity: int) -> list[str]:
+    """The lines of the queue's gauges, from the batch worker's ``state()``."""
+    gauges = [
+        (
+            "e5lite_queue_depth",
+            "Requests admitted and waiting for the model (being tokenised included).",
+            queue["queue_depth"] + queue["tokenising"],
+        ),
+        ("e5lite_queue_capacity", "Queue size in requests; a full queue answers 429.", queue_capacity),
+        (
+            "e5lite_queue_tokens",
+            "Tokens waiting for the model (estimated for those being tokenised).",
+            queue["queue_tokens"] + queue["tokenising_tokens"],
+        ),
+        (
+            "e5lite_queue_wait_seconds",
+            "Estimated wait before the model starts on a new request.",
+            f"{queue['queue_wait_seconds']:.3f}",
+        ),
+        (
+            "e5lite_throughput_tokens_per_second",
+            "Measured engine throughput (moving average).",
+            f"{queue['tokens_per_second']:.1f}",
+        ),
+    ]
+    out: list[str] = []
+    for name, text, value in gauges:
+        out += _head(name, "gauge", text) + [f"{name} {value}"]
+    return out

@@ -1,4 +1,5 @@
-"""The wire protocol: request and response bodies of the OpenAI and TEI routes, declared once as pydantic models.
+"""The wire protocol: request bodies of the OpenAI and TEI routes, declared once as pydantic models (the response
+bodies are ``responses.py``'s, importable from here too).
 
 The models validate requests; ``parse`` turns pydantic's first complaint into an ``ApiError`` worded the way
 each API words it (field in OpenAI's ``param``, index of a bad list item in the message). The same models give
@@ -7,22 +8,46 @@ the OpenAPI document served at ``GET /openapi.json`` (``routes.py``); error bodi
 
 from __future__ import annotations
 
-import base64
 import reprlib
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import numpy as np
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, RootModel, ValidationError,
-                      ValidationInfo, WrapValidator)
-from pydantic_core import PydanticCustomError
-from starlette.responses import Response
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from ..errors import ApiError
+from .responses import DecodeResponse as DecodeResponse
+from .responses import EmbedAllResponse as EmbedAllResponse
+from .responses import Embedding as Embedding
+from .responses import EmbeddingResponse as EmbeddingResponse
+from .responses import EmbedResponse as EmbedResponse
+from .responses import Health as Health
+from .responses import SimilarityResponse as SimilarityResponse
+from .responses import SimpleToken as SimpleToken
+from .responses import TokenizeResponse as TokenizeResponse
+from .responses import Usage as Usage
+from .responses import json_response as json_response
+
 
 def json_type(v) -> str:
     """How a JSON value's type reads in a message: "a number", "an array", "null"."""
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 _SHORT = reprlib.Repr()
@@ -42,6 +67,7 @@ def refuse(kind: str, message: str) -> PydanticCustomError:
 
 # ------------------------------------------------------------------------------------------------- requests
 
+
 def _is_ids(value) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
@@ -59,8 +85,11 @@ def _check_ids(ids: list[int], where: str, info: ValidationInfo) -> None:
     vocab = (info.context or {}).get("vocab_size")
     bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
     if bad is not None:
-        raise refuse("token_id", f"{where} has token id {shown(bad)}, outside the vocabulary "
-                                 f"[0, {vocab if vocab is not None else 'vocab_size'})")
+        raise refuse(
+            "token_id",
+            f"{where} has token id {shown(bad)}, outside the vocabulary "
+            f"[0, {vocab if vocab is not None else 'vocab_size'})",
+        )
 
 
 def _check_count(value: list, info: ValidationInfo) -> list:
@@ -114,8 +143,11 @@ def _id_lists(value, info: ValidationInfo) -> list[list[int]]:
     if _is_ids(value):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise refuse("list_type", f"'{field}' must be a list of token ids or a list of such lists, got "
-                                  f"{json_type(value) if value != [] else 'an empty array'}")
+        raise refuse(
+            "list_type",
+            f"'{field}' must be a list of token ids or a list of such lists, got "
+            f"{json_type(value) if value != [] else 'an empty array'}",
+        )
     for i, item in enumerate(value):
         if not _is_ids(item):
             raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a list of token ids")
@@ -127,11 +159,18 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Text = Annotated[str, Field(min_length=1)]
 Texts = Annotated[list[Text], Field(min_length=1)]
 # One input or a list: always a list once validated, so that a bad item's error names its index.
-Inputs = Annotated[list[Union[str, list[int]]], PlainValidator(
-    _inputs, json_schema_input_type=Union[Text, TokenIds, Annotated[list[Union[Text, TokenIds]], Field(min_length=1)]])]
-TextInputs = Annotated[list[str], PlainValidator(_texts, json_schema_input_type=Union[Text, Texts])]
-IdInputs = Annotated[list[list[int]], PlainValidator(
-    _id_lists, json_schema_input_type=Union[TokenIds, Annotated[list[TokenIds], Field(min_length=1)]])]
+Inputs = Annotated[
+    list[str | list[int]],
+    PlainValidator(
+        _inputs,
+        json_schema_input_type=Text | TokenIds | Annotated[list[Text | TokenIds], Field(min_length=1)],
+    ),
+]
+TextInputs = Annotated[list[str], PlainValidator(_texts, json_schema_input_type=Text | Texts)]
+IdInputs = Annotated[
+    list[list[int]],
+    PlainValidator(_id_lists, json_schema_input_type=TokenIds | Annotated[list[TokenIds], Field(min_length=1)]),
+]
 
 
 def _direction(value):
@@ -140,8 +179,10 @@ def _direction(value):
     raise refuse("truncation_direction", f"'truncation_direction' must be 'left' or 'right', got {shown(value)}")
 
 
-Direction = Annotated[Literal["left", "right"] | None, BeforeValidator(
-    _direction, json_schema_input_type=Literal["left", "right", "Left", "Right"] | None)]
+Direction = Annotated[
+    Literal["left", "right"] | None,
+    BeforeValidator(_direction, json_schema_input_type=Literal["left", "right", "Left", "Right"] | None),
+]
 
 
 def _dimensions_in_range(value, handler, info: ValidationInfo):
@@ -163,6 +204,7 @@ Dimensions = Annotated[int | None, WrapValidator(_dimensions_in_range)]
 class ApiRequest(BaseModel):
     """A request body. Strict: JSON types count as sent ("8" is not a number, 1 is not a boolean); unknown
     fields are ignored, as both APIs do."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
     status: ClassVar[int]  # for a malformed body
     too_many_status: ClassVar[int]  # for more inputs than the server takes per request
@@ -171,23 +213,30 @@ class ApiRequest(BaseModel):
 
 class EmbeddingRequest(ApiRequest):
     """OpenAI ``POST /v1/embeddings`` (also ``/embeddings``)."""
+
     status: ClassVar[int] = 400
     too_many_status: ClassVar[int] = 400
     missing: ClassVar[str] = "'{}' is a required property"
 
-    input: Inputs = Field(description="The text, or the texts, to embed; token ids (a list of integers, or "
-                                      "a list of such lists) are embedded as given.")
-    model: str | None = Field(None, description="Echoed in the response; the server embeds with the model it "
-                                                "was started with.")
+    input: Inputs = Field(
+        description="The text, or the texts, to embed; token ids (a list of integers, or "
+        "a list of such lists) are embedded as given."
+    )
+    model: str | None = Field(
+        None, description="Echoed in the response; the server embeds with the model it was started with."
+    )
     encoding_format: Literal["float", "base64"] | None = Field(
-        "float", description="base64: each embedding as little-endian float32 bytes.")
-    dimensions: Dimensions = Field(None, description="Keep the first N values of each embedding, normalised "
-                                                     "again (Matryoshka truncation).")
+        "float", description="base64: each embedding as little-endian float32 bytes."
+    )
+    dimensions: Dimensions = Field(
+        None, description="Keep the first N values of each embedding, normalised again (Matryoshka truncation)."
+    )
     user: str | None = Field(None, description="Accepted and ignored.")
 
 
 class TeiRequest(ApiRequest):
     """What TEI's routes share: its status codes and wording."""
+
     status: ClassVar[int] = 422
     too_many_status: ClassVar[int] = 413
     missing: ClassVar[str] = "missing field '{}'"
@@ -195,25 +244,35 @@ class TeiRequest(ApiRequest):
 
 class Truncation(BaseModel):
     """TEI's truncation and prompt fields."""
-    truncate: bool | None = Field(None, description="Cut texts past the model's maximum length instead of "
-                                                    "refusing them; null: the server's setting.")
-    truncation_direction: Direction = Field(None, description="Which end a text past the maximum length loses "
-                                                              "(left or right, either case); null: right.")
-    prompt_name: str | None = Field(None, description="A prompt of the model's, put before every text; "
-                                                      "null: the model's default prompt, if any.")
+
+    truncate: bool | None = Field(
+        None,
+        description="Cut texts past the model's maximum length instead of refusing them; null: the server's setting.",
+    )
+    truncation_direction: Direction = Field(
+        None, description="Which end a text past the maximum length loses (left or right, either case); null: right."
+    )
+    prompt_name: str | None = Field(
+        None, description="A prompt of the model's, put before every text; null: the model's default prompt, if any."
+    )
 
 
 class EmbedRequest(TeiRequest, Truncation):
     """Text Embeddings Inference ``POST /embed`` (also ``POST /`` and ``/invocations``)."""
-    inputs: Inputs = Field(description="The text, or the texts, to embed; token ids (a list of integers, or a "
-                                       "list of such lists) are embedded as given.")
+
+    inputs: Inputs = Field(
+        description="The text, or the texts, to embed; token ids (a list of integers, or a "
+        "list of such lists) are embedded as given."
+    )
     normalize: bool | None = Field(None, description="Unit-length embeddings; null: true.")
-    dimensions: Dimensions = Field(None, description="Keep the first N values of each embedding (normalised "
-                                                     "again when normalize is true).")
+    dimensions: Dimensions = Field(
+        None, description="Keep the first N values of each embedding (normalised again when normalize is true)."
+    )
 
 
 class EmbedAllRequest(TeiRequest, Truncation):
     """TEI ``POST /embed_all``: the last layer's hidden state of every token."""
+
     inputs: Inputs = Field(description="The text, or the texts; or token ids, as for /embed.")
 
 
@@ -229,21 +288,26 @@ class SimilarityParameters(Truncation):
 
 class SimilarityRequest(TeiRequest):
     """TEI ``POST /similarity``: the cosine of source_sentence with each of sentences."""
+
     inputs: SimilarityInput
-    parameters: SimilarityParameters | None = Field(None, description="truncate, truncation_direction, "
-                                                                      "prompt_name, as for /embed.")
+    parameters: SimilarityParameters | None = Field(
+        None, description="truncate, truncation_direction, prompt_name, as for /embed."
+    )
 
 
 class TokenizeRequest(TeiRequest):
     """TEI ``POST /tokenize``: the tokens of each text (prompt included), not truncated."""
+
     inputs: TextInputs = Field(description="The text, or the texts, to tokenise.")
     add_special_tokens: bool = Field(True, description="Add the model's special tokens ([CLS] ... [SEP]).")
-    prompt_name: str | None = Field(None, description="A prompt of the model's, put before every text; null: "
-                                                      "the model's default prompt, if any.")
+    prompt_name: str | None = Field(
+        None, description="A prompt of the model's, put before every text; null: the model's default prompt, if any."
+    )
 
 
 class DecodeRequest(TeiRequest):
     """TEI ``POST /decode``: the text of token ids."""
+
     ids: IdInputs = Field(description="Token ids, or a list of such lists.")
     skip_special_tokens: bool = Field(True, description="Leave out the special tokens.")
 
@@ -280,7 +344,7 @@ FIELD_MESSAGES = {
 }
 
 
-def _describe(err: dict, missing: str) -> str:
+def _describe(err: ErrorDetails, missing: str) -> str:
     loc, kind, value, ctx = err["loc"], err["type"], err["input"], err.get("ctx") or {}
     if "message" in ctx:  # raised by refuse(): already worded
         return str(ctx["message"])
@@ -294,79 +358,3 @@ def _describe(err: dict, missing: str) -> str:
     if template is None:
         return f"'{name}': {err['msg']}"
     return template.format(field=name, got=json_type(value), value=shown(value), expected=ctx.get("expected"))
-
-
-# ------------------------------------------------------------------------------------------------ responses
-
-class Embedding(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float] | str = Field(description="base64 of little-endian float32 when asked for.")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(description="Tokens embedded, prompt and special tokens included, after truncation.")
-    total_tokens: int
-
-
-class EmbeddingResponse(BaseModel):
-    """OpenAI embeddings response."""
-    object: Literal["list"] = "list"
-    model: str
-    data: list[Embedding]
-    usage: Usage
-
-    @classmethod
-    def of(cls, rows: np.ndarray, *, model: str, tokens: int, encoding_format: str | None) -> "EmbeddingResponse":
-        # model_construct: the rows are ours and already right, and validating every float would cost time
-        if encoding_format == "base64":
-            data = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
-        else:
-            data = rows.tolist()
-        return cls.model_construct(
-            model=model, data=[Embedding.model_construct(index=i, embedding=e) for i, e in enumerate(data)],
-            usage=Usage.model_construct(prompt_tokens=tokens, total_tokens=tokens))
-
-
-class EmbedResponse(RootModel[list[list[float]]]):
-    """TEI embed response: one embedding per input."""
-
-    @classmethod
-    def of(cls, rows: np.ndarray) -> "EmbedResponse":
-        return cls.model_construct(rows.tolist())
-
-
-class EmbedAllResponse(RootModel[list[list[list[float]]]]):
-    """TEI embed_all response: per input, the last hidden state of each of its tokens."""
-
-    @classmethod
-    def of(cls, states: list[np.ndarray]) -> "EmbedAllResponse":
-        return cls.model_construct([s.tolist() for s in states])
-
-
-class SimilarityResponse(RootModel[list[float]]):
-    """TEI similarity response: the cosine of source_sentence with each sentence, in order."""
-
-
-class SimpleToken(BaseModel):
-    id: int
-    text: str = Field(description="The special token's string, or the slice of the (prompted) input.")
-    special: bool
-    start: int | None = Field(description="UTF-8 byte offset in the prompted input; null for a special token.")
-    stop: int | None
-
-
-class TokenizeResponse(RootModel[list[list[SimpleToken]]]):
-    """TEI tokenize response: per input, its tokens."""
-
-
-class DecodeResponse(RootModel[list[str]]):
-    """TEI decode response: per id list, its text."""
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-def json_response(body: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)

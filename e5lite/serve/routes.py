@@ -12,9 +12,21 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .errors import OpenAIErrorResponse, TEIErrorResponse
-from .protocol import (DecodeRequest, DecodeResponse, EmbedAllRequest, EmbedAllResponse, EmbeddingRequest,
-                       EmbeddingResponse, EmbedRequest, EmbedResponse, Health, SimilarityRequest, SimilarityResponse,
-                       TokenizeRequest, TokenizeResponse)
+from .protocol import (
+    DecodeRequest,
+    DecodeResponse,
+    EmbedAllRequest,
+    EmbedAllResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbedRequest,
+    EmbedResponse,
+    Health,
+    SimilarityRequest,
+    SimilarityResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,7 @@ class RouteSpec:
     refusals take ("openai" or "tei"); ``work``: it embeds or tokenises, so it is refused while the server
     drains and counted until answered. ``summary`` None: left out of the OpenAPI document; else its request
     and response models, the statuses it can refuse with, and the media type of a 200 without a model."""
+
     method: str
     path: str
     handler: str
@@ -43,13 +56,29 @@ class RouteSpec:
 
 EMBED_ERRORS = (400, 413, 415, 422, 429, 500, 503)
 TEXT_ERRORS = (400, 413, 415, 422, 500, 503)
-_OPENAI: dict[str, Any] = dict(handler="openai_embeddings", style="openai", work=True,
-                               summary="OpenAI-compatible embeddings", request=EmbeddingRequest,
-                               response=EmbeddingResponse, errors=(400, 413, 415, 429, 500, 503))
-_EMBED: dict[str, Any] = dict(handler="tei_embed", work=True, summary="Text Embeddings Inference embed",
-                              request=EmbedRequest, response=EmbedResponse, errors=EMBED_ERRORS)
-_HEALTH: dict[str, Any] = dict(handler="health", summary="Health: 200 when ready, 503 while starting or shutting down",
-                               response=Health, errors=(503,))
+_OPENAI: dict[str, Any] = dict(
+    handler="openai_embeddings",
+    style="openai",
+    work=True,
+    summary="OpenAI-compatible embeddings",
+    request=EmbeddingRequest,
+    response=EmbeddingResponse,
+    errors=(400, 413, 415, 429, 500, 503),
+)
+_EMBED: dict[str, Any] = dict(
+    handler="tei_embed",
+    work=True,
+    summary="Text Embeddings Inference embed",
+    request=EmbedRequest,
+    response=EmbedResponse,
+    errors=EMBED_ERRORS,
+)
+_HEALTH: dict[str, Any] = dict(
+    handler="health",
+    summary="Health: 200 when ready, 503 while starting or shutting down",
+    response=Health,
+    errors=(503,),
+)
 
 ROUTES = (
     RouteSpec("POST", "/v1/embeddings", **_OPENAI),
@@ -57,14 +86,46 @@ ROUTES = (
     RouteSpec("POST", "/embed", **_EMBED),
     RouteSpec("POST", "/", **_EMBED),
     RouteSpec("POST", "/invocations", **_EMBED),
-    RouteSpec("POST", "/embed_all", "embed_all", work=True, summary="Last hidden state of every token",
-              request=EmbedAllRequest, response=EmbedAllResponse, errors=EMBED_ERRORS),
-    RouteSpec("POST", "/similarity", "similarity", work=True, summary="Cosine similarity of a text with others",
-              request=SimilarityRequest, response=SimilarityResponse, errors=EMBED_ERRORS),
-    RouteSpec("POST", "/tokenize", "tokenize_route", work=True, summary="Tokens of texts, with offsets",
-              request=TokenizeRequest, response=TokenizeResponse, errors=TEXT_ERRORS),
-    RouteSpec("POST", "/decode", "decode", work=True, summary="Text of token ids", request=DecodeRequest,
-              response=DecodeResponse, errors=TEXT_ERRORS),
+    RouteSpec(
+        "POST",
+        "/embed_all",
+        "embed_all",
+        work=True,
+        summary="Last hidden state of every token",
+        request=EmbedAllRequest,
+        response=EmbedAllResponse,
+        errors=EMBED_ERRORS,
+    ),
+    RouteSpec(
+        "POST",
+        "/similarity",
+        "similarity",
+        work=True,
+        summary="Cosine similarity of a text with others",
+        request=SimilarityRequest,
+        response=SimilarityResponse,
+        errors=EMBED_ERRORS,
+    ),
+    RouteSpec(
+        "POST",
+        "/tokenize",
+        "tokenize_route",
+        work=True,
+        summary="Tokens of texts, with offsets",
+        request=TokenizeRequest,
+        response=TokenizeResponse,
+        errors=TEXT_ERRORS,
+    ),
+    RouteSpec(
+        "POST",
+        "/decode",
+        "decode",
+        work=True,
+        summary="Text of token ids",
+        request=DecodeRequest,
+        response=DecodeResponse,
+        errors=TEXT_ERRORS,
+    ),
     RouteSpec("GET", "/health", **_HEALTH),
     RouteSpec("GET", "/", **_HEALTH),
     RouteSpec("GET", "/ping", **_HEALTH),
@@ -80,8 +141,9 @@ def openapi(version: str, routes: tuple[RouteSpec, ...] = ROUTES) -> dict:
     routes = tuple(r for r in routes if r.summary is not None)
     models: set[tuple[Any, Any]] = {(r.request, "validation") for r in routes if r.request is not None}
     models |= {(m, "serialization") for r in routes for m in (r.response, r.error_body) if m is not None}
-    refs, top = models_json_schema(sorted(models, key=lambda m: (m[0].__name__, m[1])),
-                                   ref_template="#/components/schemas/{model}")
+    refs, top = models_json_schema(
+        sorted(models, key=lambda m: (m[0].__name__, m[1])), ref_template="#/components/schemas/{model}"
+    )
 
     def content(model, mode: Any) -> dict:
         return {"application/json": {"schema": refs[model, mode]}}
@@ -96,14 +158,20 @@ def openapi(version: str, routes: tuple[RouteSpec, ...] = ROUTES) -> dict:
         else:
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
         responses: dict[str, Any] = {"200": ok}
-        responses |= {str(s): {"description": "Refused or failed", "content": content(r.error_body, "serialization")}
-                      for s in r.errors}
+        responses |= {
+            str(s): {"description": "Refused or failed", "content": content(r.error_body, "serialization")}
+            for s in r.errors
+        }
         op: dict[str, Any] = {"summary": r.summary, "responses": responses}
         if r.request is not None:
             op["requestBody"] = {"required": True, "content": content(r.request, "validation")}
         paths.setdefault(r.path, {})[r.method.lower()] = op
-    return {"openapi": "3.1.0", "info": {"title": "e5lite", "version": version}, "paths": paths,
-            "components": {"schemas": top.get("$defs", {})}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "e5lite", "version": version},
+        "paths": paths,
+        "components": {"schemas": top.get("$defs", {})},
+    }
 
 
 DOCS_HTML = """<!doctype html>

@@ -1,0 +1,90 @@
+"""The wire protocol's response bodies: what the OpenAI and TEI routes answer with, as pydantic models (they give
+the OpenAPI document's schemas, ``routes.py``), built with ``model_construct`` from the rows the server already
+checked; ``json_response`` writes one. The request bodies are ``protocol.py``'s, which re-exports these.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, RootModel
+from starlette.responses import Response
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="base64 of little-endian float32 when asked for.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens embedded, prompt and special tokens included, after truncation.")
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """OpenAI embeddings response."""
+
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: Usage
+
+    @classmethod
+    def of(cls, rows: np.ndarray, *, model: str, tokens: int, encoding_format: str | None) -> EmbeddingResponse:
+        # model_construct: the rows are ours and already right, and validating every float would cost time
+        if encoding_format == "base64":
+            data = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
+        else:
+            data = rows.tolist()
+        return cls.model_construct(
+            model=model,
+            data=[Embedding.model_construct(index=i, embedding=e) for i, e in enumerate(data)],
+            usage=Usage.model_construct(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+
+class EmbedResponse(RootModel[list[list[float]]]):
+    """TEI embed response: one embedding per input."""
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> EmbedResponse:
+        return cls.model_construct(rows.tolist())
+
+
+class EmbedAllResponse(RootModel[list[list[list[float]]]]):
+    """TEI embed_all response: per input, the last hidden state of each of its tokens."""
+
+    @classmethod
+    def of(cls, states: list[np.ndarray]) -> EmbedAllResponse:
+        return cls.model_construct([s.tolist() for s in states])
+
+
+class SimilarityResponse(RootModel[list[float]]):
+    """TEI similarity response: the cosine of source_sentence with each sentence, in order."""
+
+
+class SimpleToken(BaseModel):
+    id: int
+    text: str = Field(description="The special token's string, or the slice of the (prompted) input.")
+    special: bool
+    start: int | None = Field(description="UTF-8 byte offset in the prompted input; null for a special token.")
+    stop: int | None
+
+
+class TokenizeResponse(RootModel[list[list[SimpleToken]]]):
+    """TEI tokenize response: per input, its tokens."""
+
+
+class DecodeResponse(RootModel[list[str]]):
+    """TEI decode response: per id list, its text."""
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+def json_response(body: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
