@@ -27,7 +27,7 @@ from .errors import InputError
 from .files import read_records
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-SHARD_BYTES = 8 << 20  # 8 MiB of text: ~10k-40k passages, tens of MB of embeddings per shard
+SHARD_BYTES = 8 << 20  # 8 MiB of text a shard: many thousands of passages, files of a manageable size
 CHUNK_ROWS = 8192  # rows tokenised and embedded at once inside a shard: one engine chunk
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 

@@ -192,8 +192,8 @@ class Engine:
 
     def _put(self, x: np.ndarray):
         """A batch's host array as the jitted functions take it: split over the devices, or, on one device, as
-        it is (jit places it beside the weights, for less dispatch work than a device_put: a query's forward
-        is a few milliseconds)."""
+        it is (jit places it beside the weights, for less dispatch work than a device_put, which is a visible
+        share of a one-query forward; BENCHMARKS.md, "One-query latency")."""
         return jax.device_put(x, self._batch_sharding) if len(self.devices) > 1 else x
 
     def run(

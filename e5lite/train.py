@@ -180,8 +180,9 @@ def fit(
 
     if huge_pages_tunables() is not None and jax.default_backend() == "cpu":
         logging.getLogger("e5lite").info(
-            "e5lite: training steps on CPU run about a fifth faster in a process started with "
-            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `e5lite train` restarts itself)"
+            "e5lite: training steps on CPU run faster in a process started with "
+            "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `e5lite train` restarts itself; BENCHMARKS.md, "
+            "'Training speed')"
         )
     run = _Run(model, train, output, settings or TrainSettings(), (query_field, positive_field, negative_field), resume)
     return run.loop(eval_data, eval_every, save_every, show_progress)

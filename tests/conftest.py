@@ -178,7 +178,8 @@ def forward_grouped(enc, ids: list, pad_id: int = 0) -> list[np.ndarray]:
     import e5lite
     longest = max(len(t) for t in ids)
     out: list = [None] * len(ids)
-    for group in ([i for i, t in enumerate(ids) if len(t) == longest], [i for i, t in enumerate(ids) if len(t) < longest]):
+    at_longest = [i for i, t in enumerate(ids) if len(t) == longest]
+    for group in (at_longest, [i for i in range(len(ids)) if i not in at_longest]):
         if not group:
             continue
         S = max(len(ids[i]) for i in group)
@@ -195,6 +196,19 @@ def hidden_error(enc, ids: list, want_h: np.ndarray, pad_id: int = 0) -> float:
     """Max |diff| over real tokens between ``forward_grouped`` and a reference's padded last hidden states."""
     got = forward_grouped(enc, ids, pad_id)
     return max(float(np.abs(g - want_h[i, :len(g)]).max()) for i, g in enumerate(got) if len(g))
+
+
+def assert_params_equal(got, want) -> None:
+    """Two parameter pytrees bit for bit, naming the first leaf that differs (``np.array_equal`` per leaf: on
+    a full-size model numpy's assert_array_equal spends seconds building reports for arrays that are equal)."""
+    import jax
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(got)[0], strict=True)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for path, a, b in zip(paths, leaves, jax.tree.leaves(want), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        where = jax.tree_util.keystr(path)
+        assert a.dtype == b.dtype and a.shape == b.shape, (where, a.dtype, b.dtype, a.shape, b.shape)
+        assert np.array_equal(a, b), f"{where} differs"
 
 
 def write_json(path: Path, obj) -> None:

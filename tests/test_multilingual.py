@@ -19,7 +19,7 @@ import e5lite
 from e5lite.errors import WeightsError
 from e5lite.export import save_pretrained
 from e5lite.tokenizer import TextTokenizer
-from conftest import hidden_error
+from conftest import assert_params_equal, hidden_error
 from multilingual import (corpus, random_me5_small, random_xlmr, reference, sample_texts, save_model,
                           write_xlmr_tokenizer)
 
@@ -195,6 +195,7 @@ def test_me5_base_shape(tmp_path, tok_dir, hf_tokenizer, texts):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full-size")  # one worker at a time: each holds several GB
 def test_me5_large_shape(tmp_path, tok_dir, hf_tokenizer, texts):
     """multilingual-e5-large's shape (24 x 1024); then the same weights stored as fp16 with the `roberta.` prefix
     load as the fp16-rounded params (the forward on them is the one just checked)."""
@@ -204,7 +205,7 @@ def test_me5_large_shape(tmp_path, tok_dir, hf_tokenizer, texts):
     rounded = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), enc.params)
     del enc
     fp16 = e5lite.load(save_model(model, tmp_path / "fp16", tok_dir, prefix="roberta.", dtype="float16")).params
-    jax.tree.map(np.testing.assert_array_equal, fp16, rounded)
+    assert_params_equal(fp16, rounded)
 
 
 def test_me5_small_layout(tmp_path, tok_dir, hf_tokenizer, texts):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
 import e5lite
-from conftest import TEXTS, hidden_error, random_bert, save_layout, storage_rounded, torch_reference
+from conftest import (TEXTS, assert_params_equal, hidden_error, random_bert, save_layout, storage_rounded,
+                      torch_reference)
 
 LAYOUTS = ("plain", "legacy", "fp16", "sharded")
 EMB_TOL = 1e-5
@@ -53,6 +53,7 @@ def test_parity_layouts(bert, layout, tmp_path, minilm_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("full-size")  # one worker at a time: each holds several GB
 def test_parity_e5_large(tmp_path, minilm_dir):
     """e5-large shape: full parity for plain and fp16 storage; the other layouts must load bit-identical."""
     model = random_bert("e5-large", seed=1)
@@ -60,7 +61,7 @@ def test_parity_e5_large(tmp_path, minilm_dir):
                        texts=FULL_SIZE_TEXTS)
     for layout in ("legacy", "sharded"):
         folder = save_layout(model, tmp_path / layout, layout, minilm_dir)
-        jax.tree.map(np.testing.assert_array_equal, e5lite.load(folder).params, enc.params)
+        assert_params_equal(e5lite.load(folder).params, enc.params)
         shutil.rmtree(folder)
     del enc
     check_parity(storage_rounded(model), save_layout(model, tmp_path / "fp16", "fp16", minilm_dir), hidden=False,

@@ -60,8 +60,8 @@ from .served import ServedEncoder
 
 logger = logging.getLogger("e5lite.serve")
 
-# Requests of up to this many characters are tokenised on the event loop (tens of microseconds), larger ones in
-# the thread pool so that the loop keeps answering.
+# Requests of up to this many characters are tokenised on the event loop (a short text costs less than the hop to
+# a thread), larger ones in the thread pool so that the loop keeps answering.
 INLINE_CHARS = 2000
 
 

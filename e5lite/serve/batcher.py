@@ -261,7 +261,8 @@ class Batcher:
             if self._stopping:
                 return None, []
             # Wait for batch-mates only while other admitted requests are still being tokenised (they join
-            # within milliseconds) and no full call is queued: a request at an idle server starts at once.
+            # as soon as their tokens are ready) and no full call is queued: a request at an idle server starts
+            # at once.
             until = time.monotonic() + self.max_wait
             while self._queued_tokens < self.max_batch_tokens and self._reserved > 0 and not self._stopping:
                 left = until - time.monotonic()
