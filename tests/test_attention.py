@@ -26,6 +26,7 @@ def test_unavailable_or_unknown_impl(tiny_dir):
         e5lite.load(tiny_dir, attention_impl="pallas")  # the tiny config's head_dim 8 has no kernel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_pallas_model_matches_transformers(tmp_path, minilm_dir, packing):
     import transformers
@@ -40,6 +41,7 @@ def test_pallas_model_matches_transformers(tmp_path, minilm_dir, packing):
     np.testing.assert_allclose(enc.encode(TEXTS), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_pallas_minilm_matches_sentence_transformers(minilm_dir):
     from sentence_transformers import SentenceTransformer
     st = SentenceTransformer(str(minilm_dir), device="cpu").float()  # fp32 even from an fp16 copy of the weights
@@ -48,6 +50,7 @@ def test_pallas_minilm_matches_sentence_transformers(minilm_dir):
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_pallas_e5_base_shape_hidden_states(e5_base_model, e5_base_dir):
     """e5-base heads (12 x 64) through the kernel, one short and one truncated text, against transformers."""
     model = e5_base_model
@@ -61,6 +64,7 @@ def test_pallas_e5_base_shape_hidden_states(e5_base_model, e5_base_dir):
     assert np.abs(got_h[real] - want_h[real]).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_windows_equal_whole_rows_for_every_impl_that_runs_here():
     """multi_head_attention on windows of W gives the whole-row result when no sequence crosses a window."""
     from e5lite.attention import AttentionMask, multi_head_attention
@@ -89,6 +93,7 @@ def _padded(ids):
     return arr, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["minilm", "e5-base"])
 def test_attention_probabilities_equal_transformers(which, minilm_dir, request):
     """forward(output_attentions=True) against transformers' eager attentions, real tokens, a padded batch."""
@@ -139,6 +144,7 @@ def _reference_attend(q, k, v, allowed, key, rate):
     return jnp.einsum("BNST,BNTK->BNSK", drop(e, key, rate), v, precision="highest") / e.sum(-1, keepdims=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", [0.0, 0.25])
 @pytest.mark.parametrize("segments", [False, True])
 def test_attention_gradients_equal_autodiff(rate, segments):

@@ -24,6 +24,7 @@ def enc(tiny):
     return tiny
 
 
+@pytest.mark.slow
 def test_embed_args_to_stdout(tiny_dir, enc):
     out = run("embed", "--model", tiny_dir, "--prompt-name", "query", "hello", "world")
     assert out.returncode == 0, out.stderr
@@ -31,6 +32,7 @@ def test_embed_args_to_stdout(tiny_dir, enc):
     np.testing.assert_allclose(np.array(rows, np.float32), enc.encode_queries(["hello", "world"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_embed_txt_to_npy_and_jsonl(tiny_dir, enc, tmp_path):
     texts = ["first line", "", "third line is longer than the others"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
@@ -60,6 +62,7 @@ def test_progress_bar_on_stderr(tiny_dir, tmp_path):
     assert "300/300" in out.stderr and np.load(tmp_path / "b.npy").shape == (300, 32)
 
 
+@pytest.mark.slow
 def test_score_and_info(tiny_dir):
     out = run("score", "--model", tiny_dir, "--query", "how much protein", "--query", "summit define",
               "--passage", "protein for women is 46 grams", "--passage", "summit: the top of a mountain")
@@ -98,6 +101,7 @@ def test_failed_write_keeps_old_output(tiny_dir, tmp_path):
     assert out.returncode == 1 and target.read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_embed_compact_vectors_equal_encode(tiny_dir, enc, tmp_path):
     """--precision, --truncate-dim, --calibration, --ranges and --long-inputs to stdout, .npy and .jsonl: the
     rows (ints where quantised) equal encode() with the same options."""

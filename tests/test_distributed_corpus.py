@@ -81,6 +81,7 @@ def records(out: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in out.iterdir() if re.fullmatch(r"shard-\d+\.json", p.name)}
 
 
+@pytest.mark.slow
 def test_one_process_matches_encode(tiny_dir, corpus, one_process):
     out, emb, ids = one_process
     assert ids == corpus[2]
@@ -120,6 +121,7 @@ def finish(procs, timeout=240) -> list[str]:
     return logs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_dir, corpus, one_process, tmp_path):
     out = tmp_path / "emb"
     logs = finish(launch(tiny_dir, corpus[0], out, tmp_path))
@@ -156,6 +158,7 @@ def launch_api(model, folder, out, logs: Path) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow
 def test_both_killed_and_restarted(tiny_dir, corpus, one_process, tmp_path):
     out = tmp_path / "emb"
     procs = launch_api(tiny_dir, corpus[0], out, tmp_path)
@@ -185,6 +188,7 @@ def test_both_killed_and_restarted(tiny_dir, corpus, one_process, tmp_path):
     np.testing.assert_allclose(emb, one_process[1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_bad_input_in_one_process(tiny_dir, tmp_path):
     """A bad line in a shard of process 1: it says so in one line naming the file and line, the other process
     finishes its shards, and both exit (neither waits for the other forever)."""
@@ -249,6 +253,7 @@ def test_leftovers_of_a_kill_are_cleaned(tiny_dir, corpus, one_process, tmp_path
     np.testing.assert_allclose(emb, one_process[1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_changed_input_or_other_layout_refused(tiny_dir, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -284,6 +289,7 @@ def quantized_like(emb, floats, ranges, precision="int8"):
     assert emb.dtype == want.dtype and diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
+@pytest.mark.slow
 def test_two_processes_int8(tiny_dir, corpus, one_process, tmp_path):
     """--precision int8 under jax.distributed: process 0 computes the ranges from the first --calibration texts,
     writes them into the manifest and hands them to process 1; both quantise with them."""

@@ -11,6 +11,7 @@ import e5lite
 from conftest import TEXTS
 
 
+@pytest.mark.slow
 def test_batch_invariance(minilm):
     texts = TEXTS + [f"sentence number {i} about {'many ' * (3 * i)}things" for i in range(8)]
     alone = np.stack([minilm.encode(t) for t in texts])
@@ -109,6 +110,7 @@ def test_dtypes(tiny_dir):
         e5lite.load(tiny_dir, dtype="int8")
 
 
+@pytest.mark.slow
 def test_embed_ids_equals_encode(minilm):
     """encode() = tokenize + embed_ids, on real text with E5's prompts, packed and padded batches alike."""
     texts = TEXTS + [f"sentence number {i} about {'many ' * (7 * i)}things" for i in range(12)]
@@ -218,6 +220,7 @@ def test_many_threads_share_one_encoder(minilm):
         np.testing.assert_allclose(got, want[k % 5::5], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_iter_batches_through_the_model_equals_encode(tiny_dir):
     """encode() == the batches of iter_batches run through the engine's jitted function, and through one of
     the user's own (model.forward + pooling); every text lands once, every token once."""

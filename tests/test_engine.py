@@ -145,6 +145,7 @@ def _run_py(script: str, env_extra: dict, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_four_host_devices_match_one(minilm_dir, reference, tmp_path):
     np.save(tmp_path / "corpus.npy", np.array(CORPUS, dtype=object), allow_pickle=True)
     out = _run_py(f"""
@@ -162,6 +163,7 @@ def test_four_host_devices_match_one(minilm_dir, reference, tmp_path):
         np.testing.assert_allclose(np.load(tmp_path / f"out_{packing}.npy"), reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_merge_in_order(minilm_dir, reference, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -243,6 +245,7 @@ def test_warmup_compiles_what_a_query_needs(minilm_dir):
     assert embed_batch._cache_size() == before  # nothing compiled after the warm-up
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_stay_within_cosine_0999_of_float32(minilm_dir, minilm):
     """``weights="bfloat16"``: the layers' matmul weights stored in bf16 (bf16 operands, float32 accumulation and
     activations) against float32 on real text, on the small-input path (one query) and the packed bulk path."""
@@ -262,6 +265,7 @@ def test_bfloat16_weights_stay_within_cosine_0999_of_float32(minilm_dir, minilm)
         e5lite.load(minilm_dir, weights="bfloat16", dtype="float16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", [None, "bfloat16"])
 def test_unrolled_and_scanned_layouts_agree(minilm_dir, reference, weights):
     """``unroll`` (the CPU default: per-layer weights, QKV fused once at load) and the scanned stack give the

@@ -22,6 +22,7 @@ def report(minilm, pydoc_beir):
     return e5lite.evaluate_retrieval(minilm, pydoc_beir, show_progress_bar=False)
 
 
+@pytest.mark.slow
 def test_metrics_equal_trec_eval_on_the_same_ranking(minilm, pydoc_beir, report):
     data = load_retrieval_data(pydoc_beir, "test")
     q = minilm.encode(data.query_texts, prompt="query: ")
@@ -42,6 +43,7 @@ def test_metrics_equal_trec_eval_on_the_same_ranking(minilm, pydoc_beir, report)
     assert report["ndcg_at_10"] > 2 * chance["ndcg_at_10"] and report["recall_at_100"] == 1.0
 
 
+@pytest.mark.slow
 def test_prompts_and_split(minilm, pydoc_beir, report):
     no_prompt = e5lite.evaluate_retrieval(minilm, pydoc_beir, query_prompt="", passage_prompt="", k_values=(10,))
     assert no_prompt["query_prompt"] == "" and set(no_prompt) >= {"ndcg_at_10", "mrr_at_10"}
@@ -61,6 +63,7 @@ def test_cli_prints_the_table_and_writes_the_report(minilm_dir, pydoc_beir, repo
                                                                            if "_at_" in k}, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_precomputed_corpus_embeddings(minilm_dir, pydoc_beir, report, tmp_path):
     """e5lite embed --output DIR over the corpus (title + text, passage prompt, --id-field _id), then eval."""
     data = load_retrieval_data(pydoc_beir, "test")

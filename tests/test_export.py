@@ -147,6 +147,7 @@ def test_e5lite_loads_the_export(exported, enc, expected):
 
 # -- (b, c) the params passed are the ones saved, in float32 --
 
+@pytest.mark.slow
 def test_passed_params_are_saved(enc, expected, minilm_dir, tmp_path):
     layers = enc.params.layers
     tuned = enc.params._replace(layers=layers._replace(q_bias_NK=layers.q_bias_NK.at[0].add(0.1)))

@@ -58,6 +58,7 @@ def xlmr_dir(tmp_path_factory):
     return write_xlmr_tokenizer(tmp_path_factory.mktemp("xlmr"), corpus(n_per_locale=100))
 
 
+@pytest.mark.slow
 def test_tokie_equals_tokenizers_on_xlmr(xlmr_dir, texts):
     """The XLM-R pipeline transformers runs (Precompiled, WhitespaceSplit + Metaspace, <s> $A </s>), with text
     holding its added tokens and blank text (which the reference encodes: tokie 0.1.4 differs there)."""

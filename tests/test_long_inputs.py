@@ -59,6 +59,7 @@ def reference(minilm_dir):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix, overlap", [("", 0), ("query: ", 0), ("passage: ", 37)])
 def test_matches_transformers_procedure(enc128, reference, prefix, overlap):
     texts = LONG + [SHORT]

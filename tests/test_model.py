@@ -12,6 +12,7 @@ import e5lite
 from e5lite.batching import plan_packed
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_separate_forwards(tiny):
     """Hidden states of packed sequences equal each sequence run on its own."""
     ids = tiny.tokenizer(["query: a short one", "passage: " + "words " * 30, "x"])
@@ -38,6 +39,7 @@ def test_windowed_forward_equals_whole_rows(tiny):
         e5lite.forward(tiny.params, tiny.config, b.input_ids, b.attention_mask, attention_window=16)
 
 
+@pytest.mark.slow
 def test_forward_is_differentiable(tiny):
     ids = np.asarray(tiny.tokenizer(["a differentiable forward"])[0])[None]
 
@@ -50,6 +52,7 @@ def test_forward_is_differentiable(tiny):
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) >= len(norms) - 1  # token-type row 1 unused
 
 
+@pytest.mark.slow
 def test_fused_and_per_layer_layouts_run_the_same_forward(tiny):
     """The engine's layouts of the same weights (model.fuse_layers; a tuple of per-layer ones run unrolled; the
     FFN output weight kept transposed, as with bfloat16 weights) give the stacked scan's hidden states, states

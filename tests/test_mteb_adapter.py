@@ -89,6 +89,7 @@ def mteb_scores(minilm, pydoc_beir, tmp_path_factory):
     return scores
 
 
+@pytest.mark.slow
 def test_mteb_evaluate_equals_trec_eval_and_e5lite_eval(minilm, pydoc_beir, mteb_scores):
     corpus, queries, qrels = read_beir(pydoc_beir)
     qids, dids = list(qrels), list(corpus)

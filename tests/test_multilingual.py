@@ -92,6 +92,7 @@ def test_tokenizer_matches_transformers(tok_dir, hf_tokenizer, texts):
 
 # ---------------------------------------------------------------------------------------------- XLM-R
 
+@pytest.mark.slow
 def test_tiny_parity_and_config(tiny, hf_tokenizer, texts):
     model, folder = tiny
     enc = check_parity(model, folder, hf_tokenizer, texts, hidden=True, packing=False)
@@ -120,6 +121,7 @@ def test_tiny_layouts_and_batch_invariance(tiny, hf_tokenizer, texts, knobs):
     np.testing.assert_allclose(alone, got[:4], atol=EMB_TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_tiny_bf16_and_two_devices(tiny, hf_tokenizer, texts, tmp_path):
     """bf16 (cosine >= 0.999 against transformers fp32) and batches sharded over two host devices (in a
     subprocess with two CPU devices; padded and packed) give XLM-R's embeddings too."""
@@ -187,6 +189,7 @@ def test_export_round_trip(tiny, hf_tokenizer, texts, tmp_path):
     np.testing.assert_allclose(enc.encode(texts), want, atol=EMB_TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_me5_base_shape(tmp_path, tok_dir, hf_tokenizer, texts):
     """multilingual-e5-base's shape (12 x 768, 250,002 rows): hidden states and embeddings."""
     model = random_xlmr("me5-base", seed=1)
@@ -195,7 +198,6 @@ def test_me5_base_shape(tmp_path, tok_dir, hf_tokenizer, texts):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full-size")  # one worker at a time: each holds several GB
 def test_me5_large_shape(tmp_path, tok_dir, hf_tokenizer, texts):
     """multilingual-e5-large's shape (24 x 1024); then the same weights stored as fp16 with the `roberta.` prefix
     load as the fp16-rounded params (the forward on them is the one just checked)."""
@@ -208,6 +210,7 @@ def test_me5_large_shape(tmp_path, tok_dir, hf_tokenizer, texts):
     assert_params_equal(fp16, rounded)
 
 
+@pytest.mark.slow
 def test_me5_small_layout(tmp_path, tok_dir, hf_tokenizer, texts):
     """multilingual-e5-small: a BERT (positions from 0) with XLM-R's tokenizer (pad 1, <s> ... </s>)."""
     model = random_me5_small(seed=4)
@@ -245,6 +248,7 @@ def test_instruct_prompts(tiny, hf_tokenizer, texts, tmp_path):
     assert e5lite.load(inst).prompts["query"] == "Q: "
 
 
+@pytest.mark.slow
 def test_cli_task_and_info(tiny, tmp_path):
     import json
     import subprocess
@@ -260,6 +264,7 @@ def test_cli_task_and_info(tiny, tmp_path):
     np.testing.assert_allclose(np.load(out), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_one_sgd_step_equals_torch(tiny, texts, tmp_path):
     """Fine-tuning an XLM-R: one plain SGD step of `e5lite train` on multilingual pairs moves the weights as
     the same InfoNCE step does on transformers' XLMRobertaModel (padded with <pad> = 1)."""

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,7 @@ def test_installed_package_has_no_top_level_kernels(tmp_path):
     assert out.stdout.split() == ["True", "True"]
 
 
+@pytest.mark.slow
 def test_checkout_root_does_not_shadow_kernels():
     """From the repository root (on sys.path as `python -m pytest`, a REPL or `python -c` put it), `import kernels`
     finds the installed Hugging Face package, or nothing; never the checkout's kernels/ folder, and transformers'

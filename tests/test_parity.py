@@ -44,6 +44,7 @@ def bert(request):
     return request.param, model, storage_rounded(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parity_layouts(bert, layout, tmp_path, minilm_dir):
     name, model, model16 = bert
@@ -53,7 +54,6 @@ def test_parity_layouts(bert, layout, tmp_path, minilm_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full-size")  # one worker at a time: each holds several GB
 def test_parity_e5_large(tmp_path, minilm_dir):
     """e5-large shape: full parity for plain and fp16 storage; the other layouts must load bit-identical."""
     model = random_bert("e5-large", seed=1)

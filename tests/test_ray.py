@@ -79,6 +79,7 @@ def test_embedder_long_inputs_and_compact_vectors(tiny_dir, texts):
         Embedder(tiny_dir, precision="uint8")
 
 
+@pytest.mark.slow
 def test_embedder_in_map_batches(local_ray, tiny_dir, texts):
     ds = ray.data.from_items([{"_id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": str(tiny_dir), "prompt_name": "passage",
@@ -106,6 +107,7 @@ def args(model, folder, out, *extra):
             "--prompt-name", "passage", "--shard-size", "24K", *extra]
 
 
+@pytest.mark.slow
 def test_two_actors_failure_then_rerun(local_ray, tiny_dir, small_corpus, tmp_path, capsys):
     """A block fails (its shard's file name is taken by a folder, so committing it fails), the job stops; the
     rerun embeds only what is missing, and the result equals the local run with every id once."""
@@ -136,6 +138,7 @@ def test_two_actors_failure_then_rerun(local_ray, tiny_dir, small_corpus, tmp_pa
     assert meta["model"] == str(tiny_dir) and meta["dim"] == 32
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(local_ray, tiny_dir, tmp_path, capsys):
     rows = [json.dumps({"_id": f"d{i}", "text": t}) for i, t in enumerate(paragraphs()[:80])]
     (tmp_path / "in").mkdir()

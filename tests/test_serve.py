@@ -90,6 +90,7 @@ def normalized(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_tei_embed_matches_encode(server, enc):
     texts = PHRASES[:5] + ["a second batch-mate"]
     r = post(server, "/embed", {"inputs": texts})
@@ -252,6 +253,7 @@ def test_info_and_metrics(server, enc):
     assert "# TYPE e5lite_request_duration_seconds histogram" in r.text.splitlines()
 
 
+@pytest.mark.slow
 def test_full_queue_answers_429(tiny_dir, enc):
     proc, url = start_server(tiny_dir, "--max-queue", "1", "--max-batch-tokens", "64", "--max-wait-ms", "0")
     try:

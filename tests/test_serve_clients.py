@@ -138,6 +138,7 @@ def feature_extraction_kwargs(hub) -> set[str]:
     return set(inspect.signature(hub.InferenceClient.feature_extraction).parameters)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["", "/embed", "/invocations"])
 def test_inference_client_feature_extraction(server, want, hub, path):
     client = hub.InferenceClient(model=server + path, timeout=60)

@@ -336,6 +336,7 @@ def test_shutdown_timeout_answers_what_is_left_with_503_and_exits(enc):
         assert not device.reached(PARAGRAPHS[13:14])
 
 
+@pytest.mark.slow
 def test_sigterm_stops_e5lite_serve(tiny_dir):
     from test_serve import start_server
     proc, url = start_server(tiny_dir, "--shutdown-timeout", "5")
@@ -403,6 +404,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_past_saturation_the_server_sheds_and_recovers(enc):
     """A small load test: 32 patient clients (10 s timeouts) with 160 requests of 8 paragraphs (about 800
     tokens each), and 12 impatient ones with 32 paragraphs each who give up after 0.3 s, against a model that

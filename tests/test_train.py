@@ -35,6 +35,7 @@ def records_file(tmp_path_factory):
     return write_records(tmp_path_factory.mktemp("train") / "pairs.jsonl", training_records())
 
 
+@pytest.mark.slow
 def test_one_sgd_step_equals_torch(minilm_dir, tmp_path):
     """The records of test_train_step (with hard negatives, some rows padded), one step of plain SGD."""
     from test_train_step import PAIRS
@@ -68,6 +69,7 @@ def test_one_sgd_step_equals_torch(minilm_dir, tmp_path):
     assert moved > 1e-3  # the step changed the weights well beyond the tolerance
 
 
+@pytest.mark.slow
 def test_the_trained_folder_loads_in_sentence_transformers(minilm_dir, records_file, tmp_path):
     out = tmp_path / "model"
     assert main(["train", "--model", str(minilm_dir), "--train", str(records_file), "--output", str(out),
@@ -87,6 +89,7 @@ def train_cmd(model, records, out, *extra):
             str(out), "--batch-size", "8", "--epochs", "3", "--learning-rate", "1e-3", "--save-every", "3", *extra]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_bit_identically(tiny_dir, records_file, tmp_path):
     """Dropout on (the checkpoint's 0.1), shuffled epochs: kill -9 after a checkpoint, resume, and the final
     weights equal an uninterrupted run's exactly."""
@@ -117,6 +120,7 @@ def test_a_killed_run_resumes_bit_identically(tiny_dir, records_file, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 28)) and [r["loss"] for r in log] == [r["loss"] for r in whole_log]
 
 
+@pytest.mark.slow
 def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, "e5lite")
     out = tmp_path / "model"
@@ -148,6 +152,7 @@ def test_bad_training_data_is_one_line(tiny_dir, tmp_path, capsys, records, args
     assert err.startswith("e5lite: error:") and message in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 def test_output_and_resume_are_checked(tiny_dir, records_file, tmp_path, capsys):
     out = tmp_path / "model"
     base = ["train", "--model", str(tiny_dir), "--train", str(records_file), "--output", str(out), "--batch-size",
@@ -174,6 +179,7 @@ def _two_step_run(model, records, out, env_extra, *argv_prefix, rank=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_data_parallel_over_devices_and_processes(tiny_dir, records_file, tmp_path):
     """The same two SGD steps on 1 device, on 4 host devices, and on two processes under jax.distributed (gloo)
     give the same weights (the batch's rows split across devices; rounding of the split reductions aside).

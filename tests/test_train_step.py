@@ -61,6 +61,7 @@ def torch_loss_and_grads(minilm_dir, batch):
     return loss.item(), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_loss_and_gradient_equal_torch(minilm_dir, setup):
     enc, batch = setup
     assert batch.p_valid.tolist() == [True] * 4 + [True, True, False, False]  # padded negative rows
@@ -76,6 +77,7 @@ def test_loss_and_gradient_equal_torch(minilm_dir, setup):
         assert np.abs(got[name] - g).max() <= 2e-5 * scale, (name, np.abs(got[name] - g).max(), scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size, remat", [(2, False), (1, True)])
 def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
     enc, batch = setup
@@ -88,6 +90,7 @@ def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_dropout_is_random_per_key_and_off_at_zero(setup):
     enc, batch = setup
     sc = step_config(enc, dropout=0.1)
@@ -98,6 +101,7 @@ def test_dropout_is_random_per_key_and_off_at_zero(setup):
     assert float(a) == float(b) and float(a) != float(c) and float(a) != float(off)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_gradients(setup):
     enc, batch = setup
     loss, grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc, dtype="bfloat16"))

@@ -16,6 +16,7 @@ from e5lite.cli import main
 TEXT = "The quick brown fox jumps over the lazy dog"
 
 
+@pytest.mark.slow
 def test_png_has_one_panel_per_head(minilm_dir, tmp_path, capsys):
     out = tmp_path / "attn.png"
     assert main(["attention", "--model", str(minilm_dir), "--text", TEXT, "--output", str(out)]) == 0
@@ -43,6 +44,7 @@ def test_json_is_the_forward_pass_probabilities(minilm_dir, tmp_path):
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compare_layer_by_layer(minilm_dir, tmp_path, capsys):
     out = tmp_path / "sim.json"
     assert main(["attention", "--model", str(minilm_dir), "--text", "how do I catch an exception",

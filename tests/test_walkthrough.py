@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import walkthrough  # noqa: E402
 
 
+@pytest.mark.slow
 def test_the_tour_passes(capsys):
     assert walkthrough.main() == 0
     out = capsys.readouterr().out
