@@ -40,6 +40,7 @@ def small_chunks(monkeypatch):
     return dict(first_chunk_texts=5, chunk_texts=16)
 
 
+@pytest.mark.slow
 def test_many_chunks_keep_input_order(minilm_dir, reference, small_chunks):
     enc = e5lite.load(minilm_dir, token_budget=512, **small_chunks)
     np.testing.assert_allclose(enc.encode(CORPUS), reference, atol=1e-5, rtol=0)

@@ -149,6 +149,7 @@ def test_bad_input_is_one_line(local_ray, tiny_dir, tmp_path, capsys):
                         r"\d+-\d+\): \S*/x.jsonl line 71 \(byte \d+\): no field 'text' \(set --field\); .*", err), err
 
 
+@pytest.mark.slow
 def test_int8_on_ray(local_ray, tiny_dir, small_corpus, tmp_path):
     """--engine ray --precision int8: a Ray task computes the ranges from the first --calibration texts before
     any actor starts, the manifest records them, and the actors quantise every shard with them."""

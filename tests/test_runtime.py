@@ -64,6 +64,7 @@ def _train_cli(tmp_path, env):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_command_restarts_itself_once_with_huge_pages(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "E5LITE_HUGE_PAGES")}
     p = _train_cli(tmp_path, env)

@@ -211,6 +211,7 @@ def test_dimensions_on_embed(client, ref):
     np.testing.assert_allclose(vectors(r), want / np.linalg.norm(want, axis=1, keepdims=True), atol=EMB_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_long_inputs_chunk_on_the_server_equals_encode(enc):
     with app(enc, long_inputs="chunk", chunk_overlap=16) as c:
         r = c.post("/embed", json={"inputs": TEXTS})

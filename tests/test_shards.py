@@ -59,6 +59,7 @@ def test_uninterrupted_run_matches_encode(tiny_dir, corpus, reference):
         ["manifest.json"] + [n for s in manifest["shards"] for n in s["files"]])
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume(tiny_dir, corpus, reference, tmp_path):
     out = tmp_path / "emb"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
