@@ -9,7 +9,8 @@ from .errors import InputError
 from .settings import default_help
 from .shards import ROWS_PER_SHARD, load_ranges
 
-CORPUS_FLAGS = (
+# where a planned corpus run runs: its processes (jax.distributed) or its Ray actors
+CLUSTER_FLAGS = (
     "coordinator",
     "num_processes",
     "process_id",
@@ -18,8 +19,8 @@ CORPUS_FLAGS = (
     "ray_address",
     "gpus_per_actor",
     "cpus_per_actor",
-    "shard_size",
 )
+CORPUS_FLAGS = (*CLUSTER_FLAGS, "shard_size")
 
 
 def check_corpus_flags(args) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_args import CORPUS_FLAGS, check_corpus_flags, check_vector_flags, vector_options
+from .cli_args import CLUSTER_FLAGS, CORPUS_FLAGS, check_corpus_flags, check_vector_flags, vector_options
 from .errors import InputError
 from .files import read_records, write_atomic
 
@@ -133,19 +133,7 @@ def _embed_planned(args) -> None:
             "--rows-per-shard applies to one process embedding one .txt/.jsonl file; per-host, Ray, "
             "folder and Parquet runs cut .txt/.jsonl input by --shard-size and Parquet by row group"
         )
-    cluster = {
-        k: getattr(args, k)
-        for k in (
-            "coordinator",
-            "num_processes",
-            "process_id",
-            "distributed",
-            "num_actors",
-            "ray_address",
-            "gpus_per_actor",
-            "cpus_per_actor",
-        )
-    }
+    cluster = {k: getattr(args, k) for k in CLUSTER_FLAGS}
     s = embed_planned(
         args.input,
         args.output,
