@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from .dropout import drop
 from .errors import E5LiteError
@@ -171,12 +172,7 @@ def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla
     if dropout is not None and dropout[1]:
         raise ValueError(f"attention dropout runs with attention_impl='xla' only, not {impl!r}")
     if impl == "pallas":
-        # e5lite.kernels is kernels/ (pyproject's package-dir), which mypy checks as the top-level ``kernels``
-        from .kernels.flash_attention import flash_attention  # type: ignore[import-not-found]
-
-        return flash_attention(
-            q_BNSK, k_BNTK, v_BNTK, key_valid_BT=mask.key_valid_BT, segment_ids_BS=mask.segment_ids_BS
-        )
+        return _pallas_per_device(q_BNSK, k_BNTK, v_BNTK, mask.key_valid_BT, mask.segment_ids_BS)
     if impl == "cudnn":
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q_BNSK, k_BNTK, v_BNTK))  # cuDNN takes [B, S, N, K]
         if mask.segment_ids_BS is None:  # right padding: sequence lengths let cuDNN skip the padded keys
@@ -188,6 +184,25 @@ def attention_core(q_BNSK, k_BNTK, v_BNTK, mask: AttentionMask, impl: str = "xla
             out = jax.nn.dot_product_attention(q, k, v, mask=mask.logits_mask(), scale=1.0, implementation="cudnn")
         return out.transpose(0, 2, 1, 3)
     raise ValueError(f"unknown attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+def _pallas_per_device(q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS):
+    """The Pallas kernel (e5lite.kernels.flash_attention); under a mesh of several devices (``jax.set_mesh``, as
+    the engine's multi-device runs set it) once per device on its share of the batch rows, split over all the
+    mesh's axes. XLA cannot partition a Mosaic (TPU) kernel itself: without this, lowering a data-parallel
+    program fails ("Mosaic kernels cannot be automatically partitioned")."""
+    # e5lite.kernels is kernels/ (pyproject's package-dir), which mypy checks as the top-level ``kernels``
+    from .kernels.flash_attention import flash_attention  # type: ignore[import-not-found]
+
+    def kernel(q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS):
+        return flash_attention(q_BNSK, k_BNTK, v_BNTK, key_valid_BT=key_valid_BT, segment_ids_BS=segment_ids_BS)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        rows = P(tuple(mesh.axis_names))  # dimension 0 (batch rows) over every axis, the rest whole
+        # check_vma off: pallas_call's outputs do not declare how they vary over the mesh (each row is its own)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)
+    return kernel(q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS)
 
 
 def multi_head_attention(qkv_BSCNK, mask: AttentionMask, impl: str = "xla", dropout=None):

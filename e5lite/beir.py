@@ -93,8 +93,9 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
     return qrels
 
 
-def load_retrieval_data(data_dir: str | os.PathLike, split: str = "test") -> RetrievalData:
-    """Reads a BEIR folder's corpus, queries and the qrels of ``split``."""
+def qrels_file(data_dir: str | os.PathLike, split: str = "test") -> Path:
+    """The qrels file of ``split`` in a BEIR folder, refused naming the splits there when missing: a check
+    ``e5lite eval`` makes before it loads a model."""
     d = Path(data_dir)
     if not d.is_dir():
         raise InputError(f"data folder {str(d)!r} does not exist")
@@ -105,6 +106,12 @@ def load_retrieval_data(data_dir: str | os.PathLike, split: str = "test") -> Ret
             f"no qrels for split {split!r}: {qrels_path} is missing"
             + (f" (splits here: {', '.join(have)})" if have else "")
         )
+    return qrels_path
+
+
+def load_retrieval_data(data_dir: str | os.PathLike, split: str = "test") -> RetrievalData:
+    """Reads a BEIR folder's corpus, queries and the qrels of ``split``."""
+    d, qrels_path = Path(data_dir), qrels_file(data_dir, split)
     corpus = _read(d / "corpus.jsonl", "corpus")
     queries = _read(d / "queries.jsonl", "queries")
     qrels = read_qrels(qrels_path, queries, corpus)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import sys
 from pathlib import Path
 
@@ -17,10 +19,24 @@ from .errors import E5LiteError, InputError
 from .files import write_atomic
 
 
+def side_prompts(args, enc) -> tuple[str, str]:
+    """The query and passage prefixes of ``score`` and ``eval``: the flags', else the model's (``prompts.py``),
+    told on stderr so that a run says what it embedded."""
+    task = getattr(args, "task", None)
+    qp = args.query_prompt if args.query_prompt is not None else enc.prompt_prefix(task=task) if task else None
+    qp = enc.prompt_for("query") if qp is None else qp
+    pp = enc.prompt_for("passage") if args.passage_prompt is None else args.passage_prompt
+    print(f"prompts: queries {qp!r}, passages {pp!r} (model's: {enc.prompts_source})", file=sys.stderr)
+    return qp, pp
+
+
 def cmd_score(args) -> None:
+    if args.task is not None and args.query_prompt is not None:
+        raise InputError("--task and --query-prompt both set the queries' prefix: pass one")
     enc = load_encoder(args)
-    q = enc.encode_queries(args.query, task=args.task, batch_size=args.batch_size)
-    p = enc.encode(args.passage, prompt_name="passage", batch_size=args.batch_size)
+    qp, pp = side_prompts(args, enc)
+    q = enc.encode(args.query, prompt=qp, batch_size=args.batch_size)
+    p = enc.encode(args.passage, prompt=pp, batch_size=args.batch_size)
     scores = 100.0 * q @ p.T
     width = 8
     print(" " * 6 + "".join(f"{'P' + str(j):>{width}}" for j in range(len(args.passage))))
@@ -28,9 +44,9 @@ def cmd_score(args) -> None:
         print(f"{'Q' + str(i):<6}" + "".join(f"{s:>{width}.2f}" for s in row))
     print()
     for i, t in enumerate(args.query):
-        print(f"Q{i}: {enc.prompt_prefix(task=args.task) if args.task else enc.prompts['query']}{t}")
+        print(f"Q{i}: {qp}{t}")
     for j, t in enumerate(args.passage):
-        print(f"P{j}: {enc.prompts['passage']}{t[:100]}{'...' if len(t) > 100 else ''}")
+        print(f"P{j}: {pp}{t[:100]}{'...' if len(t) > 100 else ''}")
 
 
 def _k_values(text: str) -> tuple[int, ...]:
@@ -44,19 +60,22 @@ def _k_values(text: str) -> tuple[int, ...]:
 
 
 def cmd_eval(args) -> None:
+    from .beir import qrels_file
     from .evaluate import evaluate_retrieval, format_table
 
     k_values = _k_values(args.k)
+    qrels_file(args.data, args.split)  # a missing folder or split fails before the model loads
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise InputError(f"output folder {str(Path(args.output).parent)!r} does not exist")
     enc = load_encoder(args)
+    query_prompt, passage_prompt = side_prompts(args, enc)
     report = evaluate_retrieval(
         enc,
         args.data,
         split=args.split,
         k_values=k_values,
-        query_prompt=args.query_prompt,
-        passage_prompt=args.passage_prompt,
+        query_prompt=query_prompt,
+        passage_prompt=passage_prompt,
         batch_size=args.batch_size,
         corpus_embeddings=args.corpus_embeddings,
         show_progress_bar=True,
@@ -87,9 +106,13 @@ def cmd_attention(args) -> None:
             viz.plot_similarity(args.output, rows, args.text, args.compare)
         elif suffix == ".json":
             write_atomic(Path(args.output), json.dumps(rows, indent=1).encode())
-        print("| layer | cosine (mean-pooled) | cosine ([CLS]) |\n|---|---|---|")
+        if args.output:
+            print(f"wrote the similarity after each of {len(rows) - 1} layers to {args.output}", file=sys.stderr)
+        # rows count the embeddings as 0; the table names layers as --layer does (0-based), "after" each
+        print("| after | cosine (mean-pooled) | cosine ([CLS]) |\n|---|---|---|")
         for r in rows:
-            print(f"| {r['layer']} | {r['cosine_mean']:.4f} | {r['cosine_cls']:.4f} |")
+            after = "embeddings" if r["layer"] == 0 else f"layer {r['layer'] - 1}"
+            print(f"| {after} | {r['cosine_mean']:.4f} | {r['cosine_cls']:.4f} |")
         return
     L, N = enc.config.num_hidden_layers, enc.config.num_attention_heads
     if not -L <= args.layer < L:
@@ -158,9 +181,10 @@ def cmd_train(args) -> None:
         positive_field=args.positive_field,
         negative_field=args.negative_field,
     )
+    rate = summary["tokens_per_s"]  # None with one step: its time is the compiling's (train._Throughput)
+    speed = "" if rate is None else f", {rate:,.0f} tokens/s after the first step"
     print(
-        f"trained {summary['steps']} steps (loss {summary['loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s); "
-        f"wrote the model to {args.output}",
+        f"trained {summary['steps']} steps (loss {summary['loss']:.4f}{speed}); wrote the model to {args.output}",
         file=sys.stderr,
     )
     if summary["eval"]:
@@ -187,14 +211,37 @@ def cmd_info(args) -> None:
         "dtype": enc.dtype.name,
         "prompts": enc.prompts,
         "default_prompt_name": enc.default_prompt_name,
+        "query_prompt": enc.prompt_for("query"),  # what encode_queries, score, eval and train put before queries
+        "passage_prompt": enc.prompt_for("passage"),
+        "prompts_source": enc.prompts_source,
         "devices": [str(d) for d in jax.devices()],
     }
     print(json.dumps(info, indent=2))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """A port another process listens on fails here, before the model loads and warms up (uvicorn would find
+    out only then). Bound as uvicorn binds (SO_REUSEADDR), so a port in TIME_WAIT still passes."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise InputError(
+                f"cannot listen on {host}:{port}: {e.strerror} (another server there? choose one with --port)"
+            ) from None
+
+
 def cmd_serve(args) -> None:
     try:
         from .serve import Limits, serve
+        from .serve.access import Access
     except ImportError as e:
         missing = (e.name or "").split(".")[0]
         if missing not in ("starlette", "uvicorn", "pydantic"):
@@ -204,10 +251,22 @@ def cmd_serve(args) -> None:
         ) from None
     try:
         limits = Limits.from_arguments(args)
+        access = Access.from_arguments(args)  # the keys: never printed, in errors either
     except ValueError as e:  # names the flag
         raise InputError(str(e)) from None
+    _check_port_free(args.host, args.port)
+    print(f"e5lite serve: loading {args.model}, then compiling the query shapes (warm-up)", file=sys.stderr)
     enc = load_encoder(args)
-    serve(enc, host=args.host, port=args.port, model_name=args.served_model_name or args.model, limits=limits)
+    serve(
+        enc,
+        host=args.host,
+        port=args.port,
+        model_name=args.served_model_name or args.model,
+        limits=limits,
+        access=access,
+        default_prompt_name=args.default_prompt_name,
+        default_prompt=args.default_prompt,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +284,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended (128 + 13)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has left (the write end of a pipe polls as an error then), so that a broken pipe
+    elsewhere (a socket, a worker) is still reported as an error. A stdout that cannot be polled: trust it."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that the interpreter's last flush of what is buffered does not fail on
+    the closed pipe again ("Exception ignored ... BrokenPipeError" at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout with no file behind it (tests, notebooks)
+        pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.command == "train":  # a command line of its own, not a call from Python
@@ -236,6 +319,12 @@ def main(argv=None) -> int:
         args.field = args.field or "text"
     try:
         args.func(args)
+    except BrokenPipeError as e:  # the reader left (`e5lite embed ... | head -1`): stop quietly, as CLIs do
+        if not _stdout_gone():
+            print(f"e5lite: error: {e}", file=sys.stderr)
+            return 1
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (E5LiteError, OSError, ValueError, TypeError) as e:
         print(f"e5lite: error: {e}", file=sys.stderr)
         return 1

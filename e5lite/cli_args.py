@@ -1,113 +1,12 @@
-"""The ``e5lite`` command's flags: the parser of every subcommand, and the checks of flag combinations and
-values that argparse cannot express (errors name the flags), made before a model loads where they can be."""
+"""The ``e5lite`` command's flags: the parser of every subcommand (``cli_checks`` checks the combinations of
+``embed``'s that argparse cannot express)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .errors import InputError
 from .settings import default_help
-from .shards import ROWS_PER_SHARD, load_ranges
-
-# where a planned corpus run runs: its processes (jax.distributed) or its Ray actors
-CLUSTER_FLAGS = (
-    "coordinator",
-    "num_processes",
-    "process_id",
-    "distributed",
-    "num_actors",
-    "ray_address",
-    "gpus_per_actor",
-    "cpus_per_actor",
-)
-CORPUS_FLAGS = (*CLUSTER_FLAGS, "shard_size")
-
-
-def check_corpus_flags(args) -> None:
-    """The per-host and Ray flags: valid values, and only in combinations that mean something."""
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name in ("num_processes", "num_actors"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise InputError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
-    for name in ("gpus_per_actor", "cpus_per_actor"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            raise InputError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
-    if args.engine == "ray":
-        used = [
-            flag(n)
-            for n in ("coordinator", "num_processes", "process_id", "distributed")
-            if getattr(args, n) not in (None, False)
-        ]
-        if used:
-            raise InputError(f"{', '.join(used)}: per-host flags; --engine ray runs on Ray's actors instead")
-        if args.shard_format == "npy":
-            raise InputError("--engine ray writes Parquet shards: drop --shard-format npy")
-        return
-    ray_only = [
-        flag(n)
-        for n in ("num_actors", "ray_address", "gpus_per_actor", "cpus_per_actor")
-        if getattr(args, n) is not None
-    ]
-    if ray_only:
-        raise InputError(f"{', '.join(ray_only)} need --engine ray")
-    if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
-        raise InputError(
-            "--coordinator HOST:PORT needs --num-processes N and --process-id I (or use --distributed "
-            "for jax.distributed's own cluster detection)"
-        )
-    if (args.num_processes is not None or args.process_id is not None) and not (args.coordinator or args.distributed):
-        raise InputError("--num-processes and --process-id need --coordinator HOST:PORT (or --distributed)")
-    if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-        raise InputError(
-            f"--process-id must be in [0, {args.num_processes - 1}] for --num-processes "
-            f"{args.num_processes}, got {args.process_id}"
-        )
-
-
-def check_vector_flags(args) -> None:
-    """--long-inputs, --chunk-overlap, --precision, --truncate-dim, --calibration, --ranges: the combinations
-    that mean something, before a model loads (--truncate-dim against the model's width is checked after)."""
-    if args.chunk_overlap is not None and args.long_inputs != "chunk":
-        raise InputError(
-            f"--chunk-overlap {args.chunk_overlap} needs --long-inputs chunk (truncated texts have no "
-            "windows to overlap)"
-        )
-    if args.chunk_overlap is not None and args.chunk_overlap < 0:
-        raise InputError(f"--chunk-overlap must be >= 0, got {args.chunk_overlap}")
-    if args.truncate_dim is not None and args.truncate_dim < 1:
-        raise InputError(f"--truncate-dim must be at least 1, got {args.truncate_dim}")
-    for flag, value in (("--calibration", args.calibration), ("--ranges", args.ranges)):
-        if value is not None and args.precision not in ("int8", "uint8"):
-            raise InputError(
-                f"{flag} sets the int8/uint8 buckets: it needs --precision int8 or uint8 (got "
-                f"--precision {args.precision})"
-            )
-    if args.calibration is not None and args.ranges is not None:
-        raise InputError("--calibration N and --ranges: pass one (ranges computed from the first N texts, or given)")
-    if args.calibration is not None and args.calibration < 1:
-        raise InputError(f"--calibration must be at least 1 text, got {args.calibration}")
-
-
-def vector_options(args, dim: int) -> dict:
-    """The vector flags as ``shards.output_options`` keywords; --truncate-dim checked against ``dim``, the
-    model's width, and --ranges against the vectors' (errors name the flag)."""
-    if args.truncate_dim is not None and args.truncate_dim > dim:
-        raise InputError(f"--truncate-dim {args.truncate_dim} is larger than the model's embedding dimension {dim}")
-    ranges = None if args.ranges is None else load_ranges(args.ranges)
-    want = args.truncate_dim or dim
-    if ranges is not None and ranges.shape[1] != want:
-        raise InputError(
-            f"--ranges {args.ranges} has {ranges.shape[1]} dimensions; the vectors have {want}"
-            + (" (--truncate-dim)" if args.truncate_dim else "")
-        )
-    return {
-        "long_inputs": args.long_inputs,
-        "chunk_overlap": args.chunk_overlap or 0,
-        "truncate_dim": args.truncate_dim,
-        "precision": args.precision,
-        "calibration": args.calibration,
-        "ranges": ranges,
-    }
+from .shards import ROWS_PER_SHARD
 
 
 def _common(p) -> None:
@@ -132,6 +31,7 @@ def _common(p) -> None:
     )
 
 
+PROMPT_NAME_HELP = "one of the model's prompts (e5lite info lists them), e.g. query: on E5 models 'query: '"
 TASK_HELP = (
     '-instruct models: a one-sentence task description; queries get "Instruct: TASK\\nQuery: " '
     "(instead of --prompt-name)"
@@ -151,7 +51,7 @@ def _add_embed(sub, handlers: dict) -> None:
         help="a .npy or .jsonl file, or a folder (trailing /, existing, or no suffix) for resumable "
         "sharded output (default: JSON arrays on stdout)",
     )
-    e.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
+    e.add_argument("--prompt-name", default=None, help=PROMPT_NAME_HELP)
     e.add_argument("--task", default=None, help=TASK_HELP)
     e.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     e.add_argument(
@@ -270,11 +170,26 @@ def _add_score(sub, handlers: dict) -> None:
     s.add_argument("--query", action="append", required=True)
     s.add_argument("--passage", action="append", required=True)
     s.add_argument("--task", default=None, help=TASK_HELP)
+    _add_prompt_flags(s)
     s.set_defaults(func=handlers["score"])
 
     i = sub.add_parser("info", help="config, parameter count, pooling, max length, devices")
     _common(i)
     i.set_defaults(func=handlers["info"])
+
+
+def _add_prompt_flags(p) -> None:
+    """``score`` and ``eval``: the two sides' prefixes, when not the model's."""
+    p.add_argument(
+        "--query-prompt",
+        default=None,
+        help="prefix for queries, '' for none (default: the model's query prompt, see e5lite info)",
+    )
+    p.add_argument(
+        "--passage-prompt",
+        default=None,
+        help="prefix for passages, '' for none (default: the model's document prompt, see e5lite info)",
+    )
 
 
 def _add_serve(sub, handlers: dict) -> None:
@@ -283,7 +198,39 @@ def _add_serve(sub, handlers: dict) -> None:
     _common(v)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8080)
-    v.add_argument("--served-model-name", default=None, help="the model name in responses (default: --model)")
+    v.add_argument(
+        "--served-model-name", default=None, help="the model name in /info and in responses (default: --model)"
+    )
+    prompt = v.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--default-prompt-name",
+        default=None,
+        help="the model's prompt put before texts when a request names none, e.g. query "
+        "(default: the model's default_prompt_name, if any)",
+    )
+    prompt.add_argument(
+        "--default-prompt",
+        default=None,
+        help="text put before texts when a request names no prompt, e.g. 'query: ' (instead of a prompt name)",
+    )
+    v.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on the inference routes (every POST route); repeat it for "
+        "several keys, e.g. while rotating them (default: the E5LITE_API_KEY environment variable, keys "
+        "separated by commas, which keeps them out of ps; neither: no key needed)",
+    )
+    v.add_argument(
+        "--cors-allow-origin",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="ORIGIN",
+        help="let web pages from these origins (https://host[:port], or '*' for any) call the server "
+        "(default: no CORS headers, so pages from other origins cannot read the answers)",
+    )
     from .serve.limits import Limits  # the limits' flags, defaults and help; no server stack imported
 
     Limits.add_arguments(v)
@@ -304,8 +251,7 @@ def _add_eval(sub, handlers: dict) -> None:
         help="an e5lite embed --output DIR run over corpus.jsonl (--id-field _id), used instead of "
         "embedding the corpus",
     )
-    r.add_argument("--query-prompt", default=None, help="prefix for queries (default: the model's query prompt)")
-    r.add_argument("--passage-prompt", default=None, help="prefix for documents (default: the model's passage prompt)")
+    _add_prompt_flags(r)
     r.set_defaults(func=handlers["eval"])
 
 
@@ -319,7 +265,7 @@ def _add_attention(sub, handlers: dict) -> None:
     a.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     a.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     a.add_argument("--text", required=True)
-    a.add_argument("--prompt-name", default=None, help="query or passage (adds E5's prefix)")
+    a.add_argument("--prompt-name", default=None, help=PROMPT_NAME_HELP)
     a.add_argument(
         "--layer", type=int, default=-1, help="0-based layer; negative counts from the last (default: the last)"
     )

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_args import CLUSTER_FLAGS, CORPUS_FLAGS, check_corpus_flags, check_vector_flags, vector_options
+from .cli_checks import CLUSTER_FLAGS, CORPUS_FLAGS, check_corpus_flags, check_vector_flags, vector_options
 from .errors import InputError
 from .files import read_records, write_atomic
 
@@ -28,8 +28,20 @@ def _read_texts(args) -> list[str]:
     path = Path(args.input)
     if not path.is_file():
         raise InputError(f"input file {args.input!r} does not exist")
+    if path.suffix == ".parquet":
+        return _parquet_texts(path, args.field)
     with open(path, "rb") as f:
         return [text for text, _, _ in read_records(f, str(path), field=field)]
+
+
+def _parquet_texts(path: Path, field: str) -> list[str]:
+    """A Parquet file's --field column (default "text"), every row group in order: the reader and checks of
+    corpus runs (``corpus_inputs``), for a one-file output."""
+    from .corpus_inputs import describe_inputs, read_shard
+
+    (f,) = describe_inputs([path], json_records=False, field=field, id_field=None)
+    groups = [{"file": 0, "row_group": g, "rows": n, "bytes": b} for g, (n, b) in enumerate(f["row_groups"])]
+    return [t for shard in groups for texts, _, _ in read_shard([f], shard, field=field, id_field=None) for t in texts]
 
 
 def _write_output(emb, output: str | None) -> None:
@@ -170,19 +182,32 @@ def _embed_planned(args) -> None:
 
 
 def cmd_embed(args) -> None:
+    from .long_inputs import OverlapTooLarge
+
+    try:
+        _embed(args)
+    except OverlapTooLarge as e:  # raised under the Python parameters' names: told here with the flags
+        raise InputError(e.named("--chunk-overlap", "--max-length")) from None
+
+
+def _embed(args) -> None:
     if args.output is not None and is_output_dir(args.output):
         return cmd_embed_dir(args)
     if args.id_field is not None:
         raise InputError("--id-field needs --output DIR (the sharded mode)")
-    used = ["--" + n.replace("_", "-") for n in CORPUS_FLAGS if getattr(args, n) not in (None, False)]
+    sharded = (*CORPUS_FLAGS, "shard_format", "rows_per_shard")  # meaningless for one file: refused, not ignored
+    used = ["--" + n.replace("_", "-") for n in sharded if getattr(args, n) not in (None, False)]
     if used or args.engine != "local":
         raise InputError(
-            f"{', '.join(used) or '--engine ray'}: corpus-run flags, for --output DIR (the sharded mode) only"
+            f"{', '.join(used) or '--engine ray'}: corpus-run flags, for --output DIR (the sharded mode) only; "
+            f"{args.output or 'stdout'} is one file"
         )
     check_vector_flags(args)
-    texts = _read_texts(args)
     if args.output is not None and Path(args.output).suffix not in (".npy", ".jsonl"):
         raise InputError(f"output {args.output!r}: use a .npy or .jsonl suffix, or a folder (no suffix)")
+    if args.output is not None and not Path(args.output).parent.is_dir():  # before the model loads
+        raise InputError(f"output folder {str(Path(args.output).parent)!r} does not exist")
+    texts = _read_texts(args)
     if args.precision in ("int8", "uint8") and args.ranges is None and args.calibration is None and len(texts) < 2:
         raise InputError(
             f"--precision {args.precision} of one text needs --ranges (its buckets cannot come from one embedding)"

@@ -29,20 +29,12 @@ from .loading import load as load  # re-exported: ``from e5lite.encoder import l
 from .long_inputs import window_length
 from .model import Params
 from .pipeline import Prepared, Recipe
+from .prompts import instruct_prompt, side_prompt_name
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer
 from .weights import resolve_dtype
 
 logger = logging.getLogger("e5lite")
-
-INSTRUCT_TEMPLATE = "Instruct: {task}\nQuery: "
-
-
-def instruct_prompt(task: str) -> str:
-    """The query prefix of the -instruct E5 models for a one-sentence task description."""
-    if not isinstance(task, str) or not task.strip():
-        raise ValueError(f"task must be a non-empty str (a one-sentence task description), got {task!r}")
-    return INSTRUCT_TEMPLATE.format(task=task)
 
 
 class Encoder:
@@ -63,6 +55,7 @@ class Encoder:
         pooling: str = "mean",
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
+        prompts_source: str = "given",
         dtype: npt.DTypeLike = "float32",
         settings: EngineSettings | None = None,
         devices: Sequence[jax.Device] | None = None,
@@ -75,6 +68,7 @@ class Encoder:
         self.pooling = pooling
         self.prompts = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
+        self.prompts_source = prompts_source  # where the prompts come from, in words (``prompts.read_prompts``)
         self.dtype = resolve_dtype(dtype)
         settings = (settings or EngineSettings()).replace(**knobs)
         self.engine = Engine(
@@ -175,9 +169,12 @@ class Encoder:
         return self.prompts[prompt_name]
 
     def prompt_for(self, name: str | None) -> str:
-        """The model's prompt called ``name`` (E5: "query" -> "query: "), or "" when it has none: the rule of
-        ``e5lite eval``, ``e5lite train`` and the MTEB adapter for the query and passage sides."""
-        return self.prompts[name] if name in self.prompts else ""
+        """The prompt of a side, or "" when the model has none: "query" -> its query prompt; "passage" (or
+        "document") -> its document prompt, the first of "document", "passage", "corpus" it has (as
+        sentence-transformers' ``encode_document``); another name -> that prompt. The rule of
+        ``encode_passages``, ``e5lite score``, ``eval``, ``train`` and the MTEB adapter (``prompts.py``)."""
+        key = side_prompt_name(self.prompts, name)
+        return "" if key is None else self.prompts[key]
 
     def tokenize(
         self,
@@ -376,11 +373,15 @@ class Encoder:
         return dict(normalize=bool(normalize), batch_size=batch_size, show_progress_bar=show_progress_bar)
 
     def encode_queries(self, texts: str | Iterable[str], *, task: str | None = None, **kw: Any) -> np.ndarray:
-        """``encode`` with prompt_name="query" (E5's "query: " prefix), or with the instruct prefix of ``task``."""
-        if task is not None:
+        """``encode`` with the model's query prompt (E5: "query: "; sentence-transformers' ``encode_query``), or
+        with the instruct prefix of ``task``."""
+        if task is not None or "prompt" in kw or "prompt_name" in kw:  # the caller's prompt wins, as in ST
             return self.encode(texts, task=task, **kw)
-        return self.encode(texts, prompt_name="query", **kw)
+        return self.encode(texts, prompt_name=side_prompt_name(self.prompts, "query"), **kw)
 
     def encode_passages(self, texts: str | Iterable[str], **kw: Any) -> np.ndarray:
-        """``encode`` with prompt_name="passage" (E5's "passage: " prefix)."""
-        return self.encode(texts, prompt_name="passage", **kw)
+        """``encode`` with the model's document prompt (E5: "passage: "; sentence-transformers'
+        ``encode_document``: the first of "document", "passage", "corpus" the model has)."""
+        if "prompt" in kw or "prompt_name" in kw or "task" in kw:
+            return self.encode(texts, **kw)
+        return self.encode(texts, prompt_name=side_prompt_name(self.prompts, "passage"), **kw)

@@ -70,8 +70,9 @@ class Engine:
         self.devices = list(devices or jax.local_devices())
         self.platform = self.devices[0].platform
         self.settings = self._resolve(settings)
+        self._mesh: Mesh | None = None
         if len(self.devices) > 1:
-            mesh = Mesh(np.array(self.devices), ("data",))
+            mesh = self._mesh = Mesh(np.array(self.devices), ("data",))
             self._batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
             self._param_sharding = NamedSharding(mesh, PartitionSpec())  # replicated
         else:
@@ -177,18 +178,24 @@ class Engine:
         kw = dict(
             config=self.config, pooling=self.pooling, normalize=normalize, attention_impl=self.settings.attention_impl
         )
-        if batch.packed:
-            assert batch.segment_ids is not None and batch.position_ids is not None  # a packed batch has both
-            return embed_packed(
-                self._run_params,
-                put(batch.input_ids),
-                put(batch.segment_ids),
-                put(batch.position_ids),
-                num_segments=batch.num_segments,
-                attention_window=batch.window,
-                **kw,
-            )
-        return embed_batch(self._run_params, put(batch.input_ids), put(batch.attention_mask), **kw)
+        with self._on_mesh():
+            if batch.packed:
+                assert batch.segment_ids is not None and batch.position_ids is not None  # a packed batch has both
+                return embed_packed(
+                    self._run_params,
+                    put(batch.input_ids),
+                    put(batch.segment_ids),
+                    put(batch.position_ids),
+                    num_segments=batch.num_segments,
+                    attention_window=batch.window,
+                    **kw,
+                )
+            return embed_batch(self._run_params, put(batch.input_ids), put(batch.attention_mask), **kw)
+
+    def _on_mesh(self) -> contextlib.AbstractContextManager:
+        """Several devices: their mesh as jax's context while the jitted functions trace, so that the Pallas
+        kernel, which XLA cannot partition, runs once per device on its rows (``attention``)."""
+        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
 
     def _put(self, x: np.ndarray):
         """A batch's host array as the jitted functions take it: split over the devices, or, on one device, as
@@ -247,15 +254,15 @@ class Engine:
         put = self._put
         for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
             self.compiled_shapes.add(("states", *batch.shape))
-            states_BSD = np.asarray(
-                hidden_states(
+            with self._on_mesh():
+                states_BSD = hidden_states(
                     self._run_params,
                     put(batch.input_ids),
                     put(batch.attention_mask),
                     config=self.config,
                     attention_impl=self.settings.attention_impl,
                 )
-            )
+            states_BSD = np.asarray(states_BSD)
             for j, slot in zip(batch.index, batch.slot, strict=True):
                 out[j] = states_BSD[slot, : len(ids[j])]
         return out

@@ -55,8 +55,9 @@ def evaluate_retrieval(
     """Scores ``encoder`` on one split of a BEIR folder; returns MTEB-named metrics (``ndcg_at_10``, ...,
     fractions) and the run's facts (model, data, split, counts, prompts, embedding and search seconds).
 
-    Queries get the model's "query" prompt and documents its "passage" prompt unless ``query_prompt`` /
-    ``passage_prompt`` give others ("" for none). ``corpus_embeddings``: a finished ``e5lite embed --output
+    Queries get the model's query prompt and documents its document prompt (``Encoder.prompt_for``: E5's
+    "query: " / "passage: ", a folder's own, or none) unless ``query_prompt`` / ``passage_prompt`` give others
+    ("" for none). ``corpus_embeddings``: a finished ``e5lite embed --output
     DIR`` run over the corpus (same documents, same order, ids from ``--id-field _id``) used instead of
     embedding the corpus here.
     """

@@ -23,10 +23,9 @@ from .model import (
     Params,
     forward,
     fuse_layers,
-    transposed,
     unfuse_layers,
-    untransposed,
 )
+from .params import transposed, untransposed
 from .pooling import l2_normalize, pool, pool_segments
 
 WEIGHTS = ("float32", "bfloat16")

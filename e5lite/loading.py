@@ -17,9 +17,10 @@ from .config import BertConfig
 from .errors import E5LiteError
 from .jitted import check_weights
 from .pooling import read_pooling_mode
+from .prompts import read_prompts
 from .runtime import CACHE_ENV, enable_compilation_cache
 from .settings import EngineSettings
-from .tokenizer import TextTokenizer, read_prompts, resolve_max_length
+from .tokenizer import TextTokenizer, resolve_max_length
 from .weights import load_params, resolve_dtype
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def load(
             f"tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but config.json's "
             f"vocab_size is {config.vocab_size}"
         )
-    prompts, default_prompt = read_prompts(model_dir, name=str(model))
+    prompts = read_prompts(model_dir, name=str(model))
     params = load_params(model_dir, config, dtype)
     return Encoder(
         model_dir,
@@ -73,8 +74,9 @@ def load(
         params,
         tokenizer,
         pooling=pooling,
-        prompts=prompts,
-        default_prompt_name=default_prompt,
+        prompts=prompts.prompts,
+        default_prompt_name=prompts.default_prompt_name,
+        prompts_source=prompts.source,
         dtype=dtype,
         settings=settings,
         devices=devices,

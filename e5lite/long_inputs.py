@@ -45,6 +45,27 @@ def check_long_inputs(long_inputs, overlap) -> str:
     return long_inputs
 
 
+class OverlapTooLarge(ValueError):
+    """A chunk overlap that leaves a window no new tokens. Its message names the Python parameters; the CLI
+    re-words it with its flags (``named``), since the same check serves both."""
+
+    def __init__(self, overlap: int, width: int, max_length: int, specials: int, prompt: int):
+        self.overlap, self.width, self.max_length = overlap, width, max_length
+        self.specials, self.prompt = specials, prompt
+        super().__init__(self.named("chunk_overlap", "max_length"))
+
+    def __reduce__(self):  # pickled (a process pool, Ray) with its fields, not its message
+        return type(self), (self.overlap, self.width, self.max_length, self.specials, self.prompt)
+
+    def named(self, overlap: str, max_length: str) -> str:
+        """The message with these names for the overlap and the max length (parameters or flags)."""
+        return (
+            f"{overlap} must be less than the window of {self.width} text tokens ({max_length} {self.max_length} "
+            f"- {self.specials} special tokens - {self.prompt} prompt tokens), got {self.overlap}: lower "
+            f"{overlap} or raise {max_length}"
+        )
+
+
 @dataclass(frozen=True)
 class Windows:
     """The windows of ``n`` texts: ``ids`` the full ids of every window (int32; texts in order, a text's
@@ -96,11 +117,7 @@ def split(tokenizer, texts: Sequence[str], prefix: str = "", overlap: int = 0, o
             f"max_length={tokenizer.max_length}"
         )
     if overlap >= width:
-        raise ValueError(
-            f"chunk_overlap must be less than the window of {width} text tokens (max_length "
-            f"{tokenizer.max_length} - {len(before) + len(after)} special tokens - {len(prompt)} prompt "
-            f"tokens), got {overlap}"
-        )
+        raise OverlapTooLarge(overlap, width, tokenizer.max_length, len(before) + len(after), len(prompt))
     full = tokenizer.encode_ragged([prefix + t for t in texts] if prefix else texts, offset=offset)
     # Truncated to max_length: only a text that reaches it can be longer; its untruncated count decides.
     maybe = np.flatnonzero(full.lengths >= tokenizer.max_length)

@@ -4,7 +4,7 @@ Shape names: B batch, S query positions, T key positions, D hidden, N heads, K h
 V vocab, P max positions, Y token types, L layers.
 
 Reads top to bottom as the forward pass: embed -> layer (self-attention, feed-forward) -> encoder (the
-layers under lax.scan) -> forward. Attention itself lives in attention.py.
+layers under lax.scan) -> forward. Attention itself lives in attention.py, the params pytree in params.py.
 
 Everything here is differentiable and jit-friendly; ``config`` is a hashable frozen dataclass, so it can be
 a static argument. Softmax and LayerNorm run in float32 whatever the parameter dtype.
@@ -24,82 +24,7 @@ from .config import BertConfig
 from .dropout import drop
 from .matmul import project
 from .numerics import HostOrDeviceArray
-
-
-class EmbeddingParams(NamedTuple):
-    word_VD: jax.Array
-    position_PD: jax.Array
-    token_type_YD: jax.Array
-    ln_scale_D: jax.Array
-    ln_bias_D: jax.Array
-
-
-class LayerParams(NamedTuple):
-    """One encoder layer; in ``Params.layers`` every leaf has an extra leading L axis."""
-
-    q_DNK: jax.Array
-    q_bias_NK: jax.Array
-    k_DNK: jax.Array
-    k_bias_NK: jax.Array
-    v_DNK: jax.Array
-    v_bias_NK: jax.Array
-    o_NKD: jax.Array
-    o_bias_D: jax.Array
-    attn_ln_scale_D: jax.Array
-    attn_ln_bias_D: jax.Array
-    ffn_in_DF: jax.Array
-    ffn_in_bias_F: jax.Array
-    ffn_out_FD: jax.Array
-    ffn_out_bias_D: jax.Array
-    ffn_ln_scale_D: jax.Array
-    ffn_ln_bias_D: jax.Array
-
-
-# One encoder layer as inference runs it: the query, key and value weights as one [D, 3, N, K] matrix (one
-# wide GEMM) and their biases as [3, N, K], stored so rather than stacked on every call; the rest are
-# LayerParams' own fields, in its order (fuse_layers and unfuse_layers rely on that: asserted below).
-class FusedLayerParams(NamedTuple):
-    qkv_DCNK: jax.Array
-    qkv_bias_CNK: jax.Array
-    o_NKD: jax.Array
-    o_bias_D: jax.Array
-    attn_ln_scale_D: jax.Array
-    attn_ln_bias_D: jax.Array
-    ffn_in_DF: jax.Array
-    ffn_in_bias_F: jax.Array
-    ffn_out_FD: jax.Array | Transposed  # Transposed: the engine's with weights="bfloat16"
-    ffn_out_bias_D: jax.Array
-    ffn_ln_scale_D: jax.Array
-    ffn_ln_bias_D: jax.Array
-
-
-assert LayerParams._fields[:6] == ("q_DNK", "q_bias_NK", "k_DNK", "k_bias_NK", "v_DNK", "v_bias_NK")
-assert FusedLayerParams._fields[2:] == LayerParams._fields[6:]
-
-
-class Transposed(NamedTuple):
-    """A matmul weight kept [out, in] (as torch's Linear stores it) rather than [in, out]. The engine keeps the
-    FFN's output weight so with ``weights="bfloat16"``: XLA:CPU's kernels multiply a few tokens by a bfloat16
-    [F, D] weight faster with F as its last axis (float32 ones are faster as they are)."""
-
-    w_OI: jax.Array
-
-
-def transposed(w_IO, xp=jnp) -> Transposed:
-    """w [..., in, out] as a Transposed [..., out, in] (a copy in that order)."""
-    return Transposed(xp.swapaxes(w_IO, -1, -2).copy())
-
-
-def untransposed(w):
-    """A weight back as [..., in, out] from a Transposed, exactly; any other weight as it is."""
-    return jnp.swapaxes(w.w_OI, -1, -2) if isinstance(w, Transposed) else w
-
-
-class Params(NamedTuple):
-    embeddings: EmbeddingParams
-    # stacked (leaves [L, ...], run under lax.scan), or a tuple of L per-layer ones (run unrolled); each
-    # LayerParams or FusedLayerParams
-    layers: LayerParams | FusedLayerParams | tuple
+from .params import EmbeddingParams, FusedLayerParams, LayerParams, Params, Transposed
 
 
 class Dropout(NamedTuple):

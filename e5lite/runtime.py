@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from .errors import E5LiteError
+
 CACHE_ENV = "E5LITE_COMPILATION_CACHE"
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 HUGE_PAGES_ENV = "E5LITE_HUGE_PAGES"  # "0": `e5lite train` does not restart itself with HUGE_PAGES
@@ -42,7 +44,16 @@ def initialize_distributed(
     texts, embeds its contiguous share on its own devices, and receives the merged result in input order.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id, **kw)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id, **kw)
+    except ValueError as e:  # JAX's cluster detection found no cluster: its message names no way out
+        if coordinator_address is not None or "should be defined" not in str(e) and "must be defined" not in str(e):
+            raise
+        raise E5LiteError(
+            "--distributed found no cluster to join (JAX detects TPU pods, SLURM, Open MPI and other managed "
+            "clusters, not plain machines); here pass --coordinator HOST:PORT --num-processes N --process-id I "
+            f"to each process (JAX: {e})"
+        ) from None
 
 
 def huge_pages_tunables(environ=None) -> str | None:

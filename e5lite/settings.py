@@ -67,6 +67,11 @@ class EngineSettings:
     unroll: bool | None = None
 
     def __post_init__(self) -> None:
+        # None means the default for every field, so that ``configure(packing=None)`` restores it as it does
+        # ``token_budget=None``: fields with a fixed default take it here, the others the backend's later.
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and f.default is not None:
+                object.__setattr__(self, f.name, f.default)  # frozen: set in place before anyone sees it
         if self.packing not in PACKING or not isinstance(self.packing, (bool, str)):
             raise ValueError(f"packing must be one of {PACKING}, got {self.packing!r}")
         if self.attention_impl not in ATTENTION_CHOICES:

@@ -1,4 +1,4 @@
-"""Tokenisation (tokenizer.json, or vocab.txt), max length and prompts of a model folder.
+"""Tokenisation (tokenizer.json, or vocab.txt) and max length of a model folder (its prompts: ``prompts.py``).
 
 BERT checkpoints (E5, multilingual-e5-small's weights aside) carry a WordPiece ``tokenizer.json`` that runs as
 it is. multilingual-e5 carries XLM-R's sentencepiece Unigram; transformers' ``XLMRobertaTokenizer`` does not
@@ -21,12 +21,11 @@ from .config import BertConfig
 from .errors import E5LiteError, TextEncodingError, TextTooLongError
 from .fast_tokenizer import SAMPLE as FAST_PATH_SAMPLE
 from .fast_tokenizer import TokieFastPath
-from .files import json_field, json_type, read_json
+from .files import json_field, read_json
 from .ragged import Ragged
+from .text_cut import TextCutter
 
 logger = logging.getLogger("e5lite")
-
-DEFAULT_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 def resolve_max_length(model_dir, config: BertConfig, max_length: int | None = None) -> int:
@@ -51,37 +50,6 @@ def resolve_max_length(model_dir, config: BertConfig, max_length: int | None = N
     if tok is not None and tok > 0:
         return int(min(tok, limit))
     return limit
-
-
-# The -instruct E5 models: queries carry a task description, documents nothing. Without a task, retrieval's
-# (the one their model card gives for web search).
-DEFAULT_INSTRUCT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
-INSTRUCT_PROMPTS = {"query": f"Instruct: {DEFAULT_INSTRUCT_TASK}\nQuery: ", "passage": ""}
-
-
-def is_instruct(name: str, model_dir) -> bool:
-    """An -instruct E5 model: its hub id or folder (the hub cache's models--intfloat--...-instruct) says so."""
-    parts = [str(name).rstrip("/\\")] + list(Path(model_dir).resolve().parts)
-    return any(p.lower().endswith("-instruct") for p in parts)
-
-
-def read_prompts(model_dir, name: str = "") -> tuple[dict[str, str], str | None]:
-    """Prompts from config_sentence_transformers.json when it defines any, else the -instruct models' (a query
-    task, no document prefix) when the model is one, else E5's query/passage."""
-    path = Path(model_dir) / "config_sentence_transformers.json"
-    cfg = read_json(path, default={}, expect=dict)
-    prompts = json_field(path, cfg, "prompts", (dict,), default={})
-    for name, value in prompts.items():
-        if not isinstance(value, str):
-            raise E5LiteError(f"{path}: field 'prompts.{name}' must be a string, got {json_type(value)}")
-    default = json_field(path, cfg, "default_prompt_name", (str,)) or None
-    if prompts:
-        prompts = dict(prompts)
-    else:
-        prompts = dict(INSTRUCT_PROMPTS if is_instruct(name, model_dir) else DEFAULT_PROMPTS)
-    if default is not None and default not in prompts:
-        raise E5LiteError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
-    return prompts, default
 
 
 XLMR_CLASSES = ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast")
@@ -208,7 +176,7 @@ class TextTokenizer:
 
     def encode_ragged(self, texts: Sequence[str], truncate: bool = True, offset: int = 0) -> Ragged:
         """As ``__call__``, laid end to end in one ``Ragged`` (what the planner takes: no array per text)."""
-        texts = list(texts)
+        texts = self.cut(texts, "right")
         fast = self._fast
         # a call of at most SAMPLE texts would be encoded twice (all of them are re-encoded as the sample), so
         # the reference alone does it, in less time than both
@@ -260,6 +228,16 @@ class TextTokenizer:
                 return TextEncodingError(offset + i, f"{type(e).__name__}: {e}")
         return TextEncodingError(offset, f"the batch failed ({type(error).__name__}: {error})")
 
+    def cut(self, texts: Sequence[str], side: str) -> list[str]:
+        """``texts`` with those far past max_length replaced by a piece whose truncated ids are the whole
+        text's, cut from the ``side`` truncation cuts ("right" or "left"; see ``text_cut.py``): truncating a
+        long text then costs no more than tokenising a page. Only for truncating (or refusing) paths: chunked
+        long inputs need the whole text (``body_ids``)."""
+        if "_cutter" not in self.__dict__:
+            before, after = self.special_ids
+            self._cutter = TextCutter.build(self._variant("none"), self.max_length - len(before) - len(after))
+        return list(texts) if self._cutter is None else self._cutter.cut(texts, side)
+
     def _variant(self, key: str, **truncation) -> Tokenizer:
         """A copy of the reference tokenizer with other truncation (``{}``: none), made once."""
         cache = self.__dict__.setdefault("_variants", {})
@@ -300,7 +278,7 @@ class TextTokenizer:
     def encode_left(self, texts: Sequence[str], offset: int = 0) -> list[np.ndarray]:
         """As ``__call__`` with truncation from the left: a long text keeps its last tokens (transformers'
         ``truncation_side="left"``), the special tokens stay."""
-        encodings = self._encode_with(self._variant("left", direction="left"), list(texts), offset)
+        encodings = self._encode_with(self._variant("left", direction="left"), self.cut(texts, "left"), offset)
         return [np.asarray(e.ids, np.int32) for e in encodings]
 
     def encode_tokens(

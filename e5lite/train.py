@@ -140,6 +140,29 @@ def _meta(enc, train: Path, s: TrainSettings, fields: tuple) -> dict:
     }
 
 
+def _flag(name: str) -> str:
+    """The ``e5lite train`` flag of a ``TrainSettings`` field."""
+    return "--no-shuffle" if name == "shuffle" else "--" + name.replace("_", "-")
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between a checkpoint's ``_meta`` and this run's, per flag: "--learning-rate: 2e-05 in the
+    checkpoint, 0.001 now", so that a refused resume says which flag to put back."""
+    out = []
+    for key in new:
+        if key == "settings":
+            was, now = old.get(key) or {}, new[key]
+            out += [
+                f"{_flag(k)}: {was.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items() if was.get(k) != v
+            ]
+        elif key == "train" and old.get(key) != new[key]:  # a file identity (size, hash): no value to quote
+            out.append("--train: not the records the checkpoint was trained on")
+        elif old.get(key) != new[key]:
+            flag = {"model": "--model", "fields": "--query-field/--positive-field/--negative-field"}.get(key, key)
+            out.append(f"{flag}: {old.get(key)!r} in the checkpoint, {new[key]!r} now")
+    return out
+
+
 def _evaluate(enc, params, eval_data, step: int, log: _Log) -> dict:
     """Every process evaluates (encode is collective under jax.distributed); ``params`` are host arrays."""
     from .evaluate import evaluate_retrieval
@@ -209,17 +232,21 @@ class _Run:
         self.steps = total_steps(len(self.data), s)
         self.params = self.place.params(jax.tree.map(lambda x: np.asarray(x, np.float32), self.enc.params))
         self.optimizer, self.schedule = make_optimizer(s, self.steps, decay_mask(self.params))
-        self.opt_state, self.start = self.optimizer.init(self.params), 0
+        # placed as train_step returns it (replicated on the mesh): left where init puts it, the step counters
+        # would make the second step compile the whole program again
+        self.opt_state = self.place.params(jax.tree.map(np.asarray, self.optimizer.init(self.params)))
+        self.start = 0
         if self.place.writer:
             (self.out / STATE_DIR).mkdir(parents=True, exist_ok=True)
         self.meta = _meta(self.enc, Path(train), s, fields)
         found = load_checkpoint(self.out / STATE_DIR, (self.params, self.opt_state)) if resume else None
         if found is not None:
             self.start, state, old = found
-            changed = [k for k in self.meta if old.get(k) != self.meta[k]]
+            changed = _differences(old, self.meta)
             if changed:
                 raise InputError(
-                    f"{self.out / STATE_DIR} holds a run with other {', '.join(changed)}; start a new --output"
+                    f"{self.out / STATE_DIR} holds a run with other settings: {'; '.join(changed)}. Resume with "
+                    "the original run's flags, or start a new --output"
                 )
             self.params, self.opt_state = self.place.params(state)
         hidden, attention = _dropout_rates(self.enc.config, s)
@@ -243,9 +270,11 @@ class _Run:
         from .train_data import batch_index
         from .train_step import train_step
 
-        key, loss, tokens, t0 = jax.random.PRNGKey(self.s.seed), float("nan"), 0, time.perf_counter()
+        key, loss, speed = jax.random.PRNGKey(self.s.seed), float("nan"), _Throughput()
         with _bar(self.steps, self.start, show_progress) as bar:
             for step in range(self.start, self.steps):
+                if speed.steps == 0:  # the bar would sit silent through seconds of compiling otherwise
+                    bar.set_postfix_str("compiling the training step (first step only)...")
                 batch, n = self.data.batch(batch_index(step, len(self.data), self.s))
                 self.params, self.opt_state, loss = train_step(
                     self.params,
@@ -255,13 +284,11 @@ class _Run:
                     sc=self.sc,
                     optimizer=self.optimizer,
                 )
-                loss, tokens, lr = float(self.place.host(loss)), tokens + n, float(self.schedule(step))
-                rate = tokens / (time.perf_counter() - t0)
-                self.log.write(
-                    {"step": step + 1, "loss": loss, "learning_rate": lr, "tokens": n, "tokens_per_s": round(rate, 1)}
-                )
+                loss, lr = float(self.place.host(loss)), float(self.schedule(step))
+                timing = speed.step(n)
+                self.log.write({"step": step + 1, "loss": loss, "learning_rate": lr, "tokens": n, **timing})
                 bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {rate:,.0f} tokens/s")
+                bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {speed.describe()}")
                 done = step + 1
                 if save_every and done % save_every == 0 and done < self.steps and self.place.writer:
                     save_checkpoint(
@@ -278,11 +305,37 @@ class _Run:
             "steps": self.steps,
             "resumed_at": self.start,
             "loss": loss,
-            "tokens": tokens,
-            "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+            "tokens": speed.tokens,
+            "tokens_per_s": speed.rate(),  # None when no step ran after the first (it times the compiling)
             "eval": final,
             "output": str(self.out),
         }
+
+
+class _Throughput:
+    """Tokens per second of the steps after this process's first, whose time is mostly compiling the step
+    program (seconds on CPU): counted in, it would read as a rate of a few tokens/s."""
+
+    def __init__(self):
+        self.steps, self.tokens, self._t0, self._timed_tokens = 0, 0, time.perf_counter(), 0
+
+    def step(self, n: int) -> dict:
+        """Counts a step of ``n`` tokens; its log fields: the first step's seconds, the rate after it."""
+        self.steps, self.tokens = self.steps + 1, self.tokens + n
+        if self.steps == 1:
+            first_s, self._t0 = time.perf_counter() - self._t0, time.perf_counter()
+            return {"tokens_per_s": None, "first_step_s": round(first_s, 2)}  # first_step_s: compiling included
+        self._timed_tokens += n
+        return {"tokens_per_s": round(self.rate() or 0.0, 1)}
+
+    def rate(self) -> float | None:
+        if self.steps < 2:
+            return None
+        return self._timed_tokens / max(time.perf_counter() - self._t0, 1e-9)
+
+    def describe(self) -> str:
+        rate = self.rate()
+        return "first step compiled" if rate is None else f"{rate:,.0f} tokens/s"
 
 
 def _bar(total: int, initial: int, show: bool):

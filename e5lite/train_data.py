@@ -123,5 +123,9 @@ def batch_index(step: int, n: int, s) -> np.ndarray:
 def total_steps(n: int, s) -> int:
     per_epoch = steps_per_epoch(n, s.batch_size)
     if per_epoch == 0:
-        raise InputError(f"{n} training records do not fill one batch of {s.batch_size}")
+        fits = n if s.chunk_size is None else n // s.chunk_size * s.chunk_size  # a batch is whole chunks
+        hint = f"pass --batch-size {fits} or smaller" if fits else "add records"
+        raise InputError(
+            f"{n} training records do not fill one batch of {s.batch_size}: {hint} (a step takes a full batch)"
+        )
     return s.max_steps if s.max_steps is not None else per_epoch * s.epochs

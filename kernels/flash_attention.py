@@ -31,10 +31,14 @@ block_k=128, interpret=None, backend=None) -> ctx_BNSK``
 
 Backends
 --------
-``backend=None`` takes ``jax.default_backend()``: ``"gpu"`` lowers through Pallas' Triton backend,
-``"tpu"`` through Mosaic, ``"cpu"`` runs the kernel in Pallas interpret mode (``interpret=None`` means
-True on CPU and False elsewhere; ``interpret=True`` works on any backend). One kernel body serves all
-three; the wrapper only varies the per-block metadata placement (SMEM on TPU) and compiler params.
+``"gpu"`` lowers through Pallas' Triton backend, ``"tpu"`` through Mosaic, ``"cpu"`` runs the kernel in
+Pallas interpret mode (``interpret=None`` means True on CPU and False elsewhere; ``interpret=True`` works
+on any backend). ``backend=None`` (with ``interpret=None``) chooses when the program is *lowered*, by
+``lax.platform_dependent``: Mosaic for a TPU, Triton for a GPU, interpret mode for a CPU, whatever machine
+traced it - so a program exported for ``"tpu"`` on a CPU holds the Mosaic kernel. Blocks are checked
+against the rules of the machine's own backend (a ValueError as before); a platform whose rules they
+break gets no branch, and lowering for it fails. One kernel body serves all three; the wrapper only
+varies the per-block metadata placement (SMEM on TPU) and compiler params.
 
 Block skipping
 --------------
@@ -186,6 +190,20 @@ class _Config:
     backend: str
     interpret: bool
     count_visits: bool = False  # tests only: a second output counting the key blocks each query block computed
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerPlatform:
+    """backend=None: a _Config per lowering platform, as ``lax.platform_dependent`` names them."""
+
+    configs: tuple[tuple[str, _Config], ...]
+
+    def counting_visits(self) -> _PerPlatform:
+        return _PerPlatform(tuple((p, dataclasses.replace(c, count_visits=True)) for p, c in self.configs))
+
+
+# lax.platform_dependent's platform names -> the kernel's backends
+_PLATFORM_BACKENDS = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +396,17 @@ def _forward(q, k, v, valid_BT, seg_BS, cfg: _Config):
     return outs[0][:, :, :S]
 
 
+def _launch(q, k, v, valid_BT, seg_BS, cfg: _Config | _PerPlatform):
+    """``_forward`` with ``cfg``, or with the config of the platform the program is lowered for."""
+    if isinstance(cfg, _Config):
+        return _forward(q, k, v, valid_BT, seg_BS, cfg)
+    # Every branch is traced; only the lowering platform's is lowered (so a CPU never lowers Mosaic). Platforms
+    # with equal configs share one callable, which platform_dependent joins into one branch.
+    branches: dict[_Config, functools.partial] = {}
+    per_platform = {p: branches.setdefault(c, functools.partial(_forward, cfg=c)) for p, c in cfg.configs}
+    return lax.platform_dependent(q, k, v, valid_BT, seg_BS, **per_platform)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public API
 
@@ -414,6 +443,7 @@ def _resolve_block(name: str, block, S: int, dtype, backend: str) -> int:
 
 
 def _prepare(q, k, v, key_valid_BT, segment_ids_BS, block_q, block_k, interpret, backend):
+    auto = backend is None and interpret is None  # chosen per lowering platform (module docstring, Backends)
     backend, interpret = _resolve_backend(backend, interpret)
     for name, x in (("q_BNSK", q), ("k_BNTK", k), ("v_BNTK", v)):
         if jnp.ndim(x) != 4:
@@ -436,19 +466,38 @@ def _prepare(q, k, v, key_valid_BT, segment_ids_BS, block_q, block_k, interpret,
             raise ValueError(f"segment_ids_BS must have shape [B, S] = {(B, S)}, got {jnp.shape(segment_ids_BS)}")
         if not jnp.issubdtype(jnp.result_type(segment_ids_BS), jnp.integer):
             raise ValueError(f"segment_ids_BS must be integer, got {jnp.result_type(segment_ids_BS)}")
-    bq = _resolve_block("block_q", block_q, S, q.dtype, backend)
-    bk = _resolve_block("block_k", block_k, S, q.dtype, backend)
+    here = _Config(*_blocks(block_q, block_k, S, q.dtype, backend), backend, interpret)
     valid, seg = _canonical_mask(B, S, S, key_valid_BT, segment_ids_BS)
-    return valid, seg, _Config(bq, bk, backend, interpret)
+    return valid, seg, (_per_platform(here, block_q, block_k, S, q.dtype) if auto else here)
+
+
+def _blocks(block_q, block_k, S: int, dtype, backend: str) -> tuple[int, int]:
+    return _resolve_block("block_q", block_q, S, dtype, backend), _resolve_block("block_k", block_k, S, dtype, backend)
+
+
+def _per_platform(here: _Config, block_q, block_k, S: int, dtype) -> _PerPlatform:
+    """A config per platform whose block rules ``block_q`` / ``block_k`` meet (compiled, or interpreted on
+    CPU); ``here`` (this machine's, checked already) for its own backend."""
+    configs = []
+    for platform, backend in _PLATFORM_BACKENDS.items():
+        if backend == here.backend:
+            configs.append((platform, here))
+            continue
+        try:
+            blocks = _blocks(block_q, block_k, S, dtype, backend)
+        except ValueError:
+            continue  # e.g. blocks of 24 on a GPU: lowering for it finds no branch, the run here is unaffected
+        configs.append((platform, _Config(*blocks, backend, interpret=backend == "cpu")))
+    return _PerPlatform(tuple(configs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, valid_BT, seg_BS, cfg):
-    return _forward(q, k, v, valid_BT, seg_BS, cfg)
+    return _launch(q, k, v, valid_BT, seg_BS, cfg)
 
 
 def _flash_fwd(q, k, v, valid_BT, seg_BS, cfg):
-    return _forward(q, k, v, valid_BT, seg_BS, cfg), (q, k, v, valid_BT, seg_BS)
+    return _launch(q, k, v, valid_BT, seg_BS, cfg), (q, k, v, valid_BT, seg_BS)
 
 
 def _flash_bwd(cfg, residuals, g):
@@ -483,7 +532,8 @@ def flash_attention(
       segment_ids_BS: int [B, S] for packed rows: attention only within equal ids.
       block_q, block_k: query / key tile sizes (see module docstring for the rules).
       interpret: run in Pallas interpret mode; None -> True on CPU only.
-      backend: "cpu" | "gpu" | "tpu" | None (``jax.default_backend()``).
+      backend: "cpu" | "gpu" | "tpu" | None (with interpret None: the platform lowered for; else
+        ``jax.default_backend()``).
 
     Rows with at least one allowed key match :func:`reference_attention`; rows with none are zeros.
     Differentiable: the VJP recomputes through :func:`reference_attention` (no fused backward).
@@ -514,4 +564,5 @@ def flash_attention_visits(
     valid, seg, cfg = _prepare(
         q_BNSK, k_BNTK, v_BNTK, key_valid_BT, segment_ids_BS, block_q, block_k, interpret, backend
     )
-    return _forward(q_BNSK, k_BNTK, v_BNTK, valid, seg, dataclasses.replace(cfg, count_visits=True))
+    counting = cfg.counting_visits() if isinstance(cfg, _PerPlatform) else dataclasses.replace(cfg, count_visits=True)
+    return _launch(q_BNSK, k_BNTK, v_BNTK, valid, seg, counting)

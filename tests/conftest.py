@@ -216,15 +216,26 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
+def linked_copy(src: Path, dest: Path, drop: tuple[str, ...] = ("config_sentence_transformers.json",)) -> Path:
+    """A model folder ``dest`` whose files link to ``src``'s, less ``drop``: another name for the same weights
+    (an E5 name gives E5's prompts, e5lite/prompts.py), for no copying."""
+    dest.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name not in drop:
+            (dest / p.name).symlink_to(p.resolve(), target_is_directory=p.is_dir())
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, minilm_dir) -> Path:
-    """A random tiny BERT saved by transformers (plain layout); copy it before changing anything."""
-    return save_layout(random_bert("tiny", seed=7), tmp_path_factory.mktemp("tiny") / "model", "plain", minilm_dir)
+    """A random tiny BERT saved by transformers (plain layout); copy it before changing anything. It stands for a
+    tiny E5, so its folder has an E5 name and it gets E5's prompts ("query: ", "passage: "; e5lite/prompts.py)."""
+    return save_layout(random_bert("tiny", seed=7), tmp_path_factory.mktemp("tiny") / "e5-tiny", "plain", minilm_dir)
 
 
 @pytest.fixture
 def tiny_copy(tiny_dir, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    return Path(shutil.copytree(tiny_dir, tmp_path / "e5-tiny"))  # E5-named, as tiny_dir
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,63 @@ def test_embed_compact_vectors_equal_encode(tiny_dir, enc, tmp_path):
     chunked = e5lite.load(tiny_dir, max_length=32).encode(texts, long_inputs="chunk", chunk_overlap=4)
     assert got.dtype == np.uint8 and got.shape == (16, 4)
     np.testing.assert_array_equal(got, np.packbits(chunked > 0, axis=1))
+
+
+# ------------------------------------------------------------------ in-process: flags, Parquet, broken pipes
+
+@pytest.mark.parametrize("args, message", [
+    (["--output", "o.npy", "--shard-format", "parquet"], "--shard-format: corpus-run flags, for --output DIR"),
+    (["--output", "o.jsonl", "--rows-per-shard", "5"], "--rows-per-shard: corpus-run flags"),
+    (["--output", "/no/such/dir/o.npy"], "output folder '/no/such/dir' does not exist"),
+    (["--output", "o.csv"], "use a .npy or .jsonl suffix"),
+])
+def test_flag_errors_come_before_the_model_loads(args, message, tmp_path, capsys, monkeypatch):
+    """The model named does not exist: each error is the flags', so none waited for a model to load."""
+    from e5lite.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["embed", "--model", "/no/such/model", "x", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("e5lite: error:") and message in err and "\n" not in err, err
+
+
+def test_serve_on_a_busy_port_fails_before_the_model_loads(capsys):
+    """The model named does not exist: the port's error comes first, without a model load and warm-up."""
+    import socket
+    from e5lite.cli import main
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "/no/such/model", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("e5lite: error:") and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err, err
+
+
+def test_embed_parquet_input_to_one_file(tiny_dir, enc, tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from e5lite.cli import main
+    texts = ["first", "second text", "third", "fourth one"]
+    pq.write_table(pa.table({"body": texts}), tmp_path / "in.parquet", row_group_size=3)  # two row groups
+    assert main(["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.parquet"), "--field", "body",
+                 "--output", str(tmp_path / "o.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o.npy"), enc.encode(texts), atol=1e-6)
+    assert main(["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.parquet"), "--output",
+                 str(tmp_path / "o.npy")]) == 1
+    assert "no column 'text' (set --field)" in capsys.readouterr().err
+
+
+def test_broken_pipe_ends_quietly(tiny_dir, capsys, monkeypatch):
+    """`e5lite embed ... | head -1`: the reader leaves; no traceback, no error line, SIGPIPE's status."""
+    from e5lite.cli import EXIT_BROKEN_PIPE, main
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["embed", "--model", str(tiny_dir), "one", "two"]) == EXIT_BROKEN_PIPE == 141
+    assert capsys.readouterr().err == ""

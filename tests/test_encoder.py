@@ -61,13 +61,13 @@ def test_bad_containers(tiny):
 
 
 def test_prompts(tiny):
-    assert tiny.prompts == {"query": "query: ", "passage": "passage: "}
+    assert tiny.prompts == {"query": "query: ", "passage": "passage: ", "document": "passage: "}  # an E5 name
     np.testing.assert_array_equal(tiny.encode_queries(["cats"]), tiny.encode(["query: cats"]))
     np.testing.assert_array_equal(tiny.encode_passages(["cats"]), tiny.encode(["cats"], prompt="passage: "))
     np.testing.assert_array_equal(tiny.encode(["cats"], prompt_name="passage"), tiny.encode(["passage: cats"]))
     with pytest.raises(ValueError, match="one of prompt, prompt_name and task"):
         tiny.encode(["cats"], prompt="query: ", prompt_name="query")
-    with pytest.raises(ValueError, match="unknown prompt_name 'q'.*passage, query"):
+    with pytest.raises(ValueError, match="unknown prompt_name 'q'.*document, passage, query"):
         tiny.encode(["cats"], prompt_name="q")
 
 
@@ -75,10 +75,12 @@ def test_prompts_from_sentence_transformers_config(tiny_copy):
     (tiny_copy / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"search": "search_query: ", "doc": "search_document: "}, "default_prompt_name": "search"}))
     enc = e5lite.load(tiny_copy)
-    assert enc.prompts == {"search": "search_query: ", "doc": "search_document: "}
+    # as sentence-transformers reads them: its empty query and document prompts, then the declared ones
+    assert enc.prompts == {"query": "", "document": "", "search": "search_query: ", "doc": "search_document: "}
     np.testing.assert_array_equal(enc.encode(["x"]), enc.encode(["search_query: x"], prompt=""))
-    with pytest.raises(ValueError, match="known: doc, search"):
-        enc.encode_queries(["x"])
+    np.testing.assert_array_equal(enc.encode_queries(["x"]), enc.encode(["x"], prompt=""))  # ST's encode_query
+    with pytest.raises(ValueError, match="known: doc, document, query, search"):
+        enc.encode(["x"], prompt_name="passage")
 
 
 def test_max_length_resolution(tiny_copy):
@@ -114,11 +116,10 @@ def test_dtypes(tiny_dir):
 def test_embed_ids_equals_encode(minilm):
     """encode() = tokenize + embed_ids, on real text with E5's prompts, packed and padded batches alike."""
     texts = TEXTS + [f"sentence number {i} about {'many ' * (7 * i)}things" for i in range(12)]
-    for prompt_name in ("query", "passage"):
-        ids = minilm.tokenize(texts, prompt_name=prompt_name)
-        assert [t.tolist() for t in ids] == [t.tolist() for t in minilm.tokenizer(
-            [minilm.prompts[prompt_name] + t for t in texts])]
-        want = minilm.encode(texts, prompt_name=prompt_name)
+    for prompt in ("query: ", "passage: "):  # given: MiniLM has none of its own
+        ids = minilm.tokenize(texts, prompt=prompt)
+        assert [t.tolist() for t in ids] == [t.tolist() for t in minilm.tokenizer([prompt + t for t in texts])]
+        want = minilm.encode(texts, prompt=prompt)
         np.testing.assert_allclose(minilm.embed_ids(ids), want, atol=1e-6, rtol=0)
         np.testing.assert_allclose(minilm.embed_ids([t.tolist() for t in ids], batch_size=3), want, atol=1e-6,
                                    rtol=0)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import linked_copy
 from test_ir_metrics import reference
 
 import e5lite
@@ -19,7 +20,9 @@ K = (1, 3, 5, 10, 100)
 
 @pytest.fixture(scope="module")
 def report(minilm, pydoc_beir):
-    return e5lite.evaluate_retrieval(minilm, pydoc_beir, show_progress_bar=False)
+    # E5's prompts, given: MiniLM has none of its own
+    return e5lite.evaluate_retrieval(minilm, pydoc_beir, query_prompt="query: ", passage_prompt="passage: ",
+                                     show_progress_bar=False)
 
 
 @pytest.mark.slow
@@ -54,8 +57,10 @@ def test_prompts_and_split(minilm, pydoc_beir, report):
 
 def test_cli_prints_the_table_and_writes_the_report(minilm_dir, pydoc_beir, report, tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert main(["eval", "--model", str(minilm_dir), "--data", str(pydoc_beir), "--output", str(out)]) == 0
-    stdout = capsys.readouterr().out
+    assert main(["eval", "--model", str(minilm_dir), "--data", str(pydoc_beir), "--output", str(out),
+                 "--query-prompt", "query: ", "--passage-prompt", "passage: "]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "prompts: queries 'query: ', passages 'passage: '" in stderr
     assert "| k | ndcg | map | recall | precision | mrr |" in stdout
     assert f"| 10 | {report['ndcg_at_10']:.5f} | {report['map_at_10']:.5f} |" in stdout
     written = json.loads(out.read_text())
@@ -67,6 +72,7 @@ def test_cli_prints_the_table_and_writes_the_report(minilm_dir, pydoc_beir, repo
 def test_precomputed_corpus_embeddings(minilm_dir, pydoc_beir, report, tmp_path):
     """e5lite embed --output DIR over the corpus (title + text, passage prompt, --id-field _id), then eval."""
     data = load_retrieval_data(pydoc_beir, "test")
+    minilm_dir = linked_copy(minilm_dir, tmp_path / "e5-minilm")  # an E5 name: E5's prompts, as ``report``'s
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"_id": i, "doc": t}) + "\n"
                                                  for i, t in zip(data.doc_ids, data.doc_texts)))
     assert main(["embed", "--model", str(minilm_dir), "--input", str(tmp_path / "docs.jsonl"), "--field", "doc",

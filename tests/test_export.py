@@ -117,7 +117,7 @@ def test_export_files(exported, enc, minilm_dir):
     assert pooling["word_embedding_dimension"] == 384 and pooling["pooling_mode_mean_tokens"] is True
     assert sum(v is True for k, v in pooling.items() if k.startswith("pooling_mode_")) == 1
     st = json.loads((exported / "config_sentence_transformers.json").read_text())
-    assert st["prompts"] == enc.prompts == {"query": "query: ", "passage": "passage: "}
+    assert st["prompts"] == enc.prompts == {"query": "", "document": ""}  # MiniLM's, as sentence-transformers
     assert st["default_prompt_name"] is None and st["similarity_fn_name"] == "cosine"
     with safe_open(str(exported / WEIGHTS), framework="numpy") as f:
         assert f.metadata() == {"format": "pt"}
@@ -180,7 +180,7 @@ def test_prompts_pooling_and_max_length_round_trip(tiny_dir, tmp_path):
     out = save_pretrained(tiny, tmp_path / "out")
     again = e5lite.load(out)
     assert (again.prompts, again.default_prompt_name, again.pooling, again.max_length) == (
-        {"q": "search: ", "d": ""}, "q", "cls", 64)
+        {"query": "", "document": "", "q": "search: ", "d": ""}, "q", "cls", 64)  # ST's defaults, then the source's
     from sentence_transformers import SentenceTransformer
     st = SentenceTransformer(str(out), device="cpu")
     assert max_diff(st.encode(TEXTS), tiny.encode(TEXTS)) <= TOL  # default prompt "search: ", CLS, 64 tokens

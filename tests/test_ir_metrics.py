@@ -41,7 +41,7 @@ def minilm_run(minilm, pydoc_beir):
     data = load_retrieval_data(pydoc_beir, "test")
     dev = load_retrieval_data(pydoc_beir, "dev")
     ids, texts = data.query_ids + dev.query_ids, data.query_texts + dev.query_texts
-    scores = enc.encode(texts, prompt_name="query") @ enc.encode(data.doc_texts, prompt_name="passage").T
+    scores = enc.encode(texts, prompt="query: ") @ enc.encode(data.doc_texts, prompt="passage: ").T  # E5's, given
     run = {q: {d: float(s) for d, s in zip(data.doc_ids, row)} for q, row in zip(ids, scores)}
     return run, {**data.qrels, **dev.qrels}
 

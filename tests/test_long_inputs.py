@@ -78,7 +78,7 @@ def test_matches_at_the_models_max_length(minilm_dir, reference):
 
 
 def test_unnormalised_and_single_text(enc128, reference):
-    got = enc128.encode(LONG[0], prompt_name="query", long_inputs="chunk", normalize=False)
+    got = enc128.encode(LONG[0], prompt="query: ", long_inputs="chunk", normalize=False)
     assert got.shape == (enc128.dim,)
     np.testing.assert_allclose(got, reference(LONG[:1], "query: ", 128, 0, normalize=False)[0], atol=1e-5, rtol=0)
 
@@ -162,7 +162,7 @@ def test_bad_arguments(enc128):
         enc128.encode(["a"], chunk_overlap=8)
     with pytest.raises(ValueError, match=r"chunk_overlap must be less than the window of 124 text tokens "
                                          r"\(max_length 128 - 2 special tokens - 2 prompt tokens\), got 124"):
-        enc128.encode(["a"], prompt_name="query", long_inputs="chunk", chunk_overlap=124)
-    enc128.encode(["a"], prompt_name="query", long_inputs="chunk", chunk_overlap=123)
+        enc128.encode(["a"], prompt="query: ", long_inputs="chunk", chunk_overlap=124)
+    enc128.encode(["a"], prompt="query: ", long_inputs="chunk", chunk_overlap=123)
     with pytest.raises(ValueError, match="takes 130 tokens, which with the 2 special tokens leaves no room"):
         enc128.encode(["a"], prompt="word " * 130, long_inputs="chunk")

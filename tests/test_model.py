@@ -57,8 +57,8 @@ def test_fused_and_per_layer_layouts_run_the_same_forward(tiny):
     """The engine's layouts of the same weights (model.fuse_layers; a tuple of per-layer ones run unrolled; the
     FFN output weight kept transposed, as with bfloat16 weights) give the stacked scan's hidden states, states
     of every layer and dropout masks; unfusing and untransposing are exact."""
-    from e5lite.model import (Dropout, FusedLayerParams, Params, fuse_layers, transposed, unfuse_layers,
-                              untransposed)
+    from e5lite.model import Dropout, FusedLayerParams, Params, fuse_layers, unfuse_layers
+    from e5lite.params import transposed, untransposed
     p = tiny.params
     fused = fuse_layers(p.layers)
     assert isinstance(fused, FusedLayerParams) and fused.qkv_DCNK.shape[-4:] == (tiny.config.hidden_size, 3,

@@ -23,6 +23,7 @@ pytrec_eval = pytest.importorskip("pytrec_eval")
 
 import e5lite  # noqa: E402
 from e5lite.mteb_adapter import MTEBEncoder, _hub_name_and_revision  # noqa: E402
+from e5lite.prompts import E5_PROMPTS  # noqa: E402
 
 K = (1, 3, 5, 10, 100)
 METRICS = {"ndcg": "ndcg_cut", "map": "map_cut", "recall": "recall", "precision": "P"}
@@ -93,8 +94,8 @@ def mteb_scores(minilm, pydoc_beir, tmp_path_factory):
 def test_mteb_evaluate_equals_trec_eval_and_e5lite_eval(minilm, pydoc_beir, mteb_scores):
     corpus, queries, qrels = read_beir(pydoc_beir)
     qids, dids = list(qrels), list(corpus)
-    q = minilm.encode([queries[i] for i in qids], prompt_name="query")
-    d = minilm.encode([(corpus[i][0] + " " + corpus[i][1]).strip() for i in dids], prompt_name="passage")
+    q = minilm.encode_queries([queries[i] for i in qids])  # the model's own prompts (none), as mteb and eval
+    d = minilm.encode_passages([(corpus[i][0] + " " + corpus[i][1]).strip() for i in dids])
     cos = (q @ d.T) / np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(d, axis=1))
     run = {qid: {dids[j]: float(row[j]) for j in np.argsort(-row, kind="stable")[:max(K)]}
            for qid, row in zip(qids, cos)}
@@ -112,6 +113,7 @@ def test_prompt_per_prompt_type(minilm, pydoc_beir, monkeypatch):
     task = local_task(pydoc_beir)
     texts = ["how do I catch an exception and still run cleanup code", "Python's try statement"]
     loader = [{"text": texts[:1]}, {"text": texts[1:]}]  # what mteb's DataLoader yields: batches of dicts
+    monkeypatch.setattr(minilm, "prompts", dict(E5_PROMPTS))  # MiniLM with an E5 model's prompts, for this test
     model = MTEBEncoder(minilm)
 
     def encode(prompt_type):
@@ -125,7 +127,7 @@ def test_prompt_per_prompt_type(minilm, pydoc_beir, monkeypatch):
     np.testing.assert_allclose(encode(None), minilm.encode(texts), atol=1e-6)  # no prompt type: model default
     assert model.prompt(task.metadata, None) == "" and model.prompt(task.metadata, "query") == "query: "
     # other prompt names; a name the model lacks (or None) means no prompt, as e5lite eval does
-    other = MTEBEncoder(minilm, query_prompt_name=None, passage_prompt_name="document")
+    other = MTEBEncoder(minilm, query_prompt_name=None, passage_prompt_name="corpus")
     assert other.prompt(task.metadata, "query") == other.prompt(task.metadata, "document") == ""
     # a prompt the model names after the task or task type wins, as in mteb's sentence-transformers wrapper
     monkeypatch.setitem(minilm.prompts, "Retrieval-document", "doc: ")

@@ -5,14 +5,11 @@ Tolerances (fp32): normalised embeddings max |diff| <= 1e-5, last hidden states 
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 import e5lite
-from conftest import (TEXTS, assert_params_equal, hidden_error, random_bert, save_layout, storage_rounded,
-                      torch_reference)
+from conftest import TEXTS, hidden_error, random_bert, save_layout, storage_rounded, torch_reference
 
 LAYOUTS = ("plain", "legacy", "fp16", "sharded")
 EMB_TOL = 1e-5
@@ -55,16 +52,10 @@ def test_parity_layouts(bert, layout, tmp_path, minilm_dir):
 
 @pytest.mark.slow
 def test_parity_e5_large(tmp_path, minilm_dir):
-    """e5-large shape: full parity for plain and fp16 storage; the other layouts must load bit-identical."""
+    """e5-large shape: embeddings and hidden states, stored plain (the other layouts are checked at e5-base's
+    shape, in test_parity_layouts)."""
     model = random_bert("e5-large", seed=1)
-    enc = check_parity(model, save_layout(model, tmp_path / "plain", "plain", minilm_dir), hidden=True,
-                       texts=FULL_SIZE_TEXTS)
-    for layout in ("legacy", "sharded"):
-        folder = save_layout(model, tmp_path / layout, layout, minilm_dir)
-        assert_params_equal(e5lite.load(folder).params, enc.params)
-        shutil.rmtree(folder)
-    del enc
-    check_parity(storage_rounded(model), save_layout(model, tmp_path / "fp16", "fp16", minilm_dir), hidden=False,
+    check_parity(model, save_layout(model, tmp_path / "plain", "plain", minilm_dir), hidden=True,
                  texts=FULL_SIZE_TEXTS)
 
 
@@ -101,7 +92,7 @@ def test_minilm_matches_sentence_transformers(minilm_dir):
     want_raw = st.encode(TEXTS[:3])  # the folder's own Normalize module
     np.testing.assert_allclose(enc.encode(TEXTS[:3]), want_raw, atol=EMB_TOL, rtol=0)
     # prompts are prefixes, as sentence-transformers' prompt= argument
-    np.testing.assert_allclose(enc.encode_queries(["how are you"]),
+    np.testing.assert_allclose(enc.encode(["how are you"], prompt="query: "),
                                st.encode(["how are you"], prompt="query: "), atol=EMB_TOL, rtol=0)
 
 

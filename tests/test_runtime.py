@@ -121,3 +121,24 @@ def test_no_restart_where_the_command_line_cannot_start_it_again(how):
     p = subprocess.run(cmd, input=code if how == "stdin" else None, capture_output=True, text=True, env=env,
                        timeout=120, check=True)
     assert p.stdout.splitlines() == ["start None", "carried on"], p.stdout
+
+
+def test_distributed_without_a_cluster_says_what_to_pass(tiny_dir, tmp_path, monkeypatch, capsys):
+    """``embed --distributed`` on a plain machine: one line naming --coordinator/--num-processes/--process-id and
+    where --distributed works, not JAX's bare "coordinator_address should be defined." (JAX raises that after
+    its cluster detection; it is stood in for here, since this test process has started JAX already)."""
+    import jax
+
+    from e5lite.cli import main
+
+    def no_cluster(coordinator_address=None, **kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # gloo: nothing to switch in this test
+    (tmp_path / "in.txt").write_text("one\ntwo\n")
+    assert main(["embed", "--model", str(tiny_dir), "--input", str(tmp_path / "in.txt"), "--output",
+                 str(tmp_path / "out/"), "--distributed"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("e5lite: error: --distributed found no cluster"), err
+    assert all(flag in err for flag in ("--coordinator HOST:PORT", "--num-processes", "--process-id", "SLURM"))

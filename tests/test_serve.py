@@ -31,10 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model, *flags):
-    """Starts ``e5lite serve`` and waits for /health; yields its base URL and stops it afterwards."""
+def start_server(model, *flags, env=None):
+    """Starts ``e5lite serve`` (``env``: more environment variables for it) and waits for /health (public, with
+    API keys too); returns the process and its base URL."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "e5lite.cli", "serve", "--model", str(model), "--port", str(port),
                              *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -227,9 +228,10 @@ def test_other_errors_and_still_healthy(server):
     assert r.status_code == 405 and "error" in r.json()
     r = httpx.get(server + "/no/such/route")
     assert r.status_code == 404 and r.json()["error"].startswith("GET /no/such/route")
-    big = b'{"inputs": "' + b"x" * (33 * 1024 * 1024) + b'"}'
+    big = b'{"inputs": "' + b"x" * 3_000_000 + b'"}'  # past TEI's default --payload-limit
     r = httpx.post(server + "/embed", content=big, headers=JSON, timeout=60)
-    assert r.status_code == 413 and "larger than" in r.json()["error"]
+    assert r.status_code == 413 and r.json()["error"] == (
+        f"request body is {len(big):,} bytes, past the limit of 2,000,000 bytes (--payload-limit)")
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     r = post(server, "/embed", {"inputs": "still serving"})
     assert r.status_code == 200 and len(r.json()[0]) == 32
@@ -255,7 +257,9 @@ def test_info_and_metrics(server, enc):
 
 @pytest.mark.slow
 def test_full_queue_answers_429(tiny_dir, enc):
-    proc, url = start_server(tiny_dir, "--max-queue", "1", "--max-batch-tokens", "64", "--max-wait-ms", "0")
+    # room in tokens for these requests (larger than the queue's default token bound, they would be 413s)
+    proc, url = start_server(tiny_dir, "--max-queue", "1", "--max-batch-tokens", "64", "--max-wait-ms", "0",
+                             "--max-queue-tokens", "1000000")
     try:
         texts = [TEXTS[1]] * 48  # ~ 2,500 tokens: each request keeps the worker busy for a while
 

@@ -17,6 +17,9 @@ What each client sends (read from the installed sources):
   ``embed_batch_size`` texts a request; each text is ``f"{instruction} {text}".strip()``.
 - openai: ``POST base_url + "/embeddings"`` with ``{"model", "input", "encoding_format"}``: "base64" when no
   format is given (the client then decodes it to floats itself); ``dimensions``/``user`` when given.
+- Keys: each sends ``Authorization: Bearer KEY`` (InferenceClient's ``api_key=``, llama-index's ``auth_token=``,
+  openai's ``api_key=``). The server here wants one of two keys (``E5LITE_API_KEY``, as while rotating them),
+  so every test below also checks that the client sends its key.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ ATOL = 1e-5  # float32 forward of two implementations
 MODEL_NAME = "all-MiniLM-L6-v2"
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 MAX_LENGTH = 256  # the model's max_seq_length
+KEY, OLD_KEY = "e5lite-test-key-2", "e5lite-test-key-1"  # the server takes both: a key being rotated
 
 
 def real_texts() -> tuple[list[str], list[str], str]:
@@ -89,11 +93,13 @@ def launched(model_dir):
     """The server starting in the background (``start_server`` waits for /health): sentence-transformers loads
     meanwhile."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        started = pool.submit(start_server, model_dir, "--served-model-name", MODEL_NAME)
+        started = pool.submit(start_server, model_dir, "--served-model-name", MODEL_NAME,
+                              env={"E5LITE_API_KEY": f"{OLD_KEY}, {KEY}"})
         yield started
         if started.exception() is None:
             out = stop_server(started.result()[0])
             assert "Traceback" not in out, out
+            assert "2 API keys" in out and KEY not in out and OLD_KEY not in out  # how many, never which
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +147,7 @@ def feature_extraction_kwargs(hub) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["", "/embed", "/invocations"])
 def test_inference_client_feature_extraction(server, want, hub, path):
-    client = hub.InferenceClient(model=server + path, timeout=60)
+    client = hub.InferenceClient(model=server + path, api_key=KEY, timeout=60)
     got = client.feature_extraction(QUESTIONS[0])
     assert got.dtype == np.float32 and got.shape == (1, 384)  # TEI answers [[...]] for one text
     close(got, wanted(want, QUESTIONS[:1]))
@@ -150,7 +156,7 @@ def test_inference_client_feature_extraction(server, want, hub, path):
 
 
 def test_inference_client_feature_extraction_parameters(server, ref, want, hub):
-    client = hub.InferenceClient(model=server, timeout=60)
+    client = hub.InferenceClient(model=server, api_key=KEY, timeout=60)
     kwargs = feature_extraction_kwargs(hub)
     texts = [QUESTIONS[1], PARAGRAPHS[0], LONG]
     if "normalize" in kwargs:  # the pooled vectors: sentence-transformers without the model's Normalize module
@@ -192,27 +198,39 @@ def test_inference_client_sentence_similarity(server, ref, hub):
     if not hasattr(hub.InferenceClient, "sentence_similarity"):
         pytest.skip("this huggingface_hub has no InferenceClient.sentence_similarity")
     source, others = QUESTIONS[1], PARAGRAPHS + QUESTIONS[2:]
-    got = hub.InferenceClient(model=server + "/similarity", timeout=60).sentence_similarity(source, others)
+    client = hub.InferenceClient(model=server + "/similarity", api_key=KEY, timeout=60)
+    got = client.sentence_similarity(source, others)
     assert isinstance(got, list) and len(got) == len(others)
     close(got, st.util.cos_sim(ref.encode([source]), ref.encode(others))[0].numpy())
     # POST / is /embed, as on TEI (unless TEI runs with TASK=sentence-similarity): the similarity body is refused
     with pytest.raises(hub.errors.HfHubHTTPError) as e:
-        hub.InferenceClient(model=server, timeout=60).sentence_similarity(source, others)
+        hub.InferenceClient(model=server, api_key=KEY, timeout=60).sentence_similarity(source, others)
     assert e.value.response.status_code == 422
 
 
 def test_inference_client_health_and_endpoint_info(server, hub):
     # these two need the provider named (left None, it is only resolved per task): else a ValueError
-    client = hub.InferenceClient(model=server, provider="hf-inference", timeout=60)
+    client = hub.InferenceClient(model=server, provider="hf-inference", api_key=KEY, timeout=60)
     assert client.health_check() is True
     info = client.get_endpoint_info()
     assert info["model_id"] == MODEL_NAME and info["max_input_length"] == MAX_LENGTH
     assert info["max_client_batch_size"] >= len(TEXTS)
 
 
+def test_inference_client_with_a_wrong_key_is_refused(server, want, hub):
+    with pytest.raises(hub.errors.HfHubHTTPError) as e:
+        hub.InferenceClient(model=server, api_key="not-" + KEY, timeout=60).feature_extraction(QUESTIONS[0])
+    r = e.value.response
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error_type"] == "Unauthorized" and KEY not in r.text
+    # the key being rotated out still works meanwhile
+    old = hub.InferenceClient(model=server, api_key=OLD_KEY, timeout=60).feature_extraction(QUESTIONS[0])
+    close(old, wanted(want, QUESTIONS[:1]))
+
+
 def test_async_inference_client_feature_extraction(server, want, hub):
     async def run():
-        async with hub.AsyncInferenceClient(model=server, timeout=60) as client:
+        async with hub.AsyncInferenceClient(model=server, api_key=KEY, timeout=60) as client:
             return await asyncio.gather(client.feature_extraction(TEXTS[:6]), client.feature_extraction(TEXTS[6:]))
 
     first, second = asyncio.run(run())
@@ -227,7 +245,8 @@ def llama_tei():
 
 
 def test_llama_index_tei_embedder(server, want, llama_tei):
-    emb = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, embed_batch_size=5)
+    emb = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, embed_batch_size=5,
+                                          auth_token=KEY)
     close(emb.get_text_embedding(PARAGRAPHS[0]), want[PARAGRAPHS[0]])
     close(emb.get_query_embedding(QUESTIONS[0]), want[QUESTIONS[0]])
     close(emb.get_query_embedding(QUESTIONS[3]), want[QUESTIONS[3]])
@@ -237,7 +256,8 @@ def test_llama_index_tei_embedder(server, want, llama_tei):
 
 
 def test_llama_index_tei_embedder_async(server, want, llama_tei):
-    emb = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, embed_batch_size=5)
+    emb = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, embed_batch_size=5,
+                                          auth_token=KEY)
 
     async def run():
         return await asyncio.gather(emb.aget_text_embedding(PARAGRAPHS[1]), emb.aget_query_embedding(QUESTIONS[2]),
@@ -252,10 +272,10 @@ def test_llama_index_tei_embedder_async(server, want, llama_tei):
 def test_llama_index_instructions_and_root_endpoint(server, ref, want, llama_tei):
     # "query:" + " " + text: the tokens of the model's own "query: " prompt before the text
     emb = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, query_instruction="query:",
-                                            text_instruction="passage:")
+                                            text_instruction="passage:", auth_token=KEY)
     close(emb.get_query_embedding(QUESTIONS[0]), ref.encode(QUESTIONS[0], prompt_name="query"))
     close(emb.get_text_embedding(PARAGRAPHS[2]), ref.encode(PARAGRAPHS[2], prompt_name="passage"))
-    root = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, endpoint="/")
+    root = llama_tei.TextEmbeddingsInference(model_name=MODEL_NAME, base_url=server, endpoint="/", auth_token=KEY)
     close(root.get_text_embedding_batch(PARAGRAPHS), wanted(want, PARAGRAPHS))
 
 
@@ -268,7 +288,7 @@ def openai():
 
 @pytest.mark.parametrize("suffix", ["/v1", ""])  # "": TEI's /embeddings alias
 def test_openai_client_float_and_base64(server, want, hf_tok, openai, suffix):
-    client = openai.OpenAI(base_url=server + suffix, api_key="x", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=server + suffix, api_key=KEY, max_retries=0, timeout=60)
     texts = TEXTS
     res = client.embeddings.create(model=MODEL_NAME, input=texts, encoding_format="float")
     assert res.model == MODEL_NAME and [d.index for d in res.data] == list(range(len(texts)))
@@ -287,7 +307,7 @@ def test_openai_client_float_and_base64(server, want, hf_tok, openai, suffix):
 
 
 def test_openai_client_dimensions(server, ref, openai):
-    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
     texts = QUESTIONS + PARAGRAPHS[:2]
     for dims in (32, 128, 384):
         res = client.embeddings.create(model=MODEL_NAME, input=texts, dimensions=dims)
@@ -301,7 +321,7 @@ def test_openai_client_dimensions(server, ref, openai):
 
 def test_openai_client_token_ids_equal_their_text(server, want, hf_tok, openai):
     """Token ids from transformers' tokenizer ([CLS] ... [SEP], cut to 256) embed as the text they came from."""
-    client = openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
     texts = [QUESTIONS[0], QUESTIONS[3], PARAGRAPHS[0], LONG]
     ids = [hf_tok(t, truncation=True, max_length=MAX_LENGTH)["input_ids"] for t in texts]
     res = client.embeddings.create(model=MODEL_NAME, input=ids)
@@ -317,9 +337,17 @@ def test_openai_client_token_ids_equal_their_text(server, want, hf_tok, openai):
     close(res.data[0].embedding, want[LONG])
 
 
+def test_openai_client_with_a_wrong_key_raises_authentication_error(server, openai):
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY[:-1], max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as e:
+        client.embeddings.create(model=MODEL_NAME, input=QUESTIONS[0])
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    assert e.value.response.headers["www-authenticate"] == "Bearer"
+
+
 def test_async_openai_client(server, want, openai):
     async def run():
-        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=60)
+        client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
         async with client:
             return await asyncio.gather(*(client.embeddings.create(model=MODEL_NAME, input=[t]) for t in TEXTS))
 

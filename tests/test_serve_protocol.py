@@ -47,8 +47,8 @@ REFUSED = [
      "'dimensions' must be an integer in [1, 32], got '8'", "dimensions"),
     (O, {"input": "x", "model": "m", "dimensions": True}, 400,
      "'dimensions' must be an integer in [1, 32], got True", "dimensions"),
-    (O, {"input": "x", "model": "m", "dimensions": 8.0}, 400,
-     "'dimensions' must be an integer in [1, 32], got 8.0", "dimensions"),
+    (O, {"input": "x", "model": "m", "dimensions": 8.5}, 400,
+     "'dimensions' must be an integer in [1, 32], got 8.5", "dimensions"),
     (O, {"input": "x", "model": "m", "user": 1}, 400, "'user' must be a string, got a number", "user"),
     (T, 42, 422, "request body must be a JSON object, got a number", None),
     (T, {"input": "x"}, 422, "missing field 'inputs'", "inputs"),
@@ -84,6 +84,8 @@ def test_accepted_requests_and_defaults():
     assert r.input == ["x"] and r.model == "m" and r.encoding_format is None and r.dimensions is None
     r = parse(EmbeddingRequest, {"input": ["a", "b"], "model": "m", "dimensions": 32}, **CONTEXT)
     assert r.input == ["a", "b"] and r.encoding_format == "float" and r.dimensions == 32
+    # JSON has one number type: an integral float is the integer to JSON Schema (the spec's "integer")
+    assert parse(EmbeddingRequest, {"input": "x", "model": "m", "dimensions": 8.0}, **CONTEXT).dimensions == 8
     r = parse(EmbedRequest, {"inputs": "x"}, **CONTEXT)
     assert (r.inputs, r.normalize, r.truncate, r.truncation_direction, r.prompt_name) == (["x"], None, None, None,
                                                                                            None)

@@ -62,3 +62,19 @@ def test_load_and_configure(tiny_dir):
     assert enc.settings.packing is True  # a refused change leaves the settings as they were
     with pytest.raises(TypeError):
         e5lite.load(tiny_dir, token_budgett=5)
+
+
+def test_none_restores_the_default_of_every_field(tiny):
+    """``None`` for any field means its default, as the README says: the dataclass's own, or the backend's."""
+    fields = [f.name for f in dataclasses.fields(EngineSettings)]
+    assert EngineSettings(**dict.fromkeys(fields)) == EngineSettings()
+    changed = EngineSettings(packing=False, max_segments=4, attention_impl="xla", in_flight=1, small_inputs=0)
+    assert changed.replace(packing=None, max_segments=None, attention_impl=None, in_flight=None,
+                           small_inputs=None) == EngineSettings()
+    loaded = tiny.settings  # the session's tiny is loaded with every default
+    try:
+        tiny.configure(packing=False, attention_impl="xla", max_segments=4, min_window=0)
+        s = tiny.configure(packing=None, attention_impl=None, max_segments=None, min_window=None)
+        assert s == loaded and s.packing == "auto" and s.max_segments == 64  # "auto" attention resolved again
+    finally:
+        tiny.configure(**dict.fromkeys(fields))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -134,6 +135,12 @@ def test_txt_input_and_parquet_shards(tiny_dir, tmp_path):
     assert ids == [0, 1, 2, 3]
     want = e5lite.load(tiny_dir).encode_queries(["first line", "", "third line", "fourth"])
     np.testing.assert_allclose(emb, want, atol=1e-6, rtol=0)
+    import pyarrow.parquet as pq
+    # the metadata per-host and Ray shards carry (shard_files._file_metadata), for readers without the manifest
+    meta = json.loads(pq.read_schema(out / "shard-00001.parquet").metadata[b"e5lite"])
+    assert meta["prompt"] == "query: " and meta["pooling"] == "mean" and meta["normalize"] is True
+    assert meta["model"] == str(tiny_dir) and meta["dim"] == 32 and meta["precision"] == "float32"
+    assert meta["shard"] == 1 and re.fullmatch(r"in\.txt bytes \d+-\d+", meta["input"]), meta["input"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -261,7 +268,7 @@ def test_long_inputs_chunk_equals_encode(tiny_dir, tmp_path):
     (["--truncate-dim", "64"], "--truncate-dim 64 is larger than the model's embedding dimension 32"),
     (["--chunk-overlap", "4"], "--chunk-overlap 4 needs --long-inputs chunk"),
     (["--long-inputs", "chunk", "--chunk-overlap", "200", "--max-length", "64"],
-     "chunk_overlap must be less than the window of 62 text tokens"),
+     "--chunk-overlap must be less than the window of 62 text tokens (--max-length 64 "),
     (["--calibration", "10"], "--calibration sets the int8/uint8 buckets: it needs --precision int8 or uint8"),
     (["--precision", "binary", "--ranges", "{tmp}/r.npy"], "--ranges sets the int8/uint8 buckets"),
     (["--precision", "int8", "--calibration", "10", "--ranges", "{tmp}/r.npy"],

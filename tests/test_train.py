@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,14 +80,23 @@ def test_the_trained_folder_loads_in_sentence_transformers(minilm_dir, records_f
     ours = e5lite.load(out).encode(texts, prompt_name="query")
     theirs = SentenceTransformer(str(out), device="cpu").encode(texts, prompt_name="query", normalize_embeddings=True)
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    # the prompts it trained with (MiniLM's own: none), so that both libraries embed as it was trained
+    written = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert written == e5lite.load(out).prompts == {"query": "", "document": ""}
     assert np.abs(ours - e5lite.load(minilm_dir).encode(texts, prompt_name="query")).max() > 1e-4  # it trained
     log = [json.loads(line) for line in (out / "training" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 and r["tokens"] > 0 for r in log)
 
 
+# 16 tokens: every batch's queries and passages pad to the same length, so a run compiles one step program
+# rather than one per pair of lengths (what is checked here does not depend on the lengths)
+SHORT = ("--max-length", "16")
+
+
 def train_cmd(model, records, out, *extra):
     return [sys.executable, "-m", "e5lite.cli", "train", "--model", str(model), "--train", str(records), "--output",
-            str(out), "--batch-size", "8", "--epochs", "3", "--learning-rate", "1e-3", "--save-every", "3", *extra]
+            str(out), "--batch-size", "8", "--epochs", "3", "--learning-rate", "1e-3", "--save-every", "3", *SHORT,
+            *extra]
 
 
 @pytest.mark.slow
@@ -125,11 +135,18 @@ def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path
     caplog.set_level(logging.INFO, "e5lite")
     out = tmp_path / "model"
     assert main(["train", "--model", str(tiny_dir), "--train", str(records_file), "--output", str(out),
-                 "--batch-size", "8", "--max-steps", "4", "--eval", str(pydoc_beir), "--eval-every", "2"]) == 0
+                 "--batch-size", "8", "--max-steps", "4", "--eval", str(pydoc_beir), "--eval-every", "2", *SHORT]) == 0
     log = [json.loads(line) for line in (out / "training" / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval"]["ndcg_at_10"] <= 1 for r in evals)
-    assert "| 10 |" in capsys.readouterr().out  # the final evaluation's table
+    captured = capsys.readouterr()
+    assert "| 10 |" in captured.out  # the final evaluation's table
+    # the first step's seconds are mostly compiling: shown as such, not as a rate; the rate starts after it
+    steps = [r for r in log if "loss" in r]
+    assert steps[0]["tokens_per_s"] is None and steps[0]["first_step_s"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in steps[1:])
+    assert "compiling the training step (first step only)..." in captured.err
+    assert re.search(r"trained 4 steps \(loss [\d.]+, [\d,]+ tokens/s after the first step\)", captured.err)
     # this process did not start with huge pages (runtime.py): fit says how to, where it would help
     hint = [r for r in caplog.records if "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in r.getMessage()]
     assert len(hint) == (huge_pages_tunables() is not None and jax.default_backend() == "cpu")
@@ -140,7 +157,7 @@ def test_evaluation_during_training(tiny_dir, records_file, pydoc_beir, tmp_path
     ([{"query": 3, "positive": "p"}], [], "line 1 (byte 0): field 'query' is int, expected a string"),
     ([{"query": "q", "positive": "p", "negative": [1]}], [], "field 'negative' must be a string or a list"),
     ([{"question": "q", "positive": "p"}], ["--query-field", "question", "--batch-size", "2"],
-     "1 training records do not fill one batch of 2"),
+     "1 training records do not fill one batch of 2: pass --batch-size 1 or smaller"),
     ([{"query": "q", "positive": "p"}] * 4, ["--batch-size", "4", "--chunk-size", "3"],
      "batch_size 4 must be a multiple of chunk_size 3"),
 ])
@@ -156,11 +173,17 @@ def test_bad_training_data_is_one_line(tiny_dir, tmp_path, capsys, records, args
 def test_output_and_resume_are_checked(tiny_dir, records_file, tmp_path, capsys):
     out = tmp_path / "model"
     base = ["train", "--model", str(tiny_dir), "--train", str(records_file), "--output", str(out), "--batch-size",
-            "8", "--max-steps", "4", "--save-every", "2"]
+            "8", "--max-steps", "4", "--save-every", "2", *SHORT]
+    from e5lite.train_step import train_step
+    train_step.clear_cache()
     assert main(base) == 0
+    # one program for the four steps (one shape): the optimiser state starts placed as each step leaves it
+    assert train_step._cache_size() == 1
     assert main(base) == 1 and "is not empty; pass --resume" in capsys.readouterr().err
     assert main([*base, "--resume", "--learning-rate", "1e-3"]) == 1
-    assert "holds a run with other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a run with other settings: --learning-rate: 2e-05 in the checkpoint, 0.001 now" in err
+    assert "Resume with the original run's flags" in err
 
 
 def _two_step_run(model, records, out, env_extra, *argv_prefix, rank=None):
@@ -169,7 +192,7 @@ def _two_step_run(model, records, out, env_extra, *argv_prefix, rank=None):
         from e5lite.train import TrainSettings, fit
         if {rank is not None}:
             e5lite.initialize_distributed(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-        fit({str(model)!r}, {str(records)!r}, {str(out)!r}, show_progress=False,
+        fit(e5lite.load({str(model)!r}, max_length=16), {str(records)!r}, {str(out)!r}, show_progress=False,
             settings=TrainSettings(batch_size=8, max_steps=2, dropout=0.0, optimizer="sgd", learning_rate=0.1,
                                    shuffle=False))
     """

@@ -55,7 +55,9 @@ def test_compare_layer_by_layer(minilm_dir, tmp_path, capsys):
     enc = e5lite.load(minilm_dir)
     e = enc.encode(["how do I catch an exception", "The try statement specifies exception handlers"], prompt="")
     assert rows[-1]["cosine_mean"] == pytest.approx(float(e[0] @ e[1]), abs=1e-5)  # the last layer is encode()
-    assert "| 6 |" in capsys.readouterr().out
+    out_text, err = capsys.readouterr()
+    assert "| embeddings |" in out_text and "| layer 5 |" in out_text and "| layer 6 |" not in out_text  # as --layer
+    assert f"wrote the similarity after each of 6 layers to {out}" in err
     assert main(["attention", "--model", str(minilm_dir), "--text", "a", "--compare", "b", "--output",
                  str(tmp_path / "sim.png")]) == 0
     assert (tmp_path / "sim.png").read_bytes()[:4] == b"\x89PNG"

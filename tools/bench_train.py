@@ -196,7 +196,7 @@ def run_peer(peer: str, cfg_path: Path, scratch: Path, timeout, env: dict) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minilm", choices=["minilm", "e5-base", "e5-large"])
+    ap.add_argument("--model", default="minilm", choices=["tiny", "minilm", "e5-base", "e5-large"])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps")
@@ -242,7 +242,7 @@ def main() -> None:
         enc = e5lite.load(model_dir, max_length=args.max_length)
         cfg = {"model_dir": str(model_dir), "batch_size": B, "steps": args.steps, "warmup": args.warmup,
                "max_length": args.max_length, "pairs": pairs(total * B),
-               "prefix": {k: enc.prompt_prefix(k) if k in enc.prompts else "" for k in ("query", "passage")}}
+               "prefix": {k: enc.prompt_for(k) for k in ("query", "passage")}}
         # the real tokens of each step, by the very code e5lite's trainer counts them with (train.py's loop)
         data, s = TokenisedPairs(enc, Pairs(**cfg["pairs"])), TrainSettings(batch_size=B, shuffle=False)
         step_tokens = [data.batch(batch_index(k, len(data), s))[1] for k in range(total)]

@@ -122,8 +122,9 @@ def main() -> None:
     minutes = (time.perf_counter() - t0) / 60
     after = e5lite.evaluate_retrieval(e5lite.load(out / "model", max_length=args.max_length), beir,
                                       k_values=(1, 10, 100))
+    rate = summary["tokens_per_s"]  # None for a one-step run: that step's time is the compiling's
     print(f"\n## after {summary['steps']} steps, {args.dtype} ({minutes:.1f} min, "
-          f"{summary['tokens_per_s']:,.0f} tokens/s, "
+          f"{'-' if rate is None else f'{rate:,.0f}'} tokens/s after the first step, "
           f"last loss {summary['loss']:.4f})\n" + format_table(after))
     print(f"\nnDCG@10 {before['ndcg_at_10']:.4f} -> {after['ndcg_at_10']:.4f}, "
           f"recall@10 {before['recall_at_10']:.4f} -> {after['recall_at_10']:.4f}")

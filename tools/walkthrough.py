@@ -110,11 +110,12 @@ def main() -> int:
     check("Encoder.encode, the whole path", enc.encode([text], prompt=""), want, 1e-5)
 
     section("6. E5's prompts, and why its cosines sit between 0.7 and 1.0")
-    print(f"    prompts: {enc.prompts}: queries and passages are marked, so the two sides can be told apart")
-    q = enc.encode_queries(["how do plants turn sunlight into energy?"])
+    print("    E5 marks queries 'query: ' and passages 'passage: ', so the two sides can be told apart; MiniLM\n"
+          f"    declares none of its own ({enc.prompts}), so E5's are passed here (prompt=)")
+    q = enc.encode(["how do plants turn sunlight into energy?"], prompt="query: ")
     passages = ["Photosynthesis converts light energy into chemical energy stored in glucose.",
                 "The stock market closed higher on Friday after a week of losses."]
-    cos = (q @ enc.encode_passages(passages).T)[0]
+    cos = (q @ enc.encode(passages, prompt="passage: ").T)[0]
     print(f"    MiniLM: cosine to a relevant passage {cos[0]:.3f}, to an unrelated one {cos[1]:.3f}")
     e5_like = np.array([0.86, 0.81, 0.78])  # what an E5 model typically gives: relevant, related, unrelated
     for t in (1.0, 0.05, 0.01):

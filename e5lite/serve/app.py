@@ -1,7 +1,8 @@
 """The Starlette app: reads and validates each request, prepares its token ids once (``pipeline.prepare``, in the
 thread pool for all but small requests), queues them for the batch worker, finishes the rows as the request asks
 (``pipeline.finish``) and answers in the route's own format. ``GET /health``, ``/info``, ``/metrics``
-(Prometheus text) and ``/openapi.json`` describe the server; the routes are ``routes.py``'s table.
+(Prometheus text) and ``/openapi.json`` describe the server (``describe.py``); ``/tokenize`` and ``/decode`` are
+``text_routes.py``'s; the routes are ``routes.py``'s table; API keys and CORS are ``access.py``'s.
 
 While a request waits for the model its handler also watches the connection: a client that goes away takes
 its request off the queue. ``serve`` shuts down in two stages: on SIGTERM the app drains (new work 503,
@@ -16,7 +17,6 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 
 import numpy as np
 from starlette.applications import Starlette
@@ -30,33 +30,20 @@ from .. import __version__
 from ..errors import ApiError, TextTooLongError
 from ..pipeline import IdsTooLongError, Prepared, Recipe, finish
 from . import graceful
+from .access import Access, Handler
 from .batcher import Batcher
-from .connection import ClientGone, read_json, unless_disconnected
+from .connection import ClientGone, unless_disconnected
+from .connection import read_json as read_json  # re-exported: tools/bench_framework.py reads bodies as the server
 from .describe import DescribeRoutes
 from .errors import error_response, shutting_down
+from .jobs import Ticket
 from .limits import Limits
 from .metrics import Metrics
-from .protocol import (
-    DecodeRequest,
-    EmbedAllRequest,
-    EmbeddingRequest,
-    EmbedRequest,
-    SimilarityRequest,
-    TokenizeRequest,
-    parse,
-)
-from .responses import (
-    DecodeResponse,
-    EmbedAllResponse,
-    EmbeddingResponse,
-    EmbedResponse,
-    SimilarityResponse,
-    SimpleToken,
-    TokenizeResponse,
-    json_response,
-)
-from .routes import ROUTES, openapi
+from .protocol import EmbedAllRequest, EmbeddingRequest, EmbedRequest, SimilarityRequest, parse
+from .responses import EmbedAllResponse, EmbeddingResponse, EmbedResponse, SimilarityResponse, json_response
+from .routes import ROUTES, http_error, openapi
 from .served import ServedEncoder
+from .text_routes import TextRoutes, resolve_default_prompt
 
 logger = logging.getLogger("e5lite.serve")
 
@@ -65,27 +52,31 @@ logger = logging.getLogger("e5lite.serve")
 INLINE_CHARS = 2000
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-def byte_offsets(text: str) -> np.ndarray:
-    """UTF-8 byte offset of each character position of ``text`` (len + 1 entries): TEI reports offsets in
-    bytes, as the Rust tokenizer does; Python's tokenizer gives characters."""
-    if text.isascii():
-        return np.arange(len(text) + 1)
-    return np.concatenate([[0], np.cumsum([len(c.encode("utf-8", "surrogatepass")) for c in text])])
-
-
-class Server(DescribeRoutes):
+class Server(DescribeRoutes, TextRoutes):
     """The handlers of every route, sharing one encoder, the limits, the metrics and the batch worker: the
-    embedding and tokenizer routes here, the describing ones (health, info, metrics, docs) ``DescribeRoutes``'."""
+    embedding routes here, the describing ones (health, info, metrics, docs) ``DescribeRoutes``', the tokenizer
+    ones ``TextRoutes``'. ``default_prompt_name``/``default_prompt``: the prompt of a request that names none."""
 
-    def __init__(self, enc: ServedEncoder, model_name: str, limits: Limits):
+    def __init__(
+        self,
+        enc: ServedEncoder,
+        model_name: str,
+        limits: Limits,
+        access: Access,
+        default_prompt_name: str | None = None,
+        default_prompt: str | None = None,
+    ):
         budget = enc.settings.token_budget
         assert budget is not None  # the engine's settings are resolved for its backend: no None left
         limits = limits.resolved(budget)
         assert limits.max_queue_tokens is not None and limits.max_batch_tokens is not None  # filled by resolved
-        self.enc, self.model_name, self.limits = enc, model_name, limits
+        self.enc, self.model_name, self.limits, self.access = enc, model_name, limits, access
+        self.max_queue_tokens = limits.max_queue_tokens
+        self.default_prompt = resolve_default_prompt(enc, default_prompt_name, default_prompt)
+        # for /info: a --default-prompt has no name
+        self.default_prompt_name = (
+            None if default_prompt is not None else default_prompt_name or enc.default_prompt_name
+        )
         self.metrics = Metrics()
         self.batcher = Batcher(
             enc,
@@ -103,22 +94,22 @@ class Server(DescribeRoutes):
                 f"--chunk-overlap {limits.chunk_overlap} must be less than the "
                 f"{enc.window_length()} text tokens of a window"
             )
-        self.openapi = openapi(__version__)
+        bounds = {**self.context, "prompt_names": list(enc.prompts)}  # the document's ranges and enums
+        self.openapi = openapi(__version__, keyed=access.keyed, bounds=bounds)
         self.draining = False  # shutting down: no new work
         self.active = 0  # embedding requests admitted and not yet answered
 
     def routes(self) -> list[Route]:
-        """``routes.ROUTES`` as Starlette routes, each counted, and admitted while not draining if it works."""
+        """``routes.ROUTES`` as Starlette routes, each counted; admitted while not draining if it works; behind
+        the key check, first of all, if it is an inference route and the server has keys."""
         out = []
         for r in ROUTES:
             handler = getattr(self, r.handler)
-            out.append(
-                Route(
-                    r.path,
-                    self.counted(r.path, r.style, self.admitted(handler) if r.work else handler),
-                    methods=[r.method],
-                )
-            )
+            if r.work:
+                handler = self.admitted(handler)
+            if r.inference and self.access.keyed:
+                handler = self.access.guarded(handler)
+            out.append(Route(r.path, self.counted(r.path, r.style, handler), methods=[r.method]))
         return out
 
     def admitted(self, handler: Handler) -> Handler:
@@ -182,12 +173,6 @@ class Server(DescribeRoutes):
             )
             self.batcher.stop(timeout=0)
 
-    def prefix(self, prompt_name: str | None, status: int) -> str:
-        try:
-            return self.enc.prompt_prefix(prompt_name)
-        except ValueError as e:
-            raise ApiError(status, str(e), "prompt_name") from None
-
     def recipe(
         self,
         prompt_name: str | None,
@@ -238,38 +223,67 @@ class Server(DescribeRoutes):
                 raise
             raise ApiError(status, str(e), "prompt_name") from None
 
-    def admit(self, items: list):
-        """A batcher ticket for these inputs, admitted on an estimate before tokenising: an overloaded server
-        spends nothing on a request it refuses."""
-        chars = sum(len(x) for x in items if isinstance(x, str))
+    def admit(self, items: list, chars: int) -> Ticket | None:
+        """A batcher ticket for these inputs, admitted on an estimate before tokenising, so that an overloaded
+        server spends nothing on a request it refuses (429). None when the estimate alone passes
+        --max-queue-tokens: such a request is tokenised first, for ``prepared`` to tell whether it can ever fit."""
         ids = sum(len(x) for x in items if not isinstance(x, str))
         texts = sum(isinstance(x, str) for x in items)
         estimate = min(int(chars * self.batcher.tokens_per_char) + 2 * texts, texts * self.enc.max_length) + ids
+        if estimate > self.max_queue_tokens:
+            return None
         return self.batcher.admit(estimate, chars)
+
+    async def prepared(
+        self, items: list, recipe: Recipe, field: str, status: int, ticket: Ticket | None, chars: int
+    ) -> tuple[Prepared, Ticket]:
+        """The request's token ids (on the event loop for a query, whose tokenising costs less than the hop to a
+        thread; else in the thread pool) and its ticket: ``ticket``, or one admitted now on the exact count.
+        A request of more tokens than the queue ever holds gets 413: it could never be admitted, so a 429
+        would have its client retry forever."""
+        if chars <= INLINE_CHARS:
+            prepared = self.prepare(items, recipe, field, status)
+        else:
+            prepared = await run_in_threadpool(self.prepare, items, recipe, field, status)
+        tokens = prepared.tokens
+        if tokens > self.max_queue_tokens:
+            raise ApiError(
+                413,
+                f"this request has {tokens:,} tokens, more than the queue ever holds ({self.max_queue_tokens:,}, "
+                "--max-queue-tokens): send fewer or shorter inputs",
+                field,
+                "too_many_tokens",
+            )
+        if ticket is None:
+            return prepared, self.batcher.admit(tokens)
+        if any(len(i) >= self.enc.max_length for i in prepared.ids):
+            # cut texts say nothing of the tokens per character the queue's estimates learn
+            ticket.chars = 0
+        return prepared, ticket
 
     async def embed(
         self, request: Request, items: list, recipe: Recipe, *, field: str, status: int
     ) -> tuple[int, np.ndarray]:
         """(tokens embedded, rows [len(items), dim or truncate_dim] finished as ``recipe`` says); 429 when the
-        queue has no room, ClientGone when the client leaves first."""
-        ticket = self.admit(items)
+        queue has no room, 413 when it never could have, ClientGone when the client leaves first."""
+        chars = sum(len(x) for x in items if isinstance(x, str))
+        ticket = self.admit(items, chars)
 
         async def work():
-            if ticket.chars <= INLINE_CHARS:  # a query: tokenising it costs less than the hop to a thread
-                prepared = self.prepare(items, recipe, field, status)
-            else:
-                prepared = await run_in_threadpool(self.prepare, items, recipe, field, status)
+            nonlocal ticket
+            prepared, ticket = await self.prepared(items, recipe, field, status, ticket, chars)
             return prepared, await self.batcher.embed(prepared.ids, ticket)
 
         try:
             prepared, emb = await unless_disconnected(request, work())
         finally:
-            self.batcher.release(ticket)  # if it never reached the queue
+            if ticket is not None:
+                self.batcher.release(ticket)  # if it never reached the queue
         return prepared.tokens, finish(prepared, emb, recipe)
 
     async def openai_embeddings(self, request: Request) -> Response:
         status = EmbeddingRequest.status
-        req = parse(EmbeddingRequest, await read_json(request, status), **self.context)
+        req = parse(EmbeddingRequest, await self.body(request, status), **self.context)
         recipe = self.recipe(None, status, truncate=self.limits.auto_truncate, dimensions=req.dimensions)
         tokens, rows = await self.embed(request, req.input, recipe, field="input", status=status)
         return json_response(
@@ -281,7 +295,7 @@ class Server(DescribeRoutes):
 
     async def tei_embed(self, request: Request) -> Response:
         status = EmbedRequest.status
-        req = parse(EmbedRequest, await read_json(request, status), **self.context)
+        req = parse(EmbedRequest, await self.body(request, status), **self.context)
         recipe = self.recipe(
             req.prompt_name,
             status,
@@ -295,7 +309,7 @@ class Server(DescribeRoutes):
 
     async def embed_all(self, request: Request) -> Response:
         status = EmbedAllRequest.status
-        req = parse(EmbedAllRequest, await read_json(request, status), **self.context)
+        req = parse(EmbedAllRequest, await self.body(request, status), **self.context)
         recipe = self.recipe(
             req.prompt_name,
             status,
@@ -303,17 +317,20 @@ class Server(DescribeRoutes):
             direction=req.truncation_direction,
             chunk=False,
         )
-        ticket = self.admit(req.inputs)  # shares the queue's bound, though it runs beside the batch worker
+        # shares the queue's bounds, though it runs beside the batch worker
+        chars = sum(len(x) for x in req.inputs if isinstance(x, str))
+        ticket = self.admit(req.inputs, chars)
         try:
-            prepared = await run_in_threadpool(self.prepare, req.inputs, recipe, "inputs", status)
+            prepared, ticket = await self.prepared(req.inputs, recipe, "inputs", status, ticket, chars)
             states = await unless_disconnected(request, run_in_threadpool(self.enc.token_states, prepared.ids))
         finally:
-            self.batcher.release(ticket)
+            if ticket is not None:
+                self.batcher.release(ticket)
         return json_response(EmbedAllResponse.of(states))
 
     async def similarity(self, request: Request) -> Response:
         status = SimilarityRequest.status
-        req = parse(SimilarityRequest, await read_json(request, status), **self.context)
+        req = parse(SimilarityRequest, await self.body(request, status), **self.context)
         p = req.parameters
         recipe = self.recipe(
             p.prompt_name if p else None,
@@ -325,67 +342,47 @@ class Server(DescribeRoutes):
         _, rows = await self.embed(request, texts, recipe, field="inputs", status=status)
         return json_response(SimilarityResponse.model_construct((rows[1:] @ rows[0]).tolist()))
 
-    def tokens_of(self, texts: list[str], add_special_tokens: bool) -> list[list[SimpleToken]]:
-        out = []
-        spans = self.enc.token_spans(texts, add_special_tokens=add_special_tokens)
-        for text, tokens in zip(texts, spans, strict=True):
-            raw, at = text.encode("utf-8"), byte_offsets(text)
-            row = []
-            for i, t, special, span in tokens:
-                if special:
-                    row.append(SimpleToken.model_construct(id=i, text=t, special=True, start=None, stop=None))
-                else:
-                    a, b = int(at[span[0]]), int(at[span[1]])
-                    row.append(
-                        SimpleToken.model_construct(
-                            id=i, text=raw[a:b].decode("utf-8", "replace"), special=False, start=a, stop=b
-                        )
-                    )
-            out.append(row)
-        return out
-
-    async def tokenize_route(self, request: Request) -> Response:
-        req = parse(TokenizeRequest, await read_json(request, TokenizeRequest.status), **self.context)
-        prefix = self.prefix(req.prompt_name, TokenizeRequest.status)
-        texts = [prefix + t for t in req.inputs] if prefix else req.inputs
-        rows = await run_in_threadpool(self.tokens_of, texts, req.add_special_tokens)
-        return json_response(TokenizeResponse.model_construct(rows))
-
-    async def decode(self, request: Request) -> Response:
-        req = parse(DecodeRequest, await read_json(request, DecodeRequest.status), **self.context)
-        decode = self.enc.decode
-        texts = await run_in_threadpool(lambda: [decode(ids, req.skip_special_tokens) for ids in req.ids])
-        return json_response(DecodeResponse.model_construct(texts))
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 and 405 in the error format of the API the path belongs to."""
-    assert isinstance(exc, HTTPException)  # the handler of HTTPException only (``build_app``)
-    style = "openai" if request.url.path.startswith("/v1") else "tei"
-    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"), style)
-
 
 DEFAULT_LIMITS = Limits()
+OPEN = Access()  # no keys, no CORS
 
 
-def build_app(enc: ServedEncoder, *, model_name: str, limits: Limits = DEFAULT_LIMITS) -> Starlette:
-    """The ASGI app serving ``enc``; the batch worker starts and stops with the app's lifespan."""
-    server = Server(enc, model_name, limits)
-    app = Starlette(routes=server.routes(), lifespan=server.lifespan, exception_handlers={HTTPException: http_error})
+def build_app(
+    enc: ServedEncoder,
+    *,
+    model_name: str,
+    limits: Limits = DEFAULT_LIMITS,
+    access: Access = OPEN,
+    default_prompt_name: str | None = None,
+    default_prompt: str | None = None,
+) -> Starlette:
+    """The ASGI app serving ``enc``; the batch worker starts and stops with the app's lifespan. ``access``: the
+    API keys and CORS origins; ``default_prompt_name`` or ``default_prompt``: for requests that name no prompt
+    (default: the model's default prompt, if any)."""
+    server = Server(enc, model_name, limits, access, default_prompt_name, default_prompt)
+    app = Starlette(
+        routes=server.routes(),
+        middleware=access.middleware(),
+        lifespan=server.lifespan,
+        exception_handlers={HTTPException: http_error},
+    )
     app.state.server = server
     return app
 
 
-def serve(
-    enc: ServedEncoder, *, host: str, port: int, model_name: str, limits: Limits, log_level: str = "info"
-) -> None:
-    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``graceful.GracefulServer``)."""
+def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, log_level: str = "info", **options) -> None:
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully (``graceful.GracefulServer``).
+    ``options``: ``build_app``'s."""
+    app = build_app(enc, model_name=model_name, **options)  # a bad option fails before the warm-up
+    server = graceful.make_server(app, host=host, port=port, log_level=log_level)  # not listening yet
+    access: Access = app.state.server.access
+    if access.keyed:  # how many, never which
+        logger.info("e5lite serve: the inference routes want one of %d API keys", len(access.api_keys))
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("e5lite serve: listening on %s without an API key: anyone who reaches it can use it", host)
     # compile the shapes a query can hit before /health says ready, as the batch worker runs them (unnormalised):
     # the first request is then not slower
     enc.warmup(normalize=False)
-    server = graceful.make_server(
-        build_app(enc, model_name=model_name, limits=limits), host=host, port=port, log_level=log_level
-    )
     server.run()
     if not server.started:  # uvicorn could not bind (it logged why)
         sys.exit(3)

@@ -13,7 +13,9 @@ engine calls, so the wait before a new request would start is the rest of the ca
 that take the work ahead of it. A request that would wait past ``max_queue_wait_ms`` is refused at once with
 429 and a ``Retry-After``, rather than queued to time out at its client. Work nobody waits for never reaches
 the model: a request whose client went away is taken off the queue (what is left of a big one is skipped),
-and one still queued at its deadline is answered 429 then instead of being embedded late.
+and one still queued at its deadline is answered 429 then instead of being embedded late (the deadline counts
+from admission, but a request that reaches an idle worker with nothing ahead of it is started whatever its
+tokenising took: an idle server answers no 429).
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class Batcher:
             self._unreserve(ticket)
             if self._stopping:
                 raise shutting_down()
+            if not self._jobs and self._call is None:
+                # nothing ahead and the worker idle: it starts on this now, however long tokenising took, so
+                # the deadline must not refuse it (an idle server never answers 429)
+                job.expires = max(job.expires, time.monotonic() + self.max_queue_wait)
             if ticket.chars:  # a moving average, so that the estimates follow the language of the traffic
                 self.tokens_per_char += 0.2 * (tokens / ticket.chars - self.tokens_per_char)
             self._jobs.append(job)

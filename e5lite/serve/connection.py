@@ -12,9 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from ..errors import ApiError
+from .limits import Limits
 from .protocol import shown
 
-MAX_BODY_BYTES = 32 * 1024 * 1024
 LARGE_BODY_BYTES = 1024 * 1024  # decoded in the thread pool, so that the event loop keeps answering
 # Longer integer literals decode as floats (so infinity): no field takes them, and int() of a long literal
 # costs time quadratic in its length (Python refuses past 4,300 digits, with a ValueError).
@@ -56,19 +56,26 @@ def decode_json(raw: bytes, invalid_status: int):
     return body
 
 
-async def read_json(request: Request, invalid_status: int):
-    """The request's JSON body; 415 for another content type, 413 past MAX_BODY_BYTES, 400 for bad JSON,
-    ``invalid_status`` for a repeated key."""
+def too_large(limit: int, size: int | None = None) -> ApiError:
+    told = "" if size is None else f" {size:,} bytes,"  # a chunked body's size is not known
+    return ApiError(413, f"request body is{told} past the limit of {limit:,} bytes (--payload-limit)")
+
+
+async def read_json(request: Request, invalid_status: int, limit: int = Limits.payload_limit):
+    """The request's JSON body; 415 for another content type, 413 past ``limit`` bytes (told by Content-Length
+    before anything is read, else once the bytes read pass it), 400 for bad JSON, ``invalid_status`` for a
+    repeated key."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    length = int(request.headers.get("content-length") or 0)  # uvicorn refuses a malformed one before this
+    if length > limit:
+        raise too_large(limit, length)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:  # a chunked body has no Content-Length to check up front
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        if size > limit:  # a chunked body has no Content-Length to check up front
+            raise too_large(limit)
         chunks.append(chunk)
     raw = b"".join(chunks)
     if size > LARGE_BODY_BYTES:

@@ -12,10 +12,12 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 
 from .. import __version__
 from ..errors import ApiError
+from .access import Access
 from .batcher import Batcher
 from .errors import SHUTTING_DOWN
 from .limits import Limits
 from .metrics import Metrics
+from .responses import Info, json_response
 from .routes import DOCS_HTML
 from .served import ServedEncoder
 
@@ -30,6 +32,9 @@ class DescribeRoutes:
     batcher: Batcher
     openapi: dict[str, Any]
     draining: bool
+    access: Access
+    default_prompt_name: str | None
+    default_prompt: str | None
 
     async def health(self, request: Request) -> Response:
         if self.draining:  # unhealthy: no Retry-After, as TEI's /health
@@ -40,31 +45,38 @@ class DescribeRoutes:
 
     async def info(self, request: Request) -> Response:
         enc, limits = self.enc, self.limits
-        return JSONResponse(
-            {
-                "model_id": self.model_name,
-                "model_dir": str(enc.model_dir),
-                "dim": enc.dim,
-                "max_input_length": enc.max_length,
-                "pooling": enc.pooling,
-                "dtype": enc.dtype.name,
-                "weights": getattr(enc, "weights", enc.dtype.name),
-                "devices": [str(d) for d in enc.devices],
-                "attention_impl": enc.settings.attention_impl,
-                "prompts": enc.prompts,
-                "default_prompt_name": enc.default_prompt_name,
-                "max_client_batch_size": limits.max_inputs,
-                "max_batch_tokens": limits.max_batch_tokens,
-                "max_wait_ms": limits.max_wait_ms,
-                "max_queue": limits.max_queue,
-                "max_queue_tokens": limits.max_queue_tokens,
-                "max_queue_wait_ms": limits.max_queue_wait_ms,
-                "shutdown_timeout": limits.shutdown_timeout,
-                "auto_truncate": limits.auto_truncate,
-                "long_inputs": limits.long_inputs,
-                "chunk_overlap": limits.chunk_overlap,
-                "version": __version__,
-            }
+        return json_response(
+            Info.model_validate(
+                {
+                    "model_id": self.model_name,
+                    "model_dir": str(enc.model_dir),
+                    "dim": enc.dim,
+                    "max_input_length": enc.max_length,
+                    "pooling": enc.pooling,
+                    "dtype": enc.dtype.name,
+                    "weights": getattr(enc, "weights", enc.dtype.name),
+                    "devices": [str(d) for d in enc.devices],
+                    "attention_impl": enc.settings.attention_impl,
+                    "prompts": enc.prompts,
+                    "default_prompt_name": self.default_prompt_name,
+                    # what a request naming no prompt gets: --default-prompt(-name)'s, else the model's default
+                    "default_prompt": enc.prompt_prefix() if self.default_prompt is None else self.default_prompt,
+                    "api_key_required": self.access.keyed,  # whether, never which
+                    "cors_allow_origin": list(self.access.cors_allow_origins),
+                    "payload_limit": limits.payload_limit,
+                    "max_client_batch_size": limits.max_inputs,
+                    "max_batch_tokens": limits.max_batch_tokens,
+                    "max_wait_ms": limits.max_wait_ms,
+                    "max_queue": limits.max_queue,
+                    "max_queue_tokens": limits.max_queue_tokens,
+                    "max_queue_wait_ms": limits.max_queue_wait_ms,
+                    "shutdown_timeout": limits.shutdown_timeout,
+                    "auto_truncate": limits.auto_truncate,
+                    "long_inputs": limits.long_inputs,
+                    "chunk_overlap": limits.chunk_overlap,
+                    "version": __version__,
+                }
+            )
         )
 
     async def prometheus(self, request: Request) -> Response:

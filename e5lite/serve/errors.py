@@ -13,6 +13,7 @@ from .protocol import json_response
 
 OPENAI_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -21,6 +22,7 @@ OPENAI_TYPES = {
 }
 # TEI's ErrorType enum as serde writes it (the variant's name); 503 is what its /health answers when unhealthy
 TEI_TYPES = {
+    401: "Unauthorized",
     413: "Validation",
     422: "Validation",
     429: "Overloaded",
@@ -66,6 +68,14 @@ class RetryLater(ApiError):
         self.retry_after = whole_seconds(retry_after)
 
 
+class Unauthorized(ApiError):
+    """401 on an inference route without the right API key; answered with ``WWW-Authenticate: Bearer``, which
+    says how to send one (RFC 6750)."""
+
+    def __init__(self, message: str):
+        super().__init__(401, message, code="invalid_api_key")
+
+
 def shutting_down() -> RetryLater:
     """The 503 for work that arrives, or is still waiting, while the server shuts down (new work refused while
     it drains, queued work past ``--shutdown-timeout``). ``/health``'s 503 says the same without ``Retry-After``."""
@@ -74,7 +84,8 @@ def shutting_down() -> RetryLater:
 
 def error_response(e: ApiError, style: str) -> Response:
     """OpenAI: {"error": {"message", "type", "param", "code"}}; TEI: {"error", "error_type"}. A RetryLater
-    also sets ``Retry-After`` (which the openai client and most HTTP clients honour)."""
+    also sets ``Retry-After`` (which the openai client and most HTTP clients honour), an Unauthorized
+    ``WWW-Authenticate``."""
     if style == "openai":
         body: BaseModel = OpenAIErrorResponse(
             error=OpenAIError(
@@ -83,5 +94,9 @@ def error_response(e: ApiError, style: str) -> Response:
         )
     else:
         body = TEIErrorResponse(error=e.message, error_type=TEI_TYPES.get(e.status, "Backend"))
-    headers = {"Retry-After": str(e.retry_after)} if isinstance(e, RetryLater) else None
+    headers = None
+    if isinstance(e, RetryLater):
+        headers = {"Retry-After": str(e.retry_after)}
+    elif isinstance(e, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
     return json_response(body, e.status, headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import uvicorn
 from starlette.applications import Starlette
@@ -57,4 +58,11 @@ def make_server(app: Starlette, *, host: str, port: int, log_level: str = "info"
         # uvicorn annotates an int but waits with asyncio.timeout, which takes float seconds
         timeout_graceful_shutdown=SHUTDOWN_CLOSE_S,  # type: ignore[arg-type]
     )
+    # the server's own messages (API keys, draining) go where uvicorn's go, which its config has just set up,
+    # unless the application set up logging for them
+    # (uvicorn's handler is on its "uvicorn" logger, which "uvicorn.error" logs through at the --log-level)
+    ours, theirs = logging.getLogger("e5lite.serve"), logging.getLogger("uvicorn")
+    if not ours.handlers and theirs.handlers:
+        ours.handlers = list(theirs.handlers)
+        ours.setLevel(logging.getLogger("uvicorn.error").getEffectiveLevel())
     return GracefulServer(config, app.state.server)

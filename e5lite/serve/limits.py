@@ -27,12 +27,18 @@ class Limits:
     max_inputs: int = _limit(
         2048, "--max-client-batch-size", "inputs per request; more are refused (413 on /embed, 400 on /v1)", minimum=1
     )
+    payload_limit: int = _limit(
+        2_000_000,
+        "--payload-limit",
+        "request bodies larger than this many bytes get 413, before they are read (as TEI's default)",
+        minimum=1,
+    )
     max_queue: int = _limit(1024, "--max-queue", "requests waiting for the batch worker; more get 429", minimum=1)
     max_queue_tokens: int | None = _limit(
         None,
         "--max-queue-tokens",
-        "tokens waiting for the batch worker; a request that would pass this gets 429, "
-        "unless nothing waits (default: 8 x --max-batch-tokens)",
+        "tokens waiting for the batch worker; a request that would pass this gets 429, and one larger "
+        "than this alone 413, as no wait would make room for it (default: 8 x --max-batch-tokens)",
         minimum=1,
     )
     max_batch_tokens: int | None = _limit(

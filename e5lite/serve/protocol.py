@@ -24,12 +24,14 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from ..errors import ApiError
+from .bounds import Bound
 from .responses import DecodeResponse as DecodeResponse
 from .responses import EmbedAllResponse as EmbedAllResponse
 from .responses import Embedding as Embedding
 from .responses import EmbeddingResponse as EmbeddingResponse
 from .responses import EmbedResponse as EmbedResponse
 from .responses import Health as Health
+from .responses import Info as Info
 from .responses import SimilarityResponse as SimilarityResponse
 from .responses import SimpleToken as SimpleToken
 from .responses import TokenizeResponse as TokenizeResponse
@@ -68,8 +70,18 @@ def refuse(kind: str, message: str) -> PydanticCustomError:
 # ------------------------------------------------------------------------------------------------- requests
 
 
+def _is_id(t) -> bool:
+    # JSON has one number type: 7.0 is the integer 7 to JSON Schema (and to clients that write every number as a
+    # float), so an integral float counts as a token id; a boolean does not
+    return type(t) is int or (type(t) is float and t.is_integer())
+
+
 def _is_ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+    return isinstance(value, list) and bool(value) and all(_is_id(t) for t in value)
+
+
+def _ids(value: list) -> list[int]:
+    return value if all(type(t) is int for t in value) else [int(t) for t in value]
 
 
 def _check_text(text: str, where: str) -> None:
@@ -109,12 +121,14 @@ def _inputs(value, info: ValidationInfo) -> list:
         value = [value]
     if not isinstance(value, list):
         raise refuse("list_type", f"'{field}' must be a string, a list of strings or token ids, got {json_type(value)}")
+    value = list(value)  # the items' token ids are replaced by ints, never in the caller's body
     if not value:
         raise refuse("too_short", f"'{field}' must not be empty")
     for i, item in enumerate(value):
         if isinstance(item, str):
             _check_text(item, f"{field}[{i}]")
         elif _is_ids(item):
+            value[i] = item = _ids(item)
             _check_ids(item, f"{field}[{i}]", info)
         else:
             raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a string or a list of token ids")
@@ -148,22 +162,26 @@ def _id_lists(value, info: ValidationInfo) -> list[list[int]]:
             f"'{field}' must be a list of token ids or a list of such lists, got "
             f"{json_type(value) if value != [] else 'an empty array'}",
         )
+    value = list(value)
     for i, item in enumerate(value):
         if not _is_ids(item):
             raise refuse("item_type", f"{field}[{i}] is {json_type(item)}, expected a list of token ids")
+        value[i] = item = _ids(item)
         _check_ids(item, f"{field}[{i}]", info)
     return value
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0), Bound("maximum", "vocab_size", -1)]], Field(min_length=1)]
 Text = Annotated[str, Field(min_length=1)]
-Texts = Annotated[list[Text], Field(min_length=1)]
+Texts = Annotated[list[Text], Field(min_length=1), Bound("maxItems", "max_inputs")]
 # One input or a list: always a list once validated, so that a bad item's error names its index.
 Inputs = Annotated[
     list[str | list[int]],
     PlainValidator(
         _inputs,
-        json_schema_input_type=Text | TokenIds | Annotated[list[Text | TokenIds], Field(min_length=1)],
+        json_schema_input_type=Text
+        | TokenIds
+        | Annotated[list[Text | TokenIds], Field(min_length=1), Bound("maxItems", "max_inputs")],
     ),
 ]
 TextInputs = Annotated[list[str], PlainValidator(_texts, json_schema_input_type=Text | Texts)]
@@ -188,6 +206,8 @@ Direction = Annotated[
 def _dimensions_in_range(value, handler, info: ValidationInfo):
     # one message for every way to get it wrong, with the model's own bound
     dim = (info.context or {}).get("dim")
+    if _is_id(value) and type(value) is float:  # 8.0 is the integer 8 to JSON Schema, as for token ids
+        value = int(value)
     try:
         dims = handler(value)
     except ValidationError:
@@ -198,7 +218,14 @@ def _dimensions_in_range(value, handler, info: ValidationInfo):
     return dims
 
 
-Dimensions = Annotated[int | None, WrapValidator(_dimensions_in_range)]
+Dimensions = Annotated[
+    int | None,
+    WrapValidator(
+        _dimensions_in_range, json_schema_input_type=Annotated[int, Field(ge=1), Bound("maximum", "dim")] | None
+    ),
+]
+# a prompt of the model's by name: the document lists the names
+PromptName = Annotated[str, Bound("enum", "prompt_names")] | None
 
 
 class ApiRequest(BaseModel):
@@ -252,8 +279,8 @@ class Truncation(BaseModel):
     truncation_direction: Direction = Field(
         None, description="Which end a text past the maximum length loses (left or right, either case); null: right."
     )
-    prompt_name: str | None = Field(
-        None, description="A prompt of the model's, put before every text; null: the model's default prompt, if any."
+    prompt_name: PromptName = Field(
+        None, description="A prompt of the model's, put before every text; null: the server's default prompt, if any."
     )
 
 
@@ -300,8 +327,8 @@ class TokenizeRequest(TeiRequest):
 
     inputs: TextInputs = Field(description="The text, or the texts, to tokenise.")
     add_special_tokens: bool = Field(True, description="Add the model's special tokens ([CLS] ... [SEP]).")
-    prompt_name: str | None = Field(
-        None, description="A prompt of the model's, put before every text; null: the model's default prompt, if any."
+    prompt_name: PromptName = Field(
+        None, description="A prompt of the model's, put before every text; null: the server's default prompt, if any."
     )
 
 

@@ -86,5 +86,36 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class Info(BaseModel):
+    """``GET /info``: the model, the engine and the server's settings (as TEI's /info, with e5lite's own)."""
+
+    model_id: str = Field(description="--served-model-name, else the model's folder name.")
+    model_dir: str
+    dim: int
+    max_input_length: int
+    pooling: str
+    dtype: str
+    weights: str
+    devices: list[str]
+    attention_impl: str | None
+    prompts: dict[str, str]
+    default_prompt_name: str | None
+    default_prompt: str | None = Field(description="What a request naming no prompt gets put before its texts.")
+    api_key_required: bool
+    cors_allow_origin: list[str]
+    payload_limit: int
+    max_client_batch_size: int
+    max_batch_tokens: int
+    max_wait_ms: float
+    max_queue: int
+    max_queue_tokens: int
+    max_queue_wait_ms: float
+    shutdown_timeout: float
+    auto_truncate: bool
+    long_inputs: Literal["truncate", "chunk"]
+    chunk_overlap: int
+    version: str
+
+
 def json_response(body: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
     return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)

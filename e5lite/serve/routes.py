@@ -10,8 +10,13 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
-from .errors import OpenAIErrorResponse, TEIErrorResponse
+from ..errors import ApiError
+from .bounds import bind
+from .errors import OpenAIErrorResponse, TEIErrorResponse, error_response
 from .protocol import (
     DecodeRequest,
     DecodeResponse,
@@ -22,6 +27,7 @@ from .protocol import (
     EmbedRequest,
     EmbedResponse,
     Health,
+    Info,
     SimilarityRequest,
     SimilarityResponse,
     TokenizeRequest,
@@ -46,6 +52,11 @@ class RouteSpec:
     response: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
     media: str = "application/json"
+
+    @property
+    def inference(self) -> bool:
+        """It does the server's work (every POST route, all of /v1): with --api-key it wants a key."""
+        return self.method == "POST" or self.path.startswith("/v1")
 
     @property
     def error_body(self) -> type[BaseModel] | None:
@@ -77,7 +88,7 @@ _HEALTH: dict[str, Any] = dict(
     handler="health",
     summary="Health: 200 when ready, 503 while starting or shutting down",
     response=Health,
-    errors=(503,),
+    errors=(500, 503),
 )
 
 ROUTES = (
@@ -129,15 +140,27 @@ ROUTES = (
     RouteSpec("GET", "/health", **_HEALTH),
     RouteSpec("GET", "/", **_HEALTH),
     RouteSpec("GET", "/ping", **_HEALTH),
-    RouteSpec("GET", "/info", "info", summary="The model and the server's settings"),
-    RouteSpec("GET", "/metrics", "prometheus", summary="Prometheus metrics (text)", media="text/plain"),
+    RouteSpec("GET", "/info", "info", summary="The model and the server's settings", response=Info, errors=(500,)),
+    RouteSpec("GET", "/metrics", "prometheus", summary="Prometheus metrics (text)", errors=(500,), media="text/plain"),
     RouteSpec("GET", "/openapi.json", "openapi_json"),
     RouteSpec("GET", "/docs", "docs"),
 )
 
 
-def openapi(version: str, routes: tuple[RouteSpec, ...] = ROUTES) -> dict:
-    """An OpenAPI 3.1 document of the documented routes, its schemas generated from their models."""
+def allowed_methods(path: str, routes: tuple[RouteSpec, ...] = ROUTES) -> str:
+    """The ``Allow`` header of a 405 at ``path`` (RFC 9110): its methods, HEAD with GET (Starlette answers HEAD
+    on every GET route); empty for a path that is not served."""
+    methods = {r.method for r in routes if r.path == path}
+    return ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+
+
+def openapi(
+    version: str, routes: tuple[RouteSpec, ...] = ROUTES, *, keyed: bool = False, bounds: dict[str, Any] | None = None
+) -> dict:
+    """An OpenAPI 3.1 document of the documented routes, its schemas generated from their models; ``keyed``
+    (--api-key): the inference routes want a bearer key, and say they answer 401 without it. ``bounds``: the
+    server's values of the models' ``protocol.Bound``s (the validation context, and ``prompt_names``), so that
+    the document's ranges and enums are those the server checks; without them the schemas leave them out."""
     routes = tuple(r for r in routes if r.summary is not None)
     models: set[tuple[Any, Any]] = {(r.request, "validation") for r in routes if r.request is not None}
     models |= {(m, "serialization") for r in routes for m in (r.response, r.error_body) if m is not None}
@@ -158,11 +181,14 @@ def openapi(version: str, routes: tuple[RouteSpec, ...] = ROUTES) -> dict:
         else:
             ok["content"] = {"application/json": {"schema": {"type": "object"}}}
         responses: dict[str, Any] = {"200": ok}
+        keyed_here = keyed and r.inference
         responses |= {
             str(s): {"description": "Refused or failed", "content": content(r.error_body, "serialization")}
-            for s in r.errors
+            for s in sorted(set(r.errors) | ({401} if keyed_here else set()))
         }
         op: dict[str, Any] = {"summary": r.summary, "responses": responses}
+        if keyed_here:
+            op["security"] = [{"bearer": []}]
         if r.request is not None:
             op["requestBody"] = {"required": True, "content": content(r.request, "validation")}
         paths.setdefault(r.path, {})[r.method.lower()] = op
@@ -170,8 +196,19 @@ def openapi(version: str, routes: tuple[RouteSpec, ...] = ROUTES) -> dict:
         "openapi": "3.1.0",
         "info": {"title": "e5lite", "version": version},
         "paths": paths,
-        "components": {"schemas": top.get("$defs", {})},
+        "components": {"schemas": bind(top.get("$defs", {}), bounds or {})}
+        | ({"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}} if keyed else {}),
     }
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 in the error format of the API the path belongs to; a 405 with ``Allow``."""
+    assert isinstance(exc, HTTPException)  # the handler of HTTPException only (``app.build_app``)
+    style = "openai" if request.url.path.startswith("/v1") else "tei"
+    response = error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"), style)
+    if exc.status_code == 405:  # the route Starlette matched knows its own method only: the table knows them all
+        response.headers["Allow"] = allowed_methods(request.url.path)
+    return response
 
 
 DOCS_HTML = """<!doctype html>

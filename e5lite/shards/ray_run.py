@@ -35,19 +35,20 @@ def model_facts(model, *, revision: str | None = None, max_length: int | None = 
     from .. import hub
     from ..config import BertConfig
     from ..pooling import read_pooling_mode
-    from ..tokenizer import read_prompts, resolve_max_length
+    from ..prompts import read_prompts
+    from ..tokenizer import resolve_max_length
 
     model_dir = hub.resolve(model, revision=revision)
     config = BertConfig.from_json(model_dir / "config.json")
-    prompts, default = read_prompts(model_dir, name=str(model))
+    prompts = read_prompts(model_dir, name=str(model))
     return SimpleNamespace(
         model_dir=model_dir,
         config=config,
         dim=config.hidden_size,
         pooling=read_pooling_mode(model_dir),
         max_length=resolve_max_length(model_dir, config, max_length),
-        prompts=prompts,
-        default_prompt_name=default,
+        prompts=prompts.prompts,
+        default_prompt_name=prompts.default_prompt_name,
     )
 
 

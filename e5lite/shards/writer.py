@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import E5LiteError
 from ..files import read_records, write_atomic
+from .shard_files import _file_metadata
 from .store import (
     FORMAT,
     FORMAT_SHARDED,
@@ -71,14 +72,16 @@ def _shard_names(k: int, fmt: str) -> list[str]:
     return [f"{stem}.parquet"] if fmt == "parquet" else [f"{stem}.npy", f"{stem}.ids.json"]
 
 
-def _encode_shard(emb: np.ndarray, ids: list, fmt: str) -> list[bytes]:
+def _encode_shard(emb: np.ndarray, ids: list, fmt: str, metadata: dict) -> list[bytes]:
+    """A shard's file contents; ``metadata``: a Parquet shard's schema metadata (``_file_metadata``, as per-host
+    and Ray shards carry), for readers that never see the manifest."""
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), _arrow_type(emb.dtype)), emb.shape[1])
         buf = io.BytesIO()
-        pq.write_table(pa.table({"id": ids, "embedding": col}), buf)
+        pq.write_table(pa.table({"id": ids, "embedding": col}).replace_schema_metadata(metadata), buf)
         return [buf.getvalue()]
     buf = io.BytesIO()
     np.save(buf, emb)
@@ -225,8 +228,12 @@ def _embed_rows(
                 emb = stored(
                     vectors(enc, prepared, manifest["run"], batch_size=batch_size, local=False), manifest["run"]
                 )
-                names = _shard_names(len(manifest["shards"]), shard_format)
-                for name, data in zip(names, _encode_shard(emb, ids, shard_format), strict=True):
+                k = len(manifest["shards"])
+                # named as per-host runs name a shard's input (corpus_inputs.describe_shard)
+                where = f"{Path(run['input']['path']).name} bytes {manifest['offset']}-{offsets[-1]}"
+                meta = _file_metadata(manifest["run"], k, where)
+                names = _shard_names(k, shard_format)
+                for name, data in zip(names, _encode_shard(emb, ids, shard_format, meta), strict=True):
                     write_atomic(out_dir / name, data)
                 manifest["shards"].append(
                     {"files": names, "rows": len(texts), "first_row": manifest["rows"], "end_offset": offsets[-1]}
