@@ -98,6 +98,7 @@ def test_engine_programs_lower_with_the_kernel_compiled(platform, impl, dtype, m
         assert (KERNEL_CALL[platform] in custom_calls(exp)) == (impl == "pallas")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_a_gradcache_training_step_lowers(platform):
     """train_step as train.py runs it (AdamW with weight decay masked, bfloat16 compute, GradCache chunks)."""

@@ -11,6 +11,9 @@ import e5lite
 from conftest import TEXTS
 from e5lite.errors import E5LiteError
 
+# on a CPU these repeat test_attention.py / test_parity.py; the device check (tools/device_check.sh) is their use
+pytestmark = pytest.mark.slow
+
 MIN_COS = {"float32": 0.9999, "bfloat16": 0.999}  # f32 leaves room for TF32 matmuls on a GPU
 
 
@@ -22,7 +25,7 @@ def st_reference(minilm_dir):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow), "cudnn"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "cudnn"])
 def test_impl_matches_sentence_transformers(minilm_dir, st_reference, impl, dtype):
     try:
         enc = e5lite.load(minilm_dir, attention_impl=impl, dtype=dtype)
