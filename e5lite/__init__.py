@@ -5,6 +5,7 @@ from .encoder import Encoder, load
 from .engine import Engine, embed_batch, embed_packed
 from .errors import E5LiteError, ModelNotFoundError, WeightsError
 from .evaluate import evaluate_retrieval
+from .explain import explain
 from .export import save_pretrained
 from .model import Params, forward
 from .pooling import cls_pool, l2_normalize, mean_pool, pool, pool_segments
@@ -42,4 +43,5 @@ __all__ = [
     "save_pretrained",
     "search",
     "evaluate_retrieval",
+    "explain",
 ]

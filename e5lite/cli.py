@@ -1,4 +1,4 @@
-"""The ``e5lite`` command: embed, score, eval, train, attention, info, serve.
+"""The ``e5lite`` command: embed, score, eval, train, attention, explain, info, serve, export-programs.
 
 Its flags and their checks are in ``cli_args.py``; ``embed`` in ``cli_embed.py``, and its corpus runs
 (``embed --output DIR``) in ``shards.runs``.
@@ -143,6 +143,12 @@ def cmd_attention(args) -> None:
         print(report)
 
 
+def cmd_explain(args) -> None:
+    from .explain import cmd_explain as run
+
+    run(args)
+
+
 def cmd_train(args) -> None:
     try:
         import optax  # noqa: F401
@@ -266,6 +272,30 @@ def cmd_serve(args) -> None:
         access=access,
         default_prompt_name=args.default_prompt_name,
         default_prompt=args.default_prompt,
+        explorer=args.explorer,
+    )
+
+
+def cmd_export_programs(args) -> None:
+    from .programs import export_programs
+
+    manifest = export_programs(
+        args.model,
+        args.platform,
+        args.output,
+        revision=args.revision,
+        dtype=args.dtype,
+        weights=args.weights,
+        max_length=args.max_length,
+        overwrite=args.overwrite,
+        token_budget=args.token_budget,
+        attention_impl=args.attention_impl,
+        progress=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", file=sys.stderr),
+    )
+    print(
+        f"wrote {len(manifest['programs'])} programs for {args.platform} (jax {manifest['jax']}) to "
+        f"{args.output} in {manifest['export_s']:.0f} s",
+        file=sys.stderr,
     )
 
 
@@ -279,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
             "serve": cmd_serve,
             "eval": cmd_eval,
             "attention": cmd_attention,
+            "explain": cmd_explain,
             "train": cmd_train,
+            "export-programs": cmd_export_programs,
         }
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .settings import default_help
+from .settings import ATTENTION_CHOICES, default_help
 from .shards import ROWS_PER_SHARD
 
 
@@ -17,9 +17,10 @@ def _common(p) -> None:
     p.add_argument(
         "--weights",
         default=None,
-        choices=["bfloat16"],
+        choices=["bfloat16", "int8"],
         help="bfloat16: the layers' matmul weights in bfloat16 with float32 compute (faster one-query "
-        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries)",
+        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries); int8: int8 weights and "
+        "per-token int8 activations, int32 accumulation, the rest float32 (README: int8 weights)",
     )
     p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
@@ -231,6 +232,19 @@ def _add_serve(sub, handlers: dict) -> None:
         help="let web pages from these origins (https://host[:port], or '*' for any) call the server "
         "(default: no CORS headers, so pages from other origins cannot read the answers)",
     )
+    v.add_argument(
+        "--programs",
+        default=None,
+        metavar="DIR",
+        help="run the programs e5lite export-programs wrote to DIR instead of tracing the model (README: "
+        "Shipping compiled programs)",
+    )
+    v.add_argument(
+        "--explorer",
+        action="store_true",
+        help="serve the explorer page at /explorer (attention, layer by layer, where the score comes from; "
+        "its POST computes through this server, behind --api-key; the page itself is public)",
+    )
     from .serve.limits import Limits  # the limits' flags, defaults and help; no server stack imported
 
     Limits.add_arguments(v)
@@ -284,6 +298,24 @@ def _add_attention(sub, handlers: dict) -> None:
     a.set_defaults(func=handlers["attention"])
 
 
+def _add_explain(sub, handlers: dict) -> None:
+    """``e5lite explain``: the explorer page and its data for one text or a query-passage pair."""
+    x = sub.add_parser(
+        "explain",
+        help="why a query and a passage score what they do: attention, layer by layer, token-pair contributions "
+        "(a self-contained --html page, --json data)",
+    )
+    x.add_argument("query", help="the query (prompted as encode_queries prompts it)")
+    x.add_argument("passage", nargs="?", default=None, help="the passage (leave out for one text's attention)")
+    x.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    x.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    x.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    _add_prompt_flags(x)
+    x.add_argument("--html", default=None, help="write the explorer page here (opens from file://, no network)")
+    x.add_argument("--json", default=None, help="write the data here (exact attentions, contributions, cosines)")
+    x.set_defaults(func=handlers["explain"])
+
+
 def _add_train(sub, handlers: dict) -> None:
     """``e5lite train``: contrastive fine-tuning; defaults come from ``TrainSettings``."""
     import dataclasses
@@ -323,10 +355,48 @@ def _add_train(sub, handlers: dict) -> None:
     t.set_defaults(func=handlers["train"])
 
 
+def _add_export_programs(sub, handlers: dict) -> None:
+    """``e5lite export-programs``: the engine's programs for a platform, serialized (``programs.py``)."""
+    x = sub.add_parser(
+        "export-programs",
+        help="write the engine's programs for a platform as jax.export artifacts, for serve --programs DIR",
+    )
+    x.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    x.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    x.add_argument("--platform", required=True, choices=["cpu", "cuda", "tpu"], help="where the programs will run")
+    x.add_argument("--output", required=True, metavar="DIR", help="the folder to write (manifest.json, programs/)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    x.add_argument("--weights", default=None, help="the layers' matmul weights, as for serve (default: as --dtype)")
+    x.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    x.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help=f"tokens per batch (default: {default_help('token_budget')}, by --platform)",
+    )
+    x.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=list(ATTENTION_CHOICES),
+        help="default auto: as the engine resolves it (off this platform, the first candidate there)",
+    )
+    x.set_defaults(func=handlers["export-programs"])
+
+
 def build_parser(handlers: dict) -> argparse.ArgumentParser:
     """The parser; each subcommand's ``func`` is ``handlers[name]`` (the ``cmd_*`` functions of ``cli.py``)."""
     parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_embed, _add_score, _add_serve, _add_eval, _add_train, _add_attention):
+    for add in (
+        _add_embed,
+        _add_score,
+        _add_serve,
+        _add_eval,
+        _add_train,
+        _add_attention,
+        _add_export_programs,
+        _add_explain,
+    ):
         add(sub, handlers)
     return parser

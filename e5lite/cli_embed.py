@@ -79,6 +79,7 @@ def load_encoder(args):
         token_budget=args.token_budget,
         streams=args.streams,
         weights=getattr(args, "weights", None),
+        programs=getattr(args, "programs", None),  # serve --programs DIR
     )
 
 
@@ -155,7 +156,9 @@ def _embed_planned(args) -> None:
         revision=args.revision,
         dtype=args.dtype,
         max_length=args.max_length,
-        knobs={k: getattr(args, k) for k in ("token_budget", "streams") if getattr(args, k) is not None},
+        knobs={
+            k: getattr(args, k) for k in ("token_budget", "streams", "weights") if getattr(args, k, None) is not None
+        },
         engine=args.engine,
         shard_size=args.shard_size,
         shard_format=args.shard_format,

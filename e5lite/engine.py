@@ -20,7 +20,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -36,6 +36,9 @@ from .jitted import check_weights, embed_batch, embed_packed, hidden_states, run
 from .model import Params
 from .pooling import PACKED_MODES
 from .settings import EngineSettings
+
+if TYPE_CHECKING:
+    from .programs import Programs
 
 # (start, end) -> the token id sequences of inputs start..end-1 (a Ragged or a list of arrays): tokenising
 # texts, or slicing given ids.
@@ -78,6 +81,7 @@ class Engine:
         else:
             self._batch_sharding = self._param_sharding = self.devices[0]
         self.set_params(params)
+        self.programs: Programs | None = None  # shipped programs run instead of the jitted functions (``attach``)
         self.compiled_shapes: set[tuple] = set()
         self.stats = {"texts": 0, "real_tokens": 0, "padded_tokens": 0, "batches": 0}
         self._stats_lock = threading.Lock()  # calls may run from several threads at once (each has its own out)
@@ -120,7 +124,10 @@ class Engine:
     def configure(self, **changes) -> EngineSettings:
         """Changes settings between calls (validated; None restores the backend default); returns the new ones."""
         params = self.params if "unroll" in changes else None
-        self.settings = self._resolve(self.settings.replace(**changes))
+        settings = self._resolve(self.settings.replace(**changes))
+        if self.programs is not None:
+            self.programs.check(self, settings)  # refused before anything changes: never retraced
+        self.settings = settings
         if params is not None:
             self.set_params(params)  # the other layout
         return self.settings
@@ -175,6 +182,8 @@ class Engine:
         """Starts one batch on the devices; returns the (asynchronous) result array, one row per slot."""
         put = self._put
         self.compiled_shapes.add(batch.shape)
+        if self.programs is not None:
+            return self.programs.embed(self._run_params, batch, normalize)
         kw = dict(
             config=self.config, pooling=self.pooling, normalize=normalize, attention_impl=self.settings.attention_impl
         )
@@ -254,14 +263,17 @@ class Engine:
         put = self._put
         for batch in plan_padded(ids, pad_id=self.pad_id, **self._plan_kw(None)):
             self.compiled_shapes.add(("states", *batch.shape))
-            with self._on_mesh():
-                states_BSD = hidden_states(
-                    self._run_params,
-                    put(batch.input_ids),
-                    put(batch.attention_mask),
-                    config=self.config,
-                    attention_impl=self.settings.attention_impl,
-                )
+            if self.programs is not None:
+                states_BSD = self.programs.states(self._run_params, batch)
+            else:
+                with self._on_mesh():
+                    states_BSD = hidden_states(
+                        self._run_params,
+                        put(batch.input_ids),
+                        put(batch.attention_mask),
+                        config=self.config,
+                        attention_impl=self.settings.attention_impl,
+                    )
             states_BSD = np.asarray(states_BSD)
             for j, slot in zip(batch.index, batch.slot, strict=True):
                 out[j] = states_BSD[slot, : len(ids[j])]

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import BertConfig
+from .int8 import dequantize_layers, quantize_layers
 from .model import (
     FUSED_MATMUL_WEIGHTS,
     FusedLayerParams,
@@ -28,12 +29,13 @@ from .model import (
 from .params import transposed, untransposed
 from .pooling import l2_normalize, pool, pool_segments
 
-WEIGHTS = ("float32", "bfloat16")
+WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 def check_weights(weights: str | None, dtype: npt.DTypeLike) -> str:
     """The storage of the layers' matmul weights: None -> the compute dtype's; "bfloat16" with float32 compute
-    (bf16 operands, float32 accumulation and activations: ``matmul.project``)."""
+    (bf16 operands, float32 accumulation and activations: ``matmul.project``); "int8" with float32 compute
+    (int8 weights and per-token int8 activations, int32 accumulation: ``int8.py``)."""
     name = jnp.dtype(dtype).name
     if weights is None or weights == name:
         return name
@@ -109,13 +111,16 @@ def run_layout(params: Params, dtype: npt.DTypeLike, weights: str, *, unroll: bo
     weight ``model.Transposed`` with "bfloat16"), and with ``unroll`` one set per layer rather than stacked."""
     host = jax.tree.map(np.asarray, params)  # a CPU device array is viewed, not copied
     fused = fuse_layers(host.layers, xp=np)
-    narrow = jnp.dtype(weights)  # the matmul weights (float32 around them with weights="bfloat16")
+    # the matmul weights (float32 around them with weights="bfloat16"; int8 ones are quantised from float32)
+    narrow = jnp.dtype(dtype if weights == "int8" else weights)
     cast: dict[str, Any] = {  # host arrays (fuse_layers on numpy ones), whatever the fields' declared types
         f: x.astype(narrow if f in FUSED_MATMUL_WEIGHTS else dtype, copy=False) for f, x in fused._asdict().items()
     }
     layers = FusedLayerParams(**cast)
     if weights == "bfloat16":
         layers = layers._replace(ffn_out_FD=transposed(layers.ffn_out_FD, xp=np))
+    if weights == "int8":
+        layers = quantize_layers(layers, lead=1)
     run_layers: FusedLayerParams | tuple[FusedLayerParams, ...] = layers
     if unroll:
         run_layers = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers))
@@ -128,5 +133,6 @@ def stacked(run_params: Params) -> Params:
     layers = run_params.layers
     if not isinstance(layers, FusedLayerParams):
         layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    layers = dequantize_layers(layers, lead=1)  # int8 weights as the float32 ones they stand for
     layers = layers._replace(ffn_out_FD=untransposed(layers.ffn_out_FD))
     return Params(run_params.embeddings, unfuse_layers(layers))

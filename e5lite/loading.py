@@ -38,6 +38,7 @@ def load(
     devices: Sequence[jax.Device] | None = None,
     tokenizer_backend: str = "auto",
     weights: str | None = None,
+    programs: str | os.PathLike[str] | None = None,
     **knobs: Any,
 ) -> Encoder:
     """Loads an E5/BERT encoder from a local folder or a Hugging Face Hub id (``intfloat/e5-base-v2``).
@@ -48,12 +49,22 @@ def load(
     ``fast_tokenizer.py``), "tokie" or "tokenizers".
     ``weights="bfloat16"`` (with float32 compute): the layers' matmul weights in bfloat16, multiplied as bf16
     operands accumulating in float32, activations float32 throughout; faster one-query latency on CPU for
-    cosine >= 0.999 against float32 (see README, "Faster queries"); None: weights in ``dtype``.
+    cosine >= 0.999 against float32 (see README, "Faster queries"); ``weights="int8"``: int8 weights (per
+    output channel, quantised here) times int8 activations (per token, at run time), accumulated in int32,
+    everything else float32 (``int8.py``; README, "int8 weights"); None: weights in ``dtype``.
+    ``programs``: a folder of ``e5lite export-programs``, run instead of tracing the model (``programs.py``);
+    settings and ``max_length`` left to their defaults take the programs', others must fit them.
     """
     from .encoder import Encoder  # here: encoder.py imports this module
 
     check_weights(weights, resolve_dtype(dtype))
     settings = (settings or EngineSettings()).replace(**knobs)  # bad knobs fail before the weights are read
+    shipped = None
+    if programs is not None:  # another platform or jax version is refused before the weights are read too
+        from .programs import Programs
+
+        shipped = Programs.read(programs)
+        settings, max_length = shipped.fill(settings, max_length)
     if os.environ.get(CACHE_ENV):
         enable_compilation_cache()
     model_dir = hub.resolve(model, revision=revision, cache_dir=cache_dir)
@@ -68,7 +79,7 @@ def load(
         )
     prompts = read_prompts(model_dir, name=str(model))
     params = load_params(model_dir, config, dtype)
-    return Encoder(
+    encoder = Encoder(
         model_dir,
         config,
         params,
@@ -82,3 +93,6 @@ def load(
         devices=devices,
         weights=weights,
     )
+    if shipped is not None:
+        shipped.attach(encoder.engine, model_dir)
+    return encoder

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .int8 import project_int8
 from .numerics import precision, swapped_in_memory
+from .params import QuantizedWeight
 
 
 def _narrow(*dtypes):
@@ -34,6 +36,8 @@ def _narrow(*dtypes):
 
 
 def _einsum(spec: str, x, w, b):
+    if isinstance(w, QuantizedWeight):  # weights="int8": int8 operands, int32 accumulation (int8.py)
+        return project_int8(spec, x, w, b)
     op = _narrow(x.dtype, w.dtype)
     if op == x.dtype == w.dtype:
         return jnp.einsum(spec, x, w, precision=precision(x.dtype)) + b
@@ -74,6 +78,11 @@ def project(spec: str, x, w, b):
 
 
 def _project_fwd(spec, x, w, b):
+    if isinstance(w, QuantizedWeight):
+        raise ValueError(
+            "int8 weights (weights='int8') are quantised for inference and cannot be trained: "
+            "differentiate float32 weights (load with weights=None)"
+        )
     return _einsum(spec, x, w, b), (x, w, b)
 
 

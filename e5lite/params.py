@@ -52,7 +52,7 @@ class FusedLayerParams(NamedTuple):
     attn_ln_bias_D: jax.Array
     ffn_in_DF: jax.Array
     ffn_in_bias_F: jax.Array
-    ffn_out_FD: jax.Array | Transposed  # Transposed: the engine's with weights="bfloat16"
+    ffn_out_FD: jax.Array | Transposed | QuantizedWeight  # Transposed: the engine's with weights="bfloat16"
     ffn_out_bias_D: jax.Array
     ffn_ln_scale_D: jax.Array
     ffn_ln_bias_D: jax.Array
@@ -80,6 +80,21 @@ def untransposed(w):
     return jnp.swapaxes(w.w_OI, -1, -2) if isinstance(w, Transposed) else w
 
 
+class QuantizedWeight(NamedTuple):
+    """A matmul weight in int8 with one float32 scale per output channel (``weights="int8"``, ``int8.py``):
+    ``w ~= q * scale``, ``q`` [..., in..., out...]; ``scale`` and ``qsum`` (int32: the sum of ``q`` over
+    the input axes, for the activations' zero points) [..., out...]."""
+
+    q: jax.Array
+    scale: jax.Array
+    qsum: jax.Array
+
+    def reshape(self, *shape) -> QuantizedWeight:
+        """``q`` reshaped, the per-channel arrays kept: for merging input axes only (the output axes stay as they
+        are), as ``model.self_attention`` merges the heads of the output projection's weight."""
+        return QuantizedWeight(self.q.reshape(*shape), self.scale, self.qsum)
+
+
 class Params(NamedTuple):
     embeddings: EmbeddingParams
     # stacked (leaves [L, ...], run under lax.scan), or a tuple of L per-layer ones (run unrolled); each
@@ -89,6 +104,6 @@ class Params(NamedTuple):
 
 # Named for jax.export: an exported program whose inputs hold these serializes (``Exported.serialize``) only
 # with its pytree types registered, under names that stay fixed when the module moves. Once per process.
-for _params_type in (EmbeddingParams, LayerParams, FusedLayerParams, Transposed, Params):
+for _params_type in (EmbeddingParams, LayerParams, FusedLayerParams, Transposed, QuantizedWeight, Params):
     jax.export.register_namedtuple_serialization(_params_type, serialized_name=f"e5lite.{_params_type.__name__}")
 del _params_type

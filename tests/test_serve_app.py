@@ -136,3 +136,22 @@ def test_limits_are_checked_and_the_cli_flags_come_from_them():
                                                               max_queue_tokens=9000, auto_truncate=False)
     resolved = Limits().resolved(token_budget=1024)
     assert (resolved.max_batch_tokens, resolved.max_queue_tokens) == (4096, 8 * 4096)
+
+
+def test_a_full_queue_refuses_before_reading_the_body(enc):
+    """While no request could be admitted, the queued routes answer 429 without reading the body (a malformed
+    one too: under a flood, only the refusals cost); routes that do not queue, and the same body once there is
+    room, are answered as usual."""
+    with in_process_app(enc, max_queue=1) as client:
+        batcher = client.app.state.server.batcher
+        ticket = batcher.admit(5)  # one request being tokenised fills a queue of one
+        try:
+            for path in ("/v1/embeddings", "/embed", "/similarity"):
+                r = client.post(path, content=b"{not json", headers={"content-type": "application/json"})
+                assert r.status_code == 429 and "1 requests already queued (--max-queue)" in r.text, path
+                assert r.headers["retry-after"] == "1"
+            assert client.post("/tokenize", json={"inputs": "fine"}).status_code == 200
+        finally:
+            batcher.release(ticket)
+        r = client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400

@@ -339,3 +339,18 @@ def test_a_request_at_an_idle_server_starts_at_once():
         np.testing.assert_array_equal(rows, rows_of(request(5, 3)))
     finally:
         batcher.stop()
+
+
+def test_refuse_if_full_refuses_only_when_no_request_could_be_admitted_and_reserves_nothing():
+    _, metrics, batcher = make(max_queue=2)
+    batcher.refuse_if_full()  # idle: never
+    first = batcher.admit(5)
+    batcher.refuse_if_full()  # room for one more
+    second = batcher.admit(5)
+    with pytest.raises(RetryLater, match=r"^server busy: 2 requests already queued \(--max-queue\)"):
+        batcher.refuse_if_full()
+    assert batcher.state()["tokenising"] == 2 and metrics.shed_requests == {"queue_requests": 1}
+    batcher.release(first)
+    batcher.refuse_if_full()
+    batcher.release(second)
+    assert batcher.state()["tokenising"] == 0

@@ -5,6 +5,7 @@ FlaxBertModel, on the same machine, model and corpus, in one run.
     python tools/bench.py --models minilm --texts 2000 --peers e5lite,e5lite-padded,st,torch,ort,flax
     python tools/bench.py --device-note "H100, JAX CUDA"    # on a GPU machine: add e5lite-bf16, st-fp16
     python tools/bench.py --models e5-base --peers e5lite-bf16 --host-feed --peak-tflops 989   # MFU, host feed
+    python tools/bench.py --models minilm,e5-base --peers e5lite,e5lite-int8,e5lite-bf16w,ort,ort-int8 --quality
 
 Each peer runs in its own subprocess (clean peak memory, no shared thread pools), loaded once; then the
 passes are interleaved: --warmup rounds (compile, caches) and --repeats timed rounds, in each of which every
@@ -44,7 +45,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAX_PYTHON = ROOT / ".bench-venvs" / "flax" / "bin" / "python"
-PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "e5lite-baseline", "st", "torch", "ort", "flax")
+PEERS = ("e5lite", "e5lite-padded", "e5lite-bf16", "e5lite-bf16w", "e5lite-int8", "e5lite-baseline", "st", "torch",
+         "ort", "ort-int8", "flax")
+# e5lite's weight formats (load(..., weights=...)): bf16w bf16 matmul weights, int8 int8 weights and activations
+E5LITE_WEIGHTS = {"e5lite-bf16w": "bfloat16", "e5lite-int8": "int8"}
 MODEL_TEXTS = {"tiny": 100, "minilm": 1000, "e5-base": 150, "e5-large": 60, "me5-base": 150, "me5-large": 60}
 SHAPES = {  # "tiny": a 2-layer BERT for dry runs (tools/device_check.sh --cpu)
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
@@ -93,7 +97,9 @@ def worker(args) -> dict:
 
         import e5lite
         name, _, impl = peer.partition(":")  # "e5lite-bf16:pallas" pins the attention implementation
-        kw = {"dtype": "bfloat16"} if name == "e5lite-bf16" else {}
+        kw: dict = {"dtype": "bfloat16"} if name == "e5lite-bf16" else {}
+        if name in E5LITE_WEIGHTS:
+            kw["weights"] = E5LITE_WEIGHTS[name]
         if name == "e5lite-padded":
             kw["packing"] = False
         if impl:
@@ -124,7 +130,7 @@ def worker(args) -> dict:
 
         out = serve_passes(run, stdout)
         info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    elif peer in ("torch", "torch-fp16", "ort"):
+    elif peer in ("torch", "torch-fp16", "ort", "ort-int8"):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(model_dir)
 
@@ -172,6 +178,8 @@ def worker(args) -> dict:
             onnx_path = Path(args.scratch) / "model.onnx"
             if not onnx_path.exists():
                 _export_onnx(model_dir, onnx_path)
+            if peer == "ort-int8":  # ORT's dynamic int8 of the same export (int8 weights, uint8 activations)
+                onnx_path = _quantize_onnx(onnx_path)
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
@@ -193,6 +201,9 @@ def worker(args) -> dict:
     else:
         raise SystemExit(f"unknown peer {peer}")
     np.save(Path(args.scratch) / f"{peer}.npy", np.asarray(out, np.float32))
+    if args.quality:  # the retrieval set's texts through the same pass (run reads ``texts`` when called)
+        texts[:] = json.loads(Path(args.quality).read_text())
+        np.save(Path(args.scratch) / f"{peer}-quality.npy", np.asarray(run(), np.float32))
     sys.stdout = stdout
     return {"peer": peer, "peak_rss_mb": peak_rss_mb(), **info}
 
@@ -217,6 +228,15 @@ def _export_onnx(model_dir, path: Path) -> None:
                           dynamo=False, opset_version=17,
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
                                         "last_hidden_state": {0: "b", 1: "s"}})
+
+
+def _quantize_onnx(path: Path) -> Path:
+    """``onnxruntime.quantization.quantize_dynamic`` of the float32 export, once per model (next to it)."""
+    out = path.with_name("model-int8.onnx")
+    if not out.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -254,6 +274,33 @@ def prepare_model(name: str, scratch: Path) -> Path:
     return folder
 
 
+def quality_set(enc, path: Path):
+    """The pydoc retrieval set's queries then documents, with the model's prompts, written to ``path`` for the
+    workers; -> (path, the set as ``beir.load_retrieval_data`` reads it)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pydoc_beir import write_pydoc_beir
+
+    from e5lite.beir import load_retrieval_data
+    data = load_retrieval_data(write_pydoc_beir(path.with_suffix("")), "test")
+    qp, pp = enc.prompt_for("query") or "", enc.prompt_for("passage") or ""
+    path.write_text(json.dumps([qp + t for t in data.query_texts] + [pp + t for t in data.doc_texts]))
+    return path, data
+
+
+def quality_ndcg(emb_path: Path, data) -> float | None:
+    """nDCG@10 on the pydoc set of one peer's embeddings (queries then documents), None when it has none."""
+    if not emb_path.exists():
+        return None
+    from e5lite.ir_metrics import evaluate_run
+    from e5lite.search import search
+    emb = np.load(emb_path)
+    q, d = emb[:len(data.query_ids)], emb[len(data.query_ids):]
+    scores, idx = search(q, d, 10)
+    run = {qid: {data.doc_ids[i]: float(x) for x, i in zip(s, ix, strict=True)}
+           for qid, s, ix in zip(data.query_ids, scores, idx, strict=True)}
+    return evaluate_run(run, data.qrels, (10,))["ndcg_at_10"]
+
+
 def matmul_peak_gflops() -> tuple[float, str]:
     """Measured matmul peak of JAX's default device, median of 10: fp32 2048^3 on CPU, bf16 8192^3 (random
     data: zeros run faster) on accelerators, where the fast paths are bf16. -> (GFLOP/s, what was measured)."""
@@ -281,10 +328,18 @@ DATASHEET_PEAK_TFLOPS = (
 )
 
 
-def datasheet_peak_tflops(device_kind: str) -> float | None:
-    """The dense bf16 peak of a device, by JAX's device_kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite"); None for a
-    CPU or a device not in the table."""
-    for key, tflops in DATASHEET_PEAK_TFLOPS:
+# Dense int8 peak, TOP/s, the same way: the MFU of the int8 peer (e5lite-int8) is counted against it.
+DATASHEET_PEAK_INT8_TOPS = (
+    ("H100 PCIe", 1513.0), ("H100 NVL", 1671.0), ("H200", 1979.0), ("H100", 1979.0), ("GH200", 1979.0),
+    ("A100", 624.0), ("L4", 242.5), ("TPU v5 lite", 394.0), ("TPU v5e", 394.0), ("TPU v5p", 918.0),
+    ("TPU v6 lite", 1836.0), ("TPU v6e", 1836.0),
+)
+
+
+def datasheet_peak_tflops(device_kind: str, table=DATASHEET_PEAK_TFLOPS) -> float | None:
+    """The dense bf16 peak of a device (``table``: or another of the tables above), by JAX's device_kind
+    ("NVIDIA H100 80GB HBM3", "TPU v5 lite"); None for a CPU or a device not in the table."""
+    for key, tflops in table:
         if key.lower() in device_kind.lower():
             return tflops
     return None
@@ -327,6 +382,8 @@ class Peer:
             cmd = [sys.executable, __file__, "--worker", peer, "--model-dir", str(model_dir), "--corpus", str(corpus),
                    "--scratch", str(scratch), "--max-length", str(args.max_length_of), "--batch-size",
                    str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+            if getattr(args, "quality_texts", None):
+                cmd += ["--quality-texts", str(args.quality_texts)]
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker cannot block
         env = {**env, "TOKENIZERS_PARALLELISM": "true"}
         if peer == "e5lite-baseline":  # the same worker, importing e5lite from another checkout
@@ -432,12 +489,19 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s for MFU (default: the datasheet dense bf16 peak of a known "
                          "accelerator, DATASHEET_PEAK_TFLOPS; none on a CPU)")
+    ap.add_argument("--peak-int8-tops", type=float, default=None,
+                    help="the device's int8 peak TOP/s, for the MFU of e5lite-int8 (default: the datasheet dense "
+                         "int8 peak, DATASHEET_PEAK_INT8_TOPS)")
     ap.add_argument("--host-feed", action="store_true",
                     help="also measure the host pipeline's own rate (tokenise, plan, arrays; no forward)")
     ap.add_argument("--baseline", default=None,
                     help="another e5lite checkout (e.g. `git worktree add /tmp/base main`), run as the peer "
                          "e5lite-baseline: a change measured against the code before it, in the same run")
+    ap.add_argument("--quality", action="store_true",
+                    help="a quality column: each peer (not flax) also embeds the pydoc retrieval set "
+                         "(tests/pydoc_beir.py) after its timed passes; nDCG@10 of its ranking")
     # worker mode (internal)
+    ap.add_argument("--quality-texts", dest="quality", default=None)
     ap.add_argument("--worker", default=None)
     ap.add_argument("--model-dir")
     ap.add_argument("--corpus")
@@ -479,7 +543,11 @@ def main() -> None:
     sheet = args.peak_tflops or datasheet_peak_tflops(dev.get("device_kind", ""))
     print(f"# MFU against {f'{sheet:,.0f} TFLOP/s' if sheet else 'no peak (pass --peak-tflops)'} "
           f"({'--peak-tflops' if args.peak_tflops else 'datasheet, dense bf16'}; {dev.get('device_kind')})")
-    meta = {"peak_gflops": peak, "peak_tflops": sheet, "device": dev["device"], "device_kind": dev.get("device_kind"),
+    sheet8 = args.peak_int8_tops or datasheet_peak_tflops(dev.get("device_kind", ""), DATASHEET_PEAK_INT8_TOPS)
+    if sheet8:
+        print(f"# MFU of e5lite-int8 against {sheet8:,.0f} TOP/s (dense int8)")
+    meta = {"peak_gflops": peak, "peak_tflops": sheet, "peak_int8_tops": sheet8, "device": dev["device"],
+            "device_kind": dev.get("device_kind"),
             "platform": dev["platform"], "jax": dev["jax"]}
     feeds: dict = {}
     results = []
@@ -504,6 +572,8 @@ def main() -> None:
             print(f"\n## {name}: {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {n} texts, {real} real tokens "
                   f"(median {int(np.median(lengths))}, {sum(x == enc.max_length for x in lengths)} truncated at "
                   f"{enc.max_length}), warm-up {args.warmup} + {args.repeats} timed passes")
+            quality = quality_set(enc, tmp / f"{name}-quality.json") if args.quality else None
+            args.quality_texts = quality[0] if quality else None
             rows = run_peers(args.peers.split(","), model_dir, corpus, scratch, args, child_env)
             for r in rows:
                 r.update(model=name, texts=n, real_tokens=real, flops_per_real_token=flops / real)
@@ -512,12 +582,14 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps({**meta, "results": results + rows}, indent=1))
             # accuracy reference: fp32 sentence-transformers when it ran, else its fp16 run
-            ref_peer = next((p for p in ("st", "st-fp16") if (scratch / f"{p}.npy").exists()), None)
+            # (else e5lite's float32 run: the weight formats against their own reference)
+            ref_peer = next((p for p in ("st", "st-fp16", "e5lite") if (scratch / f"{p}.npy").exists()), None)
             ref = np.load(scratch / f"{ref_peer}.npy") if ref_peer else None
             base = {r["peer"]: r for r in rows if "median_s" in r}
             vs = [p for p in base if not p.startswith("e5lite")]
             head = ["peer", "tokens/s", "texts/s", *(f"vs {p}" for p in vs), "padding", "compile s", "shapes",
-                    "host peak MB", "GFLOP/s (% measured)", "MFU", f"min cos vs {ref_peer or '-'}"]
+                    "host peak MB", "GFLOP/s (% measured)", "MFU", f"min cos vs {ref_peer or '-'}",
+                    *(["nDCG@10 pydoc"] if quality else [])]
             print("| " + " | ".join(head) + " |")
             print("|" + "---|" * len(head))
             for r in rows:
@@ -531,7 +603,8 @@ def main() -> None:
                 padding = f"{1 - real / pad:.0%}" if pad else "-"
                 gf = flops / r["median_s"] / 1e9
                 r["gflops_per_s"], r["pct_measured_peak"] = gf, gf / peak
-                r["mfu"] = gf / 1e3 / sheet if sheet else None
+                peak_of = sheet8 if r["peer"].startswith("e5lite-int8") else sheet  # int8 ops: the int8 peak
+                r["mfu"] = gf / 1e3 / peak_of if peak_of else None
                 mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
                 cos = "-"
                 out_path = scratch / f"{r['peer']}.npy"
@@ -539,6 +612,9 @@ def main() -> None:
                     out = np.load(out_path)
                     r["min_cos_vs_ref"] = float((out * ref).sum(1).min())
                     cos = f"{r['min_cos_vs_ref']:.6f}"
+                if quality:
+                    r["ndcg_at_10_pydoc"] = quality_ndcg(scratch / f"{r['peer']}-quality.npy", quality[1])
+                    cos += " | " + ("-" if r["ndcg_at_10_pydoc"] is None else f"{r['ndcg_at_10_pydoc']:.4f}")
                 peer_name = r["peer"] + (f" ({r['attention_impl']})" if "attention_impl" in r else "")
                 print(f"| {peer_name} | {tps:,.0f} | {n / r['median_s']:,.1f} | {' | '.join(ratios)} | {padding} | "
                       f"{r['compile_s']:.1f} | {r.get('compiled_shapes', '-')} | {r['peak_rss_mb']:,.0f} | "

@@ -4,6 +4,7 @@ process on real short queries; then the server's round trip against in-process `
     python tools/bench_latency.py                      # all-MiniLM-L6-v2, 111 queries x 3 rounds, 3 fresh servers
     python tools/bench_latency.py --rounds 5 --peers e5lite,e5lite-bf16,st,torch,ort --no-server
     python tools/bench_latency.py --no-server --peers e5lite --weight-study   # weight formats at batch 1
+    python tools/bench_latency.py --no-server --peers e5lite,e5lite-int8,e5lite-bf16w,ort,ort-int8
 
 Queries: the questions of tests/pydoc_beir.py (the pydoc retrieval set and its training pairs), each with E5's
 "query: " prompt, one per call. Every peer embeds the same query before the next query is taken, in an order
@@ -45,16 +46,16 @@ def make_peers(names: list[str], model_dir: Path, scratch: Path) -> dict:
     for name in names:
         if name.startswith("e5lite"):
             import e5lite
-            # e5lite-bf16: bfloat16 compute; e5lite-bf16w: the opt-in weights="bfloat16" (float32 compute)
-            enc = e5lite.load(model_dir, dtype="bfloat16" if name == "e5lite-bf16" else "float32",
-                              weights="bfloat16" if name == "e5lite-bf16w" else None)
+            # e5lite-bf16: bfloat16 compute; e5lite-bf16w / -int8: weights="bfloat16" / "int8" (float32 compute)
+            weights = {"e5lite-bf16w": "bfloat16", "e5lite-int8": "int8"}.get(name)
+            enc = e5lite.load(model_dir, dtype="bfloat16" if name == "e5lite-bf16" else "float32", weights=weights)
             enc.warmup()
             peers[name] = lambda q, enc=enc: enc.encode(q)
         elif name == "st":
             from sentence_transformers import SentenceTransformer
             st = SentenceTransformer(str(model_dir), device="cpu")
             peers[name] = lambda q, st=st: st.encode(q, normalize_embeddings=True, convert_to_numpy=True)
-        elif name in ("torch", "ort"):
+        elif name in ("torch", "ort", "ort-int8"):
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(str(model_dir))
 
@@ -75,9 +76,12 @@ def make_peers(names: list[str], model_dir: Path, scratch: Path) -> dict:
                     return pool(h, b["attention_mask"].numpy())
             else:
                 import onnxruntime as ort
-                from bench import _export_onnx
+                from bench import _export_onnx, _quantize_onnx
                 path = scratch / "model.onnx"
-                _export_onnx(str(model_dir), path)
+                if not path.exists():
+                    _export_onnx(str(model_dir), path)
+                if name == "ort-int8":  # ORT's dynamic int8 of the same export
+                    path = _quantize_onnx(path)
                 opts = ort.SessionOptions()
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

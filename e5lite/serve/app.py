@@ -39,6 +39,7 @@ from .errors import error_response, shutting_down
 from .jobs import Ticket
 from .limits import Limits
 from .metrics import Metrics
+from .priority import lower_other_threads
 from .protocol import EmbedAllRequest, EmbeddingRequest, EmbedRequest, SimilarityRequest, parse
 from .responses import EmbedAllResponse, EmbeddingResponse, EmbedResponse, SimilarityResponse, json_response
 from .routes import ROUTES, http_error, openapi
@@ -98,6 +99,7 @@ class Server(DescribeRoutes, TextRoutes):
         self.openapi = openapi(__version__, keyed=access.keyed, bounds=bounds)
         self.draining = False  # shutting down: no new work
         self.active = 0  # embedding requests admitted and not yet answered
+        self.loop_first = False  # the other threads below the event loop's priority (``priority.py``): serve's
 
     def routes(self) -> list[Route]:
         """``routes.ROUTES`` as Starlette routes, each counted; admitted while not draining if it works; behind
@@ -106,18 +108,22 @@ class Server(DescribeRoutes, TextRoutes):
         for r in ROUTES:
             handler = getattr(self, r.handler)
             if r.work:
-                handler = self.admitted(handler)
+                handler = self.admitted(handler, queued=429 in r.errors)
             if r.inference and self.access.keyed:
                 handler = self.access.guarded(handler)
             out.append(Route(r.path, self.counted(r.path, r.style, handler), methods=[r.method]))
         return out
 
-    def admitted(self, handler: Handler) -> Handler:
-        """``handler`` refusing new work while draining (503), and counted in ``active`` while it runs."""
+    def admitted(self, handler: Handler, queued: bool) -> Handler:
+        """``handler`` refusing new work while draining (503), and counted in ``active`` while it runs;
+        ``queued``: it goes through the batch queue, so while the queue has no room for any request it is
+        refused (429) before its body is read."""
 
         async def work(request: Request) -> Response:
             if self.draining:
                 raise shutting_down()
+            if queued:
+                self.batcher.refuse_if_full()
             self.active += 1
             try:
                 return await handler(request)
@@ -148,6 +154,9 @@ class Server(DescribeRoutes, TextRoutes):
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
         self.batcher.start()
+        if self.loop_first and self.limits.compute_nice:
+            lowered = lower_other_threads(self.limits.compute_nice)
+            logger.debug("e5lite serve: %d threads below the event loop's priority", lowered)
         yield
         self.batcher.stop(timeout=graceful.SHUTDOWN_CLOSE_S)
 
@@ -355,13 +364,19 @@ def build_app(
     access: Access = OPEN,
     default_prompt_name: str | None = None,
     default_prompt: str | None = None,
+    explorer: bool = False,
 ) -> Starlette:
     """The ASGI app serving ``enc``; the batch worker starts and stops with the app's lifespan. ``access``: the
     API keys and CORS origins; ``default_prompt_name`` or ``default_prompt``: for requests that name no prompt
-    (default: the model's default prompt, if any)."""
+    (default: the model's default prompt, if any); ``explorer``: the explorer page at /explorer (``explorer.py``)."""
     server = Server(enc, model_name, limits, access, default_prompt_name, default_prompt)
+    extra = []
+    if explorer:
+        from .explorer import routes as explorer_routes
+
+        extra = explorer_routes(server)
     app = Starlette(
-        routes=server.routes(),
+        routes=server.routes() + extra,
         middleware=access.middleware(),
         lifespan=server.lifespan,
         exception_handlers={HTTPException: http_error},
@@ -383,6 +398,7 @@ def serve(enc: ServedEncoder, *, host: str, port: int, model_name: str, log_leve
     # compile the shapes a query can hit before /health says ready, as the batch worker runs them (unnormalised):
     # the first request is then not slower
     enc.warmup(normalize=False)
+    app.state.server.loop_first = True  # the process is the server's alone (not a test's, or an app's host)
     server.run()
     if not server.started:  # uvicorn could not bind (it logged why)
         sys.exit(3)

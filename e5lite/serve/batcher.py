@@ -118,6 +118,12 @@ class Batcher:
             self._reserved_tokens += tokens
         return Ticket(tokens, chars, now)
 
+    def refuse_if_full(self) -> None:
+        """RetryLater (429) at once if even the smallest request would be refused now: checked before a
+        request's body is read, so that a flood costs the server only its refusals."""
+        with self._cond:
+            self._admit(1, time.monotonic())
+
     def release(self, ticket: Ticket) -> None:
         """Gives back an admission ``embed`` did not use (the request failed, or its client left, first)."""
         with self._cond:

@@ -73,6 +73,13 @@ class Limits:
         kind=float,
         minimum=0,
     )
+    compute_nice: int = _limit(
+        10,
+        "--compute-nice",
+        "nice value of every thread but the event loop's (the model's, XLA's, tokenising): the loop answers "
+        "and refuses first while the model keeps the cores it leaves idle; 0 keeps them all at the server's",
+        minimum=0,
+    )
     long_inputs: str = _limit(
         "truncate",
         "--long-inputs",
