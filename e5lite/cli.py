@@ -277,7 +277,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export_programs(args) -> None:
-    from .programs import export_programs
+    from .program_export import export_programs
 
     manifest = export_programs(
         args.model,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .settings import ATTENTION_CHOICES, default_help
+from .cli_args_make import add_export_programs, add_train
+from .settings import default_help
 from .shards import ROWS_PER_SHARD
 
 
@@ -316,74 +317,6 @@ def _add_explain(sub, handlers: dict) -> None:
     x.set_defaults(func=handlers["explain"])
 
 
-def _add_train(sub, handlers: dict) -> None:
-    """``e5lite train``: contrastive fine-tuning; defaults come from ``TrainSettings``."""
-    import dataclasses
-
-    from .train import TrainSettings
-
-    d = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    t = sub.add_parser("train", help="fine-tune on (query, positive[, negatives]) JSONL records with InfoNCE")
-    t.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
-    t.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    t.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
-    t.add_argument("--train", required=True, help="JSONL training records")
-    t.add_argument("--output", required=True, help="the model folder to write (checkpoints and log in training/)")
-    for field in ("query", "positive", "negative"):
-        t.add_argument(f"--{field}-field", default=field, help=f"the records' {field} field (default: %(default)s)")
-    for name, kind in (
-        ("batch_size", int),
-        ("learning_rate", float),
-        ("weight_decay", float),
-        ("warmup_steps", int),
-        ("epochs", int),
-        ("max_steps", int),
-        ("temperature", float),
-        ("seed", int),
-        ("dropout", float),
-        ("chunk_size", int),
-    ):
-        t.add_argument(f"--{name.replace('_', '-')}", type=kind, default=d[name], help="default: %(default)s")
-    t.add_argument("--optimizer", default=d["optimizer"], choices=["adamw", "sgd"])
-    t.add_argument("--dtype", default=d["dtype"], choices=["float32", "bfloat16"], help="compute dtype")
-    t.add_argument("--no-shuffle", action="store_true", help="records in file order every epoch")
-    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward")
-    t.add_argument("--eval", default=None, help="a BEIR folder evaluated during and after training")
-    t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: end only)")
-    t.add_argument("--save-every", type=int, default=None, help="steps between resumable checkpoints")
-    t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    t.set_defaults(func=handlers["train"])
-
-
-def _add_export_programs(sub, handlers: dict) -> None:
-    """``e5lite export-programs``: the engine's programs for a platform, serialized (``programs.py``)."""
-    x = sub.add_parser(
-        "export-programs",
-        help="write the engine's programs for a platform as jax.export artifacts, for serve --programs DIR",
-    )
-    x.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
-    x.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    x.add_argument("--platform", required=True, choices=["cpu", "cuda", "tpu"], help="where the programs will run")
-    x.add_argument("--output", required=True, metavar="DIR", help="the folder to write (manifest.json, programs/)")
-    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
-    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    x.add_argument("--weights", default=None, help="the layers' matmul weights, as for serve (default: as --dtype)")
-    x.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
-    x.add_argument(
-        "--token-budget",
-        type=int,
-        default=None,
-        help=f"tokens per batch (default: {default_help('token_budget')}, by --platform)",
-    )
-    x.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=list(ATTENTION_CHOICES),
-        help="default auto: as the engine resolves it (off this platform, the first candidate there)",
-    )
-    x.set_defaults(func=handlers["export-programs"])
-
-
 def build_parser(handlers: dict) -> argparse.ArgumentParser:
     """The parser; each subcommand's ``func`` is ``handlers[name]`` (the ``cmd_*`` functions of ``cli.py``)."""
     parser = argparse.ArgumentParser(prog="e5lite", description="E5 / BERT text embeddings in pure JAX.")
@@ -393,9 +326,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
         _add_score,
         _add_serve,
         _add_eval,
-        _add_train,
+        add_train,
         _add_attention,
-        _add_export_programs,
+        add_export_programs,
         _add_explain,
     ):
         add(sub, handlers)

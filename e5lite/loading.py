@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -25,6 +26,25 @@ from .weights import load_params, resolve_dtype
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+
+
+def read_tokenizer(model_dir: Path, config: BertConfig, max_length: int, backend: str) -> TextTokenizer:
+    """The folder's tokenizer, refused if it has ids the model's embedding table lacks."""
+    tokenizer = TextTokenizer.from_dir(model_dir, max_length, config.pad_token_id, backend)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise E5LiteError(
+            f"tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but config.json's "
+            f"vocab_size is {config.vocab_size}"
+        )
+    return tokenizer
+
+
+def read_programs(folder, settings: EngineSettings, max_length: int | None):
+    """(the programs in ``folder``, the settings and max length they fill in where left to their defaults)."""
+    from .programs import Programs
+
+    shipped = Programs.read(folder)
+    return (shipped, *shipped.fill(settings, max_length))
 
 
 def load(
@@ -61,22 +81,14 @@ def load(
     settings = (settings or EngineSettings()).replace(**knobs)  # bad knobs fail before the weights are read
     shipped = None
     if programs is not None:  # another platform or jax version is refused before the weights are read too
-        from .programs import Programs
-
-        shipped = Programs.read(programs)
-        settings, max_length = shipped.fill(settings, max_length)
+        shipped, settings, max_length = read_programs(programs, settings, max_length)
     if os.environ.get(CACHE_ENV):
         enable_compilation_cache()
     model_dir = hub.resolve(model, revision=revision, cache_dir=cache_dir)
     config = BertConfig.from_json(model_dir / "config.json")
     pooling = read_pooling_mode(model_dir)
     max_len = resolve_max_length(model_dir, config, max_length)
-    tokenizer = TextTokenizer.from_dir(model_dir, max_len, config.pad_token_id, tokenizer_backend)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise E5LiteError(
-            f"tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but config.json's "
-            f"vocab_size is {config.vocab_size}"
-        )
+    tokenizer = read_tokenizer(model_dir, config, max_len, tokenizer_backend)
     prompts = read_prompts(model_dir, name=str(model))
     params = load_params(model_dir, config, dtype)
     encoder = Encoder(

@@ -19,7 +19,8 @@ from e5lite.cli import build_parser, main
 from e5lite.cli_embed import load_encoder
 from e5lite.engine import Engine
 from e5lite.errors import E5LiteError
-from e5lite.programs import Key, export_programs, program_keys
+from e5lite.program_export import export_programs
+from e5lite.programs import Key, program_keys
 from e5lite.settings import EngineSettings
 
 MAX_LENGTH = 64  # a few dozen programs: the export takes seconds

@@ -204,7 +204,8 @@ def test_quantized_resume_keeps_the_manifests_ranges(tiny_dir, corpus, tmp_path,
                            "dim, truncate_dim"),
                           (("--precision", "uint8", "--truncate-dim", "24", "--calibration", "100"), "calibration"),
                           (("--precision", "uint8", "--truncate-dim", "24", "--calibration", "200", "--long-inputs",
-                            "chunk"), "long_inputs")):
+                            "chunk"), "long_inputs"),
+                          ((*args, "--weights", "int8"), "weights")):  # int8 rows must not join float32 ones
         assert main(embed_args(tiny_dir, corpus[0], out, *changed)) == 1
         assert f"holds a run with a different {name}; pass --overwrite" in capsys.readouterr().err
 

@@ -54,7 +54,7 @@ def run_child(model: str, programs: str | None, cache: str | None) -> dict:
 
 
 def export(model: str, folder: str) -> None:
-    from e5lite.programs import export_programs
+    from e5lite.program_export import export_programs
 
     start = time.perf_counter()
     manifest = export_programs(model, "cpu", folder, overwrite=True)

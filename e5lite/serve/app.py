@@ -36,6 +36,7 @@ from .connection import ClientGone, unless_disconnected
 from .connection import read_json as read_json  # re-exported: tools/bench_framework.py reads bodies as the server
 from .describe import DescribeRoutes
 from .errors import error_response, shutting_down
+from .explorer import routes as explorer_routes
 from .jobs import Ticket
 from .limits import Limits
 from .metrics import Metrics
@@ -370,13 +371,8 @@ def build_app(
     API keys and CORS origins; ``default_prompt_name`` or ``default_prompt``: for requests that name no prompt
     (default: the model's default prompt, if any); ``explorer``: the explorer page at /explorer (``explorer.py``)."""
     server = Server(enc, model_name, limits, access, default_prompt_name, default_prompt)
-    extra = []
-    if explorer:
-        from .explorer import routes as explorer_routes
-
-        extra = explorer_routes(server)
     app = Starlette(
-        routes=server.routes() + extra,
+        routes=server.routes() + (explorer_routes(server) if explorer else []),
         middleware=access.middleware(),
         lifespan=server.lifespan,
         exception_handlers={HTTPException: http_error},

@@ -192,7 +192,13 @@ def _plan(model, input, out_dir: Path, args: dict) -> tuple[dict, set[int]]:
     prompt = Encoder.prompt_prefix(facts, args["prompt_name"], None, args["task"])  # type: ignore[arg-type]
     settings = args["settings"]
     if settings is None:
-        settings = {"model": str(model), "revision": revision, "dtype": args["dtype"], "max_length": facts.max_length}
+        settings = {
+            "model": str(model),
+            "revision": revision,
+            "dtype": args["dtype"],
+            "max_length": facts.max_length,
+            "weights": (args["knobs"] or {}).get("weights"),  # bfloat16 / int8 rows must not join float32 ones
+        }
     output = output_options(facts.dim, **{k: args[k] for k in OUTPUT_DEFAULTS})
     if output["long_inputs"] == "chunk":  # an overlap too large for the window fails here, not in every shard
         from ..long_inputs import split

@@ -60,7 +60,13 @@ def embed_file(
     task, normalize, batch_size and overwrite. Returns the final manifest."""
     path = Path(input)
     enc = load()
-    settings = {"model": model, "revision": revision, "dtype": dtype, "max_length": enc.max_length}
+    settings = {
+        "model": model,
+        "revision": revision,
+        "dtype": dtype,
+        "max_length": enc.max_length,
+        "weights": enc.weights,
+    }
     jsonl = path.name.endswith(".jsonl") or json_records
     return embed_corpus(
         enc,
@@ -128,7 +134,13 @@ def embed_planned(
 
         initialize_distributed(coordinator, num_processes, process_id, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     enc = failing_together(load, together=together)  # a model missing on this host: the others must not wait
-    settings = {"model": model, "revision": revision, "dtype": dtype, "max_length": enc.max_length}
+    settings = {
+        "model": model,
+        "revision": revision,
+        "dtype": dtype,
+        "max_length": enc.max_length,
+        "weights": enc.weights,
+    }
     # every process reaches the end barrier, as for a load error
     common.update(failing_together(lambda: options(enc.dim), together=together, catch=InputError))
     s = embed_per_host(enc, input, Path(out_dir), settings=settings, shard_format=shard_format or "npy", **common)

@@ -22,7 +22,18 @@ from .store import OUTPUT_DEFAULTS, TMP_SUFFIX, _arrow_type, _opt
 
 def _file_metadata(run: dict, k: int, where: str) -> dict:
     """What a Parquet shard carries in its own metadata, for readers that never see the manifest."""
-    keep = ("model", "revision", "dtype", "max_length", "prompt_name", "prompt", "pooling", "normalize", "dim")
+    keep = (
+        "model",
+        "revision",
+        "dtype",
+        "weights",
+        "max_length",
+        "prompt_name",
+        "prompt",
+        "pooling",
+        "normalize",
+        "dim",
+    )
     # the vector options too (ranges included: what quantises queries into the same buckets)
     return {
         "e5lite": json.dumps(
