@@ -260,8 +260,9 @@ def test_bfloat16_weights_stay_within_cosine_0999_of_float32(minilm_dir, minilm)
     assert cos.min() >= 0.999, cos.min()
     one = b.encode(texts[0])  # a query alone: the small-input path
     assert float(one @ minilm.encode(texts[0])) >= 0.999
-    with pytest.raises(ValueError, match=r"weights must be one of float32, bfloat16 \(or None: as dtype\), got 'int8'"):
-        e5lite.load(minilm_dir, weights="int8")
+    with pytest.raises(ValueError, match=r"weights must be one of float32, bfloat16, int8 \(or None: as dtype\), "
+                                         r"got 'int4'"):
+        e5lite.load(minilm_dir, weights="int4")
     with pytest.raises(ValueError, match=r"weights='bfloat16' needs dtype='float32'"):
         e5lite.load(minilm_dir, weights="bfloat16", dtype="float16")
 
