@@ -202,7 +202,7 @@ def test_the_checker_catches_drift():
     ]
 
 
-OTHER_PROGRAMS_FLAGS: set[str] = set()  # a flag of pip, pytest, ... that the prose quotes would go here
+OTHER_PROGRAMS_FLAGS: set[str] = {"--dist"}  # flags of pip, pytest, ... that the prose quotes
 
 
 def test_the_prose_names_real_subcommands_and_flags():
