@@ -25,6 +25,12 @@ from .writer import embed_corpus
 SHUTDOWN_TIMEOUT_S = 7 * 24 * 3600
 
 
+def run_settings(model, revision, dtype, enc) -> dict:
+    """What a run records of the model it embeds with, for a resume to refuse another: the weights option too,
+    so that bfloat16 or int8 rows never join float32 ones."""
+    return {"model": model, "revision": revision, "dtype": dtype, "max_length": enc.max_length, "weights": enc.weights}
+
+
 def planned_layout(input, out_dir, *, engine: str = "local", per_host: bool = False, shard_size=None) -> bool:
     """True: shards planned up front and committed one by one (per-host, Ray, folders, globs, Parquet,
     --shard-size, or a folder holding such a run); False: the row shards of one .txt/.jsonl file."""
@@ -60,13 +66,7 @@ def embed_file(
     task, normalize, batch_size and overwrite. Returns the final manifest."""
     path = Path(input)
     enc = load()
-    settings = {
-        "model": model,
-        "revision": revision,
-        "dtype": dtype,
-        "max_length": enc.max_length,
-        "weights": enc.weights,
-    }
+    settings = run_settings(model, revision, dtype, enc)
     jsonl = path.name.endswith(".jsonl") or json_records
     return embed_corpus(
         enc,
@@ -134,13 +134,7 @@ def embed_planned(
 
         initialize_distributed(coordinator, num_processes, process_id, shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     enc = failing_together(load, together=together)  # a model missing on this host: the others must not wait
-    settings = {
-        "model": model,
-        "revision": revision,
-        "dtype": dtype,
-        "max_length": enc.max_length,
-        "weights": enc.weights,
-    }
+    settings = run_settings(model, revision, dtype, enc)
     # every process reaches the end barrier, as for a load error
     common.update(failing_together(lambda: options(enc.dim), together=together, catch=InputError))
     s = embed_per_host(enc, input, Path(out_dir), settings=settings, shard_format=shard_format or "npy", **common)
