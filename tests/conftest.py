@@ -315,14 +315,3 @@ def pydoc_beir(tmp_path_factory) -> Path:
     from pydoc_beir import write_pydoc_beir
     return write_pydoc_beir(tmp_path_factory.mktemp("pydoc-beir"))
 
-
-# The files with the longest tests. Under the README's two xdist workers, each taking whole files
-# (``--dist loadfile``), these are handed out first, so that the run does not end with one worker busy on a
-# long file while the other idles (in collection order test_train*.py and test_tutorial.py come last).
-LONGEST_FILES = ("test_train.py", "test_multilingual.py", "test_train_step.py", "test_engine.py",
-                 "test_device_check.py", "test_int8.py", "test_ray.py", "test_tutorial.py", "test_parity.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
