@@ -277,21 +277,32 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export_programs(args) -> None:
+    from tqdm.auto import tqdm
+
     from .program_export import export_programs
 
-    manifest = export_programs(
-        args.model,
-        args.platform,
-        args.output,
-        revision=args.revision,
-        dtype=args.dtype,
-        weights=args.weights,
-        max_length=args.max_length,
-        overwrite=args.overwrite,
-        token_budget=args.token_budget,
-        attention_impl=args.attention_impl,
-        progress=lambda i, n, name: print(f"[{i + 1}/{n}] {name}", file=sys.stderr),
-    )
+    bar = tqdm(desc="export-programs", unit="program", file=sys.stderr)
+
+    def progress(i: int, n: int, name: str) -> None:  # called before each program
+        bar.total = n
+        bar.update(i - bar.n)
+        bar.set_postfix_str(name)
+
+    with bar:
+        manifest = export_programs(
+            args.model,
+            args.platform,
+            args.output,
+            revision=args.revision,
+            dtype=args.dtype,
+            weights=args.weights,
+            max_length=args.max_length,
+            overwrite=args.overwrite,
+            token_budget=args.token_budget,
+            attention_impl=args.attention_impl,
+            progress=progress,
+        )
+        bar.update(len(manifest["programs"]) - bar.n)
     print(
         f"wrote {len(manifest['programs'])} programs for {args.platform} (jax {manifest['jax']}) to "
         f"{args.output} in {manifest['export_s']:.0f} s",

@@ -24,26 +24,11 @@ from starlette.routing import Route
 from ..errors import ApiError, TextTooLongError
 from ..explain import Explainable, explain, page_data, render_html, side_prompt
 from .errors import RetryLater
+from .protocol import ExplainRequest, parse
 
 # Tokens per text: the answer holds layers × heads × tokens² attention bytes (MiniLM at 128: 2.4 MB of JSON).
 MAX_TOKENS = 128
-STATUS = 422  # a body that is JSON but not an explorer request, as the TEI routes answer
-
-
-def read_request(body: Any) -> tuple[str, str | None]:
-    """(query, passage or None) of a POST body ``{"query": str, "passage": str | null}``; ApiError naming the
-    field otherwise."""
-    if not isinstance(body, dict):
-        raise ApiError(STATUS, f"request body must be a JSON object, got {type(body).__name__}")
-    extra = sorted(set(body) - {"query", "passage"})
-    if extra:
-        raise ApiError(STATUS, f"unknown field {extra[0]!r}: send 'query' and optionally 'passage'", extra[0])
-    if not isinstance(body.get("query"), str):
-        raise ApiError(STATUS, "'query' must be a string", "query")
-    passage = body.get("passage")
-    if passage is not None and not isinstance(passage, str):
-        raise ApiError(STATUS, "'passage' must be a string or null", "passage")
-    return body["query"], passage
+STATUS = ExplainRequest.status  # a body that is not JSON, as the TEI routes answer
 
 
 def checked_lengths(enc: Explainable, texts: dict[str, str], truncate: bool) -> None:
@@ -73,7 +58,8 @@ def routes(server: Any) -> list[Route]:
         return HTMLResponse(page)
 
     async def post(request: Request) -> Response:
-        query, passage = read_request(await server.body(request, STATUS))
+        req = parse(ExplainRequest, await server.body(request, STATUS))
+        query, passage = req.query, req.passage
         texts = {"query": query} | ({} if passage is None else {"passage": passage})
         if busy.locked():
             raise RetryLater(429, "the explorer is explaining another pair: retry shortly", 1, code="busy")

@@ -339,6 +339,14 @@ class DecodeRequest(TeiRequest):
     skip_special_tokens: bool = Field(True, description="Leave out the special tokens.")
 
 
+class ExplainRequest(TeiRequest):
+    """``POST /explorer`` (``serve --explorer``): the explorer's data for a text, or a query-passage pair."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt 'passage' must not explain the query alone
+    query: str = Field(description="The query, prompted as encode_queries prompts it.")
+    passage: str | None = Field(None, description="The passage; null: the query's tokens and attention alone.")
+
+
 R = TypeVar("R", bound=ApiRequest)
 
 
@@ -368,6 +376,7 @@ FIELD_MESSAGES = {
     "int_type": "'{field}' must be an integer, got {got}",
     "literal_error": "'{field}' must be {expected}, got {value}",
     "string_unicode": "'{field}' is not valid Unicode text (a lone surrogate escape)",
+    "extra_forbidden": "unknown field '{field}'",
 }
 
 
