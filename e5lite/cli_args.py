@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_args_make import add_export_programs, add_train
+from .cli_args_make import add_export_programs, add_train, add_weights_flag
 from .settings import default_help
 from .shards import ROWS_PER_SHARD
 
@@ -15,14 +15,7 @@ def _common(p) -> None:
     p.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--weights",
-        default=None,
-        choices=["bfloat16", "int8"],
-        help="bfloat16: the layers' matmul weights in bfloat16 with float32 compute (faster one-query "
-        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries); int8: int8 weights and "
-        "per-token int8 activations, int32 accumulation, the rest float32 (README: int8 weights)",
-    )
+    add_weights_flag(p)
     p.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     p.add_argument("--batch-size", type=int, default=None, help="max texts per batch (default: fill the budget)")
     p.add_argument(

@@ -1,9 +1,23 @@
 """The flags of the ``e5lite`` subcommands that make something from a model: ``train`` (a fine-tuned model
-folder) and ``export-programs`` (its compiled programs). ``cli_args.build_parser`` adds them."""
+folder) and ``export-programs`` (its compiled programs), and ``--weights``, which ``export-programs`` shares with
+the commands of ``cli_args``. ``cli_args.build_parser`` adds them."""
 
 from __future__ import annotations
 
 from .settings import ATTENTION_CHOICES, default_help
+
+
+def add_weights_flag(p) -> None:
+    """``--weights``, as every command that loads a model for inference takes it (``cli_args._common``) and
+    ``export-programs`` writes programs for it."""
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=["bfloat16", "int8"],
+        help="bfloat16: the layers' matmul weights in bfloat16 with float32 compute (faster one-query "
+        "latency on CPU, cosine >= 0.999 against float32; README: Faster queries); int8: int8 weights and "
+        "per-token int8 activations, int32 accumulation, the rest float32 (README: int8 weights)",
+    )
 
 
 def add_train(sub, handlers: dict) -> None:
@@ -57,7 +71,7 @@ def add_export_programs(sub, handlers: dict) -> None:
     x.add_argument("--output", required=True, metavar="DIR", help="the folder to write (manifest.json, programs/)")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
     x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    x.add_argument("--weights", default=None, help="the layers' matmul weights, as for serve (default: as --dtype)")
+    add_weights_flag(x)
     x.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
     x.add_argument(
         "--token-budget",
