@@ -1,6 +1,6 @@
 """weights="int8" (e5lite/int8.py): the int8 layer against integer references computed here, the whole forward
-against float32, the engine's layouts, the refusals, and ``--weights int8`` in ``embed``, ``serve`` and a Ray
-run equal to ``load(..., weights="int8").encode``."""
+against float32, the engine's layouts, the refusals, and ``--weights int8`` in ``embed`` and ``serve`` equal to
+``load(..., weights="int8").encode`` (a Ray run's: test_ray.py, on that module's Ray)."""
 
 from __future__ import annotations
 
@@ -162,25 +162,3 @@ def test_serve_int8_equals_encode(tiny_dir, tiny_int8):
         assert '"weights": "int8"' in json.dumps(httpx.get(url + "/info", timeout=60).json())
     finally:
         assert "Traceback" not in stop_server(proc)
-
-
-@pytest.mark.slow
-def test_ray_run_int8_equals_encode(tiny_dir, tiny_int8, tmp_path):
-    ray = pytest.importorskip("ray")
-    import logging
-
-    from test_distributed_corpus import write_corpus
-    from test_ray import args
-
-    folder, out, one = tmp_path / "in", tmp_path / "ray", tmp_path / "one"
-    write_corpus(folder)
-    assert main(args(tiny_dir, folder, one, "--weights", "int8")) == 0
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        assert main(args(tiny_dir, folder, out, "--engine", "ray", "--weights", "int8")) == 0
-    finally:
-        ray.shutdown()
-    emb, ids = e5lite.read_embeddings(out, with_ids=True)
-    want, want_ids = e5lite.read_embeddings(one, with_ids=True)
-    assert ids == want_ids
-    np.testing.assert_allclose(emb, want, atol=1e-6, rtol=0)  # the per-host run: equal to encode (above)

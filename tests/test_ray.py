@@ -165,3 +165,16 @@ def test_int8_on_ray(local_ray, tiny_dir, small_corpus, tmp_path):
     import pyarrow.parquet as pq
     meta = json.loads(pq.read_schema(out / "shard-00000.parquet").metadata[b"e5lite"])
     assert meta["precision"] == "int8" and meta["ranges"] == run["ranges"]
+
+
+@pytest.mark.slow
+def test_ray_run_int8_equals_encode(local_ray, tiny_dir, small_corpus, tmp_path):
+    """--weights int8 on Ray equals the per-host run (which test_int8 checks against load(weights="int8"))."""
+    folder = small_corpus[0]
+    out, one = tmp_path / "ray", tmp_path / "one"
+    assert main(args(tiny_dir, folder, one, "--weights", "int8")) == 0
+    assert main(args(tiny_dir, folder, out, "--engine", "ray", "--weights", "int8")) == 0
+    emb, ids = e5lite.read_embeddings(out, with_ids=True)
+    want, want_ids = e5lite.read_embeddings(one, with_ids=True)
+    assert ids == want_ids
+    np.testing.assert_allclose(emb, want, atol=1e-6, rtol=0)

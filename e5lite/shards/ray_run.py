@@ -261,14 +261,17 @@ def _run_job(
             "batch_size": batch_size,
         }
         # Reading is I/O: its tasks hold no CPU, which the actors reserve (on a 2-core machine, 2 actors
-        # holding both cores would otherwise leave none for the reads, and the job would wait forever).
+        # holding both cores would otherwise leave none for the reads, and the job would wait forever). Holding
+        # no CPU, every read task could start at once, each in a new worker process that imports e5lite and
+        # its dependencies: at most one read in flight per actor keeps them fed (reads outrun the model) and
+        # keeps those start-ups from crowding out the actors' (BENCHMARKS.md, "Corpus runs beyond one process").
         knobs = model_kw["knobs"]
         pack = knobs.get("chunk_texts", CHUNK_ROWS) if knobs else CHUNK_ROWS
         # 4 read tasks per actor: enough rows in flight for every actor, each task packing its run of shards
         source = _shard_source(
             run["inputs"], manifest["plan"], todo, run["field"], run["id_field"], pack, tasks=4 * num_actors
         )
-        ds = ray.data.read_datasource(source, num_cpus=0)
+        ds = ray.data.read_datasource(source, num_cpus=0, concurrency=num_actors)
         ds = ds.map_batches(
             ShardEmbedder,
             fn_constructor_kwargs=kwargs,
