@@ -33,7 +33,8 @@ class StepBatch(NamedTuple):
 
 
 class StepConfig(NamedTuple):
-    """The static (compile-time) part of a step."""
+    """The static (compile-time) part of a step. ``unroll``: the layers compiled one after the other (the
+    default; see ``embed``), or False for one layer run under ``lax.scan``, compiled once rather than L times."""
 
     config: BertConfig
     pooling: str
@@ -43,6 +44,7 @@ class StepConfig(NamedTuple):
     compute_dtype: str
     remat: bool
     chunk_size: int | None
+    unroll: bool = True
 
 
 def decay_mask(params: Params) -> Params:
@@ -66,8 +68,8 @@ def embed(params: Params, ids, mask, key, sc: StepConfig):
     dropout = None
     if sc.hidden_dropout or sc.attention_dropout:
         dropout = Dropout(key, sc.hidden_dropout, sc.attention_dropout)
-    # unrolled layers: XLA:CPU runs the backward pass faster than through the scan (BENCHMARKS.md, "Training speed")
-    hidden = forward(p, sc.config, ids, mask, dropout=dropout, remat=sc.remat, unroll=True)
+    # unrolled by default: XLA:CPU runs the backward pass faster than through the scan (BENCHMARKS.md, "Training speed")
+    hidden = forward(p, sc.config, ids, mask, dropout=dropout, remat=sc.remat, unroll=sc.unroll)
     return l2_normalize(pool(hidden, mask, sc.pooling))
 
 

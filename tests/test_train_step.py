@@ -33,8 +33,14 @@ PAIRS = Pairs(
 step = jax.jit(loss_and_grads, static_argnames="sc")
 
 
-def step_config(enc, dropout=0.0, chunk_size=None, remat=False, dtype="float32"):
-    return StepConfig(enc.config, enc.pooling, 0.01, dropout, dropout, dtype, remat, chunk_size)
+def step_config(enc, dropout=0.0, chunk_size=None, remat=False, dtype="float32", unroll=True):
+    return StepConfig(enc.config, enc.pooling, 0.01, dropout, dropout, dtype, remat, chunk_size, unroll)
+
+
+# The checks of GradCache, remat, dropout and bf16 compare one step with another whatever the layers' layout, so
+# they run them scanned (one layer compiled rather than 6: about half the compile time); the torch check runs
+# the default, unrolled, and test_scanned_layers_equal_unrolled ties the two layouts together.
+SCANNED = dict(unroll=False)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +88,8 @@ def test_loss_and_gradient_equal_torch(minilm_dir, setup):
 def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
     enc, batch = setup
     key = jax.random.PRNGKey(0)
-    loss, grads = step(enc.params, batch, key, sc=step_config(enc))
-    c_loss, c_grads = step(enc.params, batch, key, sc=step_config(enc, chunk_size=chunk_size, remat=remat))
+    loss, grads = step(enc.params, batch, key, sc=step_config(enc, **SCANNED))
+    c_loss, c_grads = step(enc.params, batch, key, sc=step_config(enc, chunk_size=chunk_size, remat=remat, **SCANNED))
     assert abs(float(c_loss) - float(loss)) <= 1e-5 * abs(float(loss))  # fp32 rounding of other GEMM shapes
     scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads))
     for a, b in zip(jax.tree.leaves(c_grads), jax.tree.leaves(grads)):
@@ -91,21 +97,34 @@ def test_grad_cache_and_remat_equal_the_whole_batch(setup, chunk_size, remat):
 
 
 @pytest.mark.slow
+def test_scanned_layers_equal_unrolled(setup):
+    """The two layouts of the step (programs the torch check and the GradCache check compiled already)."""
+    enc, batch = setup
+    key = jax.random.PRNGKey(0)
+    loss, grads = step(enc.params, batch, key, sc=step_config(enc))
+    s_loss, s_grads = step(enc.params, batch, key, sc=step_config(enc, **SCANNED))
+    assert abs(float(s_loss) - float(loss)) <= 1e-5 * abs(float(loss))
+    scale = max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads))
+    for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads), strict=True):
+        assert a.shape == b.shape and np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale
+
+
+@pytest.mark.slow
 def test_dropout_is_random_per_key_and_off_at_zero(setup):
     enc, batch = setup
-    sc = step_config(enc, dropout=0.1)
+    sc = step_config(enc, dropout=0.1, **SCANNED)
     a, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=sc)
     b, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=sc)
     c, _ = step(enc.params, batch, jax.random.PRNGKey(2), sc=sc)
-    off, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=step_config(enc))
+    off, _ = step(enc.params, batch, jax.random.PRNGKey(1), sc=step_config(enc, **SCANNED))
     assert float(a) == float(b) and float(a) != float(c) and float(a) != float(off)
 
 
 @pytest.mark.slow
 def test_bf16_compute_keeps_float32_gradients(setup):
     enc, batch = setup
-    loss, grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc, dtype="bfloat16"))
-    ref, ref_grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc))
+    loss, grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc, dtype="bfloat16", **SCANNED))
+    ref, ref_grads = step(enc.params, batch, jax.random.PRNGKey(0), sc=step_config(enc, **SCANNED))
     assert all(g.dtype == np.float32 for g in jax.tree.leaves(grads))
     assert abs(float(loss) - float(ref)) < 0.05 * abs(float(ref))
     # the gradient (float32 ones are tested against torch above) points the same way: cosine per parameter
