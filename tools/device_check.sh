@@ -151,8 +151,8 @@ shopt -s nullglob
 FILES=()
 for g in "${PARITY_GLOBS[@]}"; do FILES+=($g); done
 shopt -u nullglob
-if [[ $CPU == 1 ]]; then  # a couple of quick ones: the XLA float32 parity and one kernel case (interpreted)
-  KSEL="(impl_matches and xla and float32) or (padding_only and float32)"
+if [[ $CPU == 1 ]]; then  # two quick ones: the tiny model's parity with transformers, one kernel case (interpreted)
+  KSEL="(parity_layouts and tiny-plain) or (padding_only and float32)"
   BENCH=(--models tiny --texts 24 --warmup 1 --repeats 1 --peers e5lite,e5lite-int8,st)
   MODELS=(tiny)
   TRAIN=(--model tiny --batch-size 4 --warmup 1 --steps 2 --max-length 32 --peers e5lite,st)
