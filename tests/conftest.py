@@ -331,3 +331,24 @@ def pydoc_beir(tmp_path_factory) -> Path:
     from pydoc_beir import write_pydoc_beir
     return write_pydoc_beir(tmp_path_factory.mktemp("pydoc-beir"))
 
+
+# The files that take longest, longest first. Under the README's two xdist workers, each taking whole files
+# (``--dist loadfile``), these are handed out first and the short files fill the end of the run, rather than
+# a one-test file of a minute (the device check, the notebook) starting last while the other worker idles.
+LONGEST_FIRST = ("test_multilingual.py", "test_engine.py", "test_ray.py", "test_train.py", "test_parity.py",
+                 "test_device_check.py", "test_serve_clients.py", "test_evaluate.py", "test_attention.py",
+                 "test_cli.py", "test_train_step.py", "test_serve_schema.py", "test_distributed_corpus.py",
+                 "test_encoder.py", "test_int8.py", "test_tutorial.py")
+
+
+def pytest_configure(config):
+    # xdist's loadfile hands out the files with the most tests first (its --loadscope-reorder, on by default),
+    # which sends the long one-test files last: the order below is the one to keep
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+

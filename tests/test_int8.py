@@ -149,16 +149,24 @@ def test_cli_embed_int8_equals_encode(tiny_dir, tiny, tiny_int8, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_int8_equals_encode(tiny_dir, tiny_int8):
-    httpx = pytest.importorskip("httpx")
-    from test_serve import start_server, stop_server
+def test_serve_int8_equals_encode(tiny_dir, tiny_int8, monkeypatch):
+    """``e5lite serve --weights int8`` as far as the server: the command line parsed and its encoder loaded as
+    ``serve`` would, then the app that ``serve`` builds, driven in this process (Starlette's TestClient; the
+    server's own process and sockets are test_serve.py's)."""
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
 
+    import e5lite.serve
+    from e5lite.serve import build_app
+    from test_serve import free_port
+
+    served = {}
+    monkeypatch.setattr(e5lite.serve, "serve", lambda enc, **kw: served.update(enc=enc, **kw))
+    assert main(["serve", "--model", str(tiny_dir), "--weights", "int8", "--port", str(free_port())]) == 0
+    options = {k: v for k, v in served.items() if k not in ("enc", "host", "port")}  # build_app's (serve's docs)
     texts = [t for t in TEXTS if t]  # the server refuses empty inputs
-    proc, url = start_server(tiny_dir, "--weights", "int8")
-    try:
-        r = httpx.post(url + "/embed", json={"inputs": texts}, timeout=60)
+    with TestClient(build_app(served["enc"], **options)) as client:
+        r = client.post("/embed", json={"inputs": texts})
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.array(r.json(), np.float32), tiny_int8.encode(texts), atol=1e-6, rtol=0)
-        assert '"weights": "int8"' in json.dumps(httpx.get(url + "/info", timeout=60).json())
-    finally:
-        assert "Traceback" not in stop_server(proc)
+        assert '"weights": "int8"' in json.dumps(client.get("/info").json())

@@ -194,6 +194,9 @@ def test_output_and_resume_are_checked(tiny_dir, records_file, tmp_path, capsys)
     assert "Resume with the original run's flags" in err
 
 
+TWO_STEPS = dict(batch_size=8, max_steps=2, dropout=0.0, optimizer="sgd", learning_rate=0.1, shuffle=False)
+
+
 def _two_step_run(model, records, out, env_extra, *argv_prefix, rank=None):
     script = f"""
         import sys, e5lite
@@ -201,8 +204,7 @@ def _two_step_run(model, records, out, env_extra, *argv_prefix, rank=None):
         if {rank is not None}:
             e5lite.initialize_distributed(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
         fit(e5lite.load({str(model)!r}, max_length=16), {str(records)!r}, {str(out)!r}, show_progress=False,
-            settings=TrainSettings(batch_size=8, max_steps=2, dropout=0.0, optimizer="sgd", learning_rate=0.1,
-                                   shuffle=False))
+            settings=TrainSettings(**{TWO_STEPS!r}))
     """
     import textwrap
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *argv_prefix],
@@ -216,8 +218,11 @@ def test_data_parallel_over_devices_and_processes(tiny_dir, records_file, tmp_pa
     give the same weights (the batch's rows split across devices; rounding of the split reductions aside).
     SGD, because Adam turns the rounding noise of zero gradients (key biases) into full-size steps."""
     import socket
-    one = _two_step_run(tiny_dir, records_file, tmp_path / "one", {})
-    assert one.wait(timeout=300) == 0, one.stderr.read()[-2000:]
+
+    from e5lite.train import TrainSettings, fit
+    # one device: this process (the runs below need processes of their own: their device count, jax.distributed)
+    fit(e5lite.load(tiny_dir, max_length=16), records_file, tmp_path / "one", show_progress=False,
+        settings=TrainSettings(**TWO_STEPS))
     four = _two_step_run(tiny_dir, records_file, tmp_path / "four",
                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert four.wait(timeout=300) == 0, four.stderr.read()[-2000:]
