@@ -264,7 +264,7 @@ def _run_job(
         # holding both cores would otherwise leave none for the reads, and the job would wait forever). Holding
         # no CPU, every read task could start at once, each in a new worker process that imports e5lite and
         # its dependencies: at most one read in flight per actor keeps them fed (reads outrun the model) and
-        # keeps those start-ups from crowding out the actors' (BENCHMARKS.md, "Corpus runs beyond one process").
+        # keeps those start-ups from crowding out the actors' (BENCHMARKS.md, "Ray: one read task in flight per actor").
         knobs = model_kw["knobs"]
         pack = knobs.get("chunk_texts", CHUNK_ROWS) if knobs else CHUNK_ROWS
         # 4 read tasks per actor: enough rows in flight for every actor, each task packing its run of shards
